@@ -1,0 +1,25 @@
+"""Experiments: typed configs, tasks, the runner (train / eval / compare) and results tables.
+
+Public entry points::
+
+    from flatpeft.experiments import load_config, train_run, evaluate_run, compare
+    cfg = load_config("configs/finefoods_fewshot.yaml", ["method.name=sam"])
+    metrics = train_run(cfg, seed=0, out_dir="runs/sam0")
+
+Submodules are imported lazily so ``import flatpeft.experiments.tasks`` stays light.
+"""
+from __future__ import annotations
+
+from .config import ExperimentConfig, load_config, save_config
+from .tasks import Task, available_tasks, get_task, register_task
+
+__all__ = ["ExperimentConfig", "load_config", "save_config", "Task", "register_task", "get_task",
+           "available_tasks", "train_run", "evaluate_run", "compare"]
+
+
+def __getattr__(name: str):
+    if name in ("train_run", "evaluate_run", "compare"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'flatpeft.experiments' has no attribute {name!r}")

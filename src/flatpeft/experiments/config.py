@@ -1,0 +1,376 @@
+"""Typed experiment configuration, read from YAML.
+
+One experiment is one :class:`ExperimentConfig`::
+
+    task: text_classification      # registered task name
+    model: builtin:minilm          # HF hub name, local directory, or builtin:<name>
+    data: {train: PATH, test: PATH, text_column: text, label_column: label, shots: 16}
+    peft: {type: lora, r: 8, alpha: 16, dropout: 0.0, target_modules: [query, value]}
+    method: {name: flatpo, rho: 0.05, fraction: 0.05}   # any create_optimizer keyword
+    train: {steps: 200, lr: 5.0e-4, batch_size: 16, seed: 0}
+    task_args: {}                  # validated by the task's own dataclass
+    output_dir: runs/example
+
+Every field has a default and a help text (``field(metadata={"help": ...})``, the peft convention);
+unknown keys are rejected with the key's name and the valid ones (litgpt / peft style, never silently
+dropped). ``--set a.b=value`` overrides are applied to the raw mapping *before* validation, so they are
+checked exactly like keys in the file. :func:`config_to_dict` and :func:`config_from_dict` round-trip.
+
+Paths: ``data.train`` / ``data.test`` are a file path (CSV, JSONL/JSON, Parquet) or a built-in reference
+``builtin:<dataset>/<split>`` (e.g. ``builtin:finefoods/train``, resolved by :func:`resolve_data_path`
+through :mod:`flatpeft.assets`). Relative paths are relative to the current working directory; the runner
+writes them absolute into the run directory's ``config.yaml`` (:func:`absolutize_paths`) so a run can be
+evaluated from anywhere. ``model`` is a hub name, a local directory or ``builtin:minilm`` /
+``builtin:smollm2`` (:func:`resolve_model_path`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "PeftSettings",
+    "TrainConfig",
+    "ExperimentConfig",
+    "PEFT_TYPES",
+    "BUILTIN_PREFIX",
+    "load_config",
+    "safe_load_yaml",
+    "save_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "parse_override",
+    "parse_dataclass",
+    "field_help",
+    "resolve_model_path",
+    "resolve_data_path",
+    "absolutize_paths",
+]
+
+BUILTIN_PREFIX = "builtin:"
+PEFT_TYPES = ("lora", "prefix", "prompt", "none")
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``5e-4`` / ``1E3`` as floats (YAML 1.2 behaviour; 1.1 needs a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` semantics (no object construction) with YAML 1.2 floats (``5e-4``)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader subclasses SafeLoader
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are sampled and tokenised."""
+
+    train: str = field(default="builtin:finefoods/train", metadata=_help(
+        "Training pool: CSV / JSONL / JSON / Parquet file, or builtin:<dataset>/<split>."))
+    test: str = field(default="builtin:finefoods/test", metadata=_help(
+        "Test split (same formats); used only for final evaluation, never for tuning."))
+    text_column: str = field(default="text", metadata=_help("Column holding the input text."))
+    label_column: str = field(default="label", metadata=_help(
+        "Column holding the class label (strings or integers; classes are the sorted unique values of the train pool)."))
+    shots: int | None = field(default=16, metadata=_help(
+        "Examples per class drawn (with the run seed) from the train pool after the validation split is "
+        "carved off; null uses the whole remaining pool."))
+    val_size: int = field(default=400, metadata=_help(
+        "Size of the fixed validation split carved from the train pool first (seed data.val_seed, "
+        "independent of the run seed); 0 disables it."))
+    val_seed: int = field(default=1234, metadata=_help(
+        "Seed of the validation carve-out; fixed so every run and method sees the same validation split."))
+    max_length: int = field(default=128, metadata=_help("Tokenizer truncation length (tokens)."))
+
+    def __post_init__(self) -> None:
+        if self.shots is not None and (not isinstance(self.shots, int) or self.shots < 1):
+            raise ValueError(f"data.shots must be a positive integer or null, got {self.shots!r}")
+        if not isinstance(self.val_size, int) or self.val_size < 0:
+            raise ValueError(f"data.val_size must be a non-negative integer, got {self.val_size!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"data.max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("train", "test", "text_column", "label_column"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
+
+
+@dataclass
+class PeftSettings:
+    """Which parameter-efficient method wraps the model (peft configs underneath)."""
+
+    type: str = field(default="lora", metadata=_help(
+        "lora (peft LoraConfig), prefix (PrefixTuningConfig), prompt (PromptTuningConfig) or none (full fine-tuning)."))
+    r: int = field(default=8, metadata=_help("LoRA rank."))
+    alpha: float = field(default=16, metadata=_help("LoRA alpha (scale s = alpha / r)."))
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout probability."))
+    target_modules: list[str] | str | None = field(default_factory=lambda: ["query", "value"], metadata=_help(
+        "Module names (or one regex string) LoRA wraps; null lets peft pick its default for the architecture."))
+    num_virtual_tokens: int = field(default=10, metadata=_help("Virtual tokens for prefix / prompt tuning."))
+    modules_to_save: list[str] | None = field(default=None, metadata=_help(
+        "Extra fully trained modules; null lets the task choose (the classification head for text_classification)."))
+
+    def __post_init__(self) -> None:
+        if self.type not in PEFT_TYPES:
+            raise ValueError(f"peft.type must be one of {list(PEFT_TYPES)}, got {self.type!r}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"peft.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ValueError(f"peft.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = field(default=200, metadata=_help("Optimizer steps (each one batch)."))
+    lr: float = field(default=5.0e-4, metadata=_help("Learning rate of the base optimizer (constant)."))
+    batch_size: int = field(default=16, metadata=_help("Training batch size."))
+    seed: int = field(default=0, metadata=_help(
+        "Run seed: initialisation, k-shot sample, batch order and dropout stream (compare uses 0..n-1)."))
+    base_optimizer: str = field(default="adamw", metadata=_help(
+        "Base optimizer wrapped by the method: adamw, adam or sgd (torch defaults otherwise)."))
+    weight_decay: float | None = field(default=None, metadata=_help(
+        "Weight decay of the base optimizer; null keeps the torch default (AdamW: 0.01)."))
+    log_every: int = field(default=10, metadata=_help(
+        "Log loss, lr, perturbation norm and loss gap to metrics.jsonl / TensorBoard every N steps."))
+    eval_batch_size: int = field(default=64, metadata=_help("Batch size for evaluation (no grad, dynamic padding)."))
+    eval_splits: list[str] = field(default_factory=lambda: ["test", "train"], metadata=_help(
+        "Splits evaluated after training: test (reported as accuracy / macro_f1), train, val "
+        "(reported as <split>_accuracy / <split>_macro_f1)."))
+    device: str = field(default="auto", metadata=_help("torch device; auto picks cuda when available, else cpu."))
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
+        if self.base_optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"train.base_optimizer must be adamw, adam or sgd, got {self.base_optimizer!r}")
+        bad = [s for s in self.eval_splits if s not in ("test", "train", "val")]
+        if bad:
+            raise ValueError(f"train.eval_splits entries must be test, train or val, got {bad}")
+
+
+@dataclass
+class ExperimentConfig:
+    """One fine-tuning experiment: task, model, data, adapter, method, loop, output."""
+
+    task: str = field(default="text_classification", metadata=_help(
+        "Registered task name (flatpeft.experiments.tasks); multimodal: clip_fewshot, vlm_instruct, hf_vlm."))
+    model: str = field(default="builtin:minilm", metadata=_help(
+        "Hugging Face model name, local directory, or builtin:minilm / builtin:smollm2 (offline assets)."))
+    data: DataConfig = field(default_factory=DataConfig, metadata=_help("Data files, sampling and tokenisation."))
+    peft: PeftSettings = field(default_factory=PeftSettings, metadata=_help("Adapter type and hyper-parameters."))
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "base"}, metadata=_help(
+        "Optimisation method: name (one of flatpeft.METHODS) plus any create_optimizer keyword (rho, fraction, ...)."))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("Training loop settings."))
+    task_args: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "Task-specific options, validated by the task's own args dataclass."))
+    output_dir: str = field(default="runs/example", metadata=_help("Run directory (compare: one sub-directory per method and seed)."))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, dict) or not isinstance(self.method.get("name"), str):
+            raise ValueError(f"method must be a mapping with a string 'name', got {self.method!r}")
+        if not isinstance(self.task_args, dict):
+            raise ValueError(f"task_args must be a mapping, got {self.task_args!r}")
+        for name in ("task", "model", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+# Sections whose contents are free-form mappings (validated elsewhere: create_optimizer / the task).
+_FREE_SECTIONS = ("method", "task_args")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Map each field name of dataclass ``cls`` to its help text."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def parse_dataclass(cls: type, raw: Any, where: str = ""):
+    """Build dataclass ``cls`` from mapping ``raw``, rejecting unknown keys by name.
+
+    Nested dataclass fields are parsed recursively; ``where`` is the dotted prefix used in messages
+    (``"data."``). Tasks use this for their ``task_args``.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}: {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ValueError(
+            f"unknown config key {where}{unknown[0]!s} (valid keys{' in ' + where.rstrip('.') if where else ''}: "
+            f"{', '.join(fields)})")
+    kwargs = {}
+    for key, value in raw.items():
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = parse_dataclass(sub, value, f"{where}{key}.")
+        else:
+            kwargs[key] = copy.deepcopy(value)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # e.g. a missing required field of a task args class
+        raise ValueError(f"{where.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def config_from_dict(raw: Mapping[str, Any] | None) -> ExperimentConfig:
+    """Validate a raw mapping (e.g. from YAML) into an :class:`ExperimentConfig`."""
+    return parse_dataclass(ExperimentConfig, raw or {})
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dict of ``cfg`` (inverse of :func:`config_from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into (["a", "b"], yaml-parsed value)."""
+    if "=" not in item:
+        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+    key, text = item.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+    try:
+        value = safe_load_yaml(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {key}: value {text!r} is not valid YAML: {err}") from None
+    return parts, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``key.sub=value`` overrides applied (values parsed as YAML).
+
+    Keys are validated later by :func:`config_from_dict`, so a misspelt override fails like a misspelt
+    key in the file.
+    """
+    out = copy.deepcopy(dict(raw))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config with ``yaml.safe_load``, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = safe_load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at top level, got {type(raw).__name__}")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (``load_config`` reads back an equal config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def _is_builtin(ref: str) -> bool:
+    return ref.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_path(ref: str) -> str:
+    """``builtin:minilm`` / ``builtin:smollm2`` -> local directory (flatpeft.assets); else ``ref`` unchanged."""
+    if not _is_builtin(ref):
+        return ref
+    from flatpeft import assets  # lazy: assets pulls optional packages
+
+    name = ref[len(BUILTIN_PREFIX):]
+    getters = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
+    if name not in getters:
+        raise ValueError(f"model: unknown built-in model {ref!r} (valid: {', '.join(BUILTIN_PREFIX + k for k in getters)})")
+    return str(getattr(assets, getters[name])())
+
+
+def resolve_data_path(ref: str, field_name: str = "data") -> Path:
+    """A data reference -> an existing file.
+
+    ``builtin:finefoods/train`` -> ``flatpeft.assets.finefoods_splits()["train"]``; anything else is a file
+    path. Raises ``ValueError`` naming ``field_name`` and the value when the file does not exist.
+    """
+    if _is_builtin(ref):
+        from flatpeft import assets
+
+        spec = ref[len(BUILTIN_PREFIX):]
+        dataset, _, split = spec.partition("/")
+        splitters = {"finefoods": "finefoods_splits"}
+        if dataset not in splitters or not split:
+            raise ValueError(f"{field_name}: unknown built-in data {ref!r} (valid: builtin:finefoods/train, "
+                             "builtin:finefoods/test)")
+        splits = getattr(assets, splitters[dataset])()
+        if split not in splits:
+            raise ValueError(f"{field_name}: built-in dataset {dataset!r} has no split {split!r} "
+                             f"(valid: {', '.join(sorted(splits))})")
+        return Path(splits[split])
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{field_name}: data file {ref!r} does not exist")
+    return path
+
+
+def absolutize_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Copy of ``cfg`` with relative data paths and local model directories made absolute.
+
+    Built-in references and hub names stay as they are; an absolute path is unchanged, so this is
+    idempotent (the resolved config round-trips).
+    """
+    out = copy.deepcopy(cfg)
+    for name in ("train", "test"):
+        ref = getattr(out.data, name)
+        if not _is_builtin(ref) and Path(ref).expanduser().exists():
+            setattr(out.data, name, str(Path(ref).expanduser().resolve()))
+    if not _is_builtin(out.model) and Path(out.model).expanduser().is_dir():
+        out.model = str(Path(out.model).expanduser().resolve())
+    return out

@@ -1,0 +1,202 @@
+"""Task base class and registry.
+
+A task turns an :class:`~flatpeft.experiments.config.ExperimentConfig` into a model (peft applied),
+seed-fixed training batches, a loss and an evaluation. The runner (:mod:`flatpeft.experiments.runner`)
+drives any task the same way, so a new setting is one subclass and one ``@register_task`` line::
+
+    @register_task("my_task")
+    class MyTask(Task):
+        args_cls = MyArgs                    # dataclass for cfg.task_args (unknown keys rejected)
+        def __init__(self, cfg, seed): ...    # build self.model and the data, deterministic in seed
+        def train_batches(self): ...          # infinite iterator, order fixed by the seed
+        def loss(self, model, batch): ...     # scalar tensor
+        def evaluate(self, model, split="test"): ...   # dict with at least "accuracy"
+
+Contract (``docs/architecture.md`` section 3):
+
+* ``Task(cfg, seed)`` builds ``self.model`` and the data; the same ``(cfg, seed)`` gives the same
+  initialisation and examples. The runner seeds the global RNGs before and again after construction,
+  so every method of one seed sees the same dropout stream.
+* ``train_batches()`` must not consume the global RNG for its order (use a ``torch.Generator``).
+* ``save(out_dir)`` writes the adapter in peft format (``save_pretrained``); ``Task.load(run_dir, cfg)``
+  rebuilds the task and loads those weights.
+
+Lookup: :func:`get_task` imports :mod:`flatpeft.multimodal` lazily when a name is not registered yet
+(the multimodal tasks register themselves on import), then fails with the list of valid names.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+
+from .config import ExperimentConfig, parse_dataclass
+
+__all__ = ["Task", "NoArgs", "register_task", "get_task", "available_tasks", "TASKS", "LAZY_TASK_MODULES",
+           "resolve_device"]
+
+#: name -> Task subclass
+TASKS: dict[str, type["Task"]] = {}
+
+#: Modules imported (once, lazily) when a task name is not registered yet.
+LAZY_TASK_MODULES: list[str] = ["flatpeft.experiments.text_classification", "flatpeft.multimodal"]
+
+
+@dataclasses.dataclass
+class NoArgs:
+    """Tasks without task-specific options (``task_args`` must be empty)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; anything else -> ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"train.device: invalid device {name!r}: {err}") from None
+
+
+class Task(abc.ABC):
+    """One training setting: model + data + loss + evaluation (see module docstring for the contract)."""
+
+    #: registry name (set by :func:`register_task`)
+    name: ClassVar[str] = ""
+    #: dataclass validating ``cfg.task_args``
+    args_cls: ClassVar[type] = NoArgs
+
+    model: torch.nn.Module
+
+    def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
+        """Store the config and seed and parse ``cfg.task_args`` into ``self.args`` (subclasses call this first)."""
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.args = parse_dataclass(self.args_cls, cfg.task_args, "task_args.")
+        self.device = resolve_device(cfg.train.device)
+
+    # ---- required -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_batches(self) -> Iterator[Any]:
+        """Infinite iterator of training batches, order fixed by ``self.seed`` (same for every method)."""
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar training loss of ``model`` on ``batch`` (forward only; the caller runs backward)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: torch.nn.Module, split: str = "test") -> dict[str, float]:
+        """Metrics on ``split`` (``"test"``, ``"train"``, ``"val"``); must contain ``"accuracy"``."""
+
+    # ---- defaults -------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> None:
+        """Write the trained weights to ``out_dir/adapter`` (peft ``save_pretrained``: adapter_config.json +
+        adapter_model.safetensors, including ``modules_to_save``); a model without ``save_pretrained``
+        gets its trainable tensors in ``out_dir/adapter/trainable.safetensors``."""
+        target = Path(out_dir) / "adapter"
+        target.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(str(target))
+        else:
+            from safetensors.torch import save_file
+
+            tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(tensors, str(target / "trainable.safetensors"))
+
+    def load_weights(self, run_dir: str | Path) -> None:
+        """Load what :meth:`save` wrote into ``self.model`` (peft adapter, full model, or trainable tensors)."""
+        from safetensors.torch import load_file
+
+        src = Path(run_dir) / "adapter"
+        if (src / "adapter_model.safetensors").is_file():
+            from peft.utils import set_peft_model_state_dict
+
+            state = load_file(str(src / "adapter_model.safetensors"), device=str(self.device))
+            result = set_peft_model_state_dict(self.model, state)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
+            if unexpected:
+                raise ValueError(f"{src}: adapter keys do not match the model: {unexpected[:5]}")
+        elif (src / "model.safetensors").is_file():
+            state = load_file(str(src / "model.safetensors"), device=str(self.device))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"{src}/model.safetensors: unexpected keys {unexpected[:5]}")
+        elif (src / "trainable.safetensors").is_file():
+            state = load_file(str(src / "trainable.safetensors"), device=str(self.device))
+            _, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"{src}/trainable.safetensors: unexpected keys {unexpected[:5]}")
+        else:
+            raise ValueError(f"run directory {str(run_dir)!r} has no saved weights under adapter/ "
+                             "(expected adapter_model.safetensors, model.safetensors or trainable.safetensors)")
+
+    @classmethod
+    def load(cls, run_dir: str | Path, cfg: ExperimentConfig) -> "Task":
+        """Rebuild the task from ``cfg`` (seed ``cfg.train.seed``) and load the weights saved in ``run_dir``."""
+        task = cls(cfg, cfg.train.seed)
+        task.load_weights(run_dir)
+        return task
+
+    def analysis_batches(self, n: int) -> list[Any]:
+        """The first ``n`` training batches of a fresh :meth:`train_batches` iterator (for sharpness analysis)."""
+        it = self.train_batches()
+        return [next(it) for _ in range(n)]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters with ``requires_grad`` (what the optimizer trains)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator registering a :class:`Task` subclass under ``name`` (names are unique)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_task: name must be a non-empty string, got {name!r}")
+
+    def deco(cls: type[Task]) -> type[Task]:
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise ValueError(f"register_task({name!r}): {cls!r} is not a Task subclass")
+        existing = TASKS.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"task {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def _import_lazy_modules() -> list[str]:
+    """Import every module in :data:`LAZY_TASK_MODULES` that exists; return import errors as text."""
+    problems = []
+    for module in LAZY_TASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):  # the module itself is absent: fine
+                continue
+            problems.append(f"{module}: {err}")
+        except Exception as err:  # noqa: BLE001 - report, do not hide, a broken task module
+            problems.append(f"{module}: {type(err).__name__}: {err}")
+    return problems
+
+
+def get_task(name: str) -> type[Task]:
+    """The task class registered as ``name`` (imports the built-in and multimodal task modules on demand)."""
+    if name in TASKS:
+        return TASKS[name]
+    problems = _import_lazy_modules()
+    if name in TASKS:
+        return TASKS[name]
+    msg = f"task: unknown task {name!r} (valid: {', '.join(sorted(TASKS)) or 'none registered'})"
+    if problems:
+        msg += "; modules that failed to import: " + "; ".join(problems)
+    raise ValueError(msg)
+
+
+def available_tasks() -> list[str]:
+    """Sorted names of all tasks (after importing the lazily registered modules)."""
+    _import_lazy_modules()
+    return sorted(TASKS)
