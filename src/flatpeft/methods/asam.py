@@ -1,0 +1,25 @@
+"""``asam``: adaptive SAM (Kwon et al., ICML 2021). 2 passes.
+
+``e_p = rho * T_p^2 g_p / ||T g||`` with ``T_p = |theta_p| + eta`` element-wise (shared/spec/algorithms.md
+section 2). Defaults ``rho = 0.5``, ``eta = 0.01``: the official SamsungLabs/ASAM values. ``eta > 0`` matters for
+LoRA, whose ``B`` starts at 0 (with ``eta = 0`` it would never be perturbed early on). flatpeft applies ``T`` to
+every trainable tensor (the official code exempts biases).
+"""
+from flatpeft.methods._checks import non_negative
+from flatpeft.optim.registry import MethodInfo, register_method
+from flatpeft.perturb.base import chain
+from flatpeft.perturb.rules import GradientAscent, Rule
+from flatpeft.perturb.transforms import from_grad, normalize_global, scale_by_param_abs, scale_by_rho
+
+
+def build(eta: float = 0.01) -> list[Rule]:
+    non_negative("eta", eta)
+    return [
+        GradientAscent(chain(from_grad(), scale_by_param_abs(eta), normalize_global(), scale_by_param_abs(eta), scale_by_rho()))
+    ]
+
+
+register_method(
+    MethodInfo("asam", build, defaults={"rho": 0.5, "eta": 0.01}, summary="adaptive SAM: e = rho T^2 g / ||T g||, T = |w| + eta",
+               reference="Kwon et al. 2021; spec section 2")
+)

@@ -1,0 +1,36 @@
+"""``flat-lora``: Flat-LoRA of Deng et al. (arXiv 2508.00522; "FMLoRA" in v3): full-space SAM moved into B. 2 passes.
+
+From ``g_A, g_B`` estimate the full-weight gradient ``G_hat = (g_B (A^T)^+ + (B^T)^+ g_A) / (2 s)``, take the W-space
+SAM step ``E_W = rho_t G_hat / N`` and realise it in ``B`` by least squares, ``E_B = E_W A^+ / s``, with r x r solves
+only (shared/spec/algorithms.md section 4). Not to be confused with Li et al.'s Flat-LoRA (``flat-lora-random``).
+
+Defaults: ``rho = 0.05`` decayed by ``rho_schedule = "cosine"`` to ``rho_min = 0.02`` over ``total_steps`` (the only
+public code; constant without ``total_steps``); ``norm_scope = "global"`` (one ``N`` over all layers, spec
+recommendation; ``"layer"`` is the third-party behaviour); ``damping = 1e-6`` (relative Tikhonov damping of
+``A A^T`` and ``B^T B``). Non-LoRA trainable tensors (heads, biases) are not perturbed.
+"""
+from flatpeft.methods._checks import non_negative, one_of
+from flatpeft.optim.registry import MethodInfo, register_method
+from flatpeft.perturb.base import chain
+from flatpeft.perturb.rules import GradientAscent, Rule
+from flatpeft.perturb.transforms import lora_full_space, scale_by_rho
+
+DEFAULTS = {"rho": 0.05, "rho_schedule": "cosine", "rho_min": 0.02, "norm_scope": "global", "damping": 1e-6}
+
+
+def full_space_direction(norm_scope: str, damping: float):
+    """The Flat-LoRA perturbation of ``B`` at radius ``rho_t`` (shared with ``eflat-lora``)."""
+    one_of("norm_scope", norm_scope, ("global", "layer"))
+    non_negative("damping", damping)
+    return chain(lora_full_space(norm_scope, damping), scale_by_rho())
+
+
+def build(norm_scope: str = "global", damping: float = 1e-6) -> list[Rule]:
+    return [GradientAscent(full_space_direction(norm_scope, damping), target="lora_B")]
+
+
+register_method(
+    MethodInfo("flat-lora", build, defaults=DEFAULTS, needs_lora=True,
+               summary="full-weight-space SAM estimated from LoRA gradients, moved exactly into B (Deng et al.)",
+               reference="arXiv 2508.00522; spec section 4")
+)
