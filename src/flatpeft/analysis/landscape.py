@@ -46,7 +46,7 @@ def symmetric_grid(radius: float, num: int) -> np.ndarray:
     return radius * (np.arange(num) - half) / half
 
 
-def filter_normalize(direction: torch.Tensor, param: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def filter_normalize(direction: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Rescale each row (slice along dim 0) of ``direction`` to the norm of the same row of ``param``.
 
     0-D / 1-D tensors are one filter.  Returns a new tensor; ``||out_row|| = ||param_row||`` exactly up to
@@ -62,7 +62,8 @@ def filter_normalize(direction: torch.Tensor, param: torch.Tensor, eps: float = 
         p = param.detach().reshape(param.shape[0], -1)
     dn = torch.linalg.vector_norm(d, dim=1, keepdim=True)
     pn = torch.linalg.vector_norm(p.to(d.dtype), dim=1, keepdim=True)
-    return (d * (pn / (dn + eps))).reshape(direction.shape)
+    factor = torch.where(dn > 0, pn / torch.where(dn > 0, dn, torch.ones_like(dn)), torch.zeros_like(dn))
+    return (d * factor).reshape(direction.shape)
 
 
 def random_direction(
