@@ -144,15 +144,16 @@ class FilterNoise(Rule):
     @staticmethod
     @torch.no_grad()
     def row_sigma(f, rho: float) -> torch.Tensor:
-        """``rho * ||(W0 + s B A)[i, :]|| / sqrt(m)`` for every output row ``i`` (float32)."""
+        """``rho * ||(W0 + s B A)[i, :]|| / sqrt(m)`` for every output row ``i`` (at least float32)."""
         w0 = f.w0_matrix()
+        cd = torch.promote_types(w0.dtype, torch.float32)
         a = f.a_matrix().to(w0.dtype)
-        b = f.b_matrix().to(torch.float32)
-        w0a = (w0 @ a.t()).to(torch.float32)
-        a32 = f.a_matrix().to(torch.float32)
+        b = f.b_matrix().to(cd)
+        w0a = (w0 @ a.t()).to(cd)
+        a32 = f.a_matrix().to(cd)
         ka = a32 @ a32.t()
         sq = (
-            torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square()
+            torch.linalg.vector_norm(w0, dim=1, dtype=cd).square()
             + 2.0 * f.scale * (w0a * b).sum(1)
             + f.scale**2 * ((b @ ka) * b).sum(1)
         )
@@ -173,7 +174,7 @@ class FilterNoise(Rule):
                 sigma = self.row_sigma(f, rho)
                 w0 = f.w0_matrix()
                 noise = torch.randn(w0.shape, generator=gens[dev], device=dev, dtype=torch.float32)
-                noise.mul_(sigma[:, None])
+                noise = noise.to(sigma.dtype).mul_(sigma[:, None])
                 sq.append(noise.square().sum())
                 w0.add_(noise.to(w0.dtype))
         opt.metrics["perturbation_norm"] = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())

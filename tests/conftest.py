@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny float64 models (an MLP and its peft LoRA version) and a functional loss."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class MLP(nn.Module):
+    """peft's test MLP shape: ``lin0 -> tanh -> lin1``."""
+
+    def __init__(self, d_in: int = 6, d_hidden: int = 5, d_out: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(d_in, d_hidden)
+        self.drop = nn.Dropout(dropout)
+        self.lin1 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.drop(torch.tanh(self.lin0(x))))
+
+
+def make_lora_mlp(seed: int = 0, r: int = 2, alpha: int = 4, dropout: float = 0.0, nonzero_b: bool = True) -> nn.Module:
+    """A float64 peft LoRA MLP (LoRA on lin0 and lin1); ``B`` made non-zero so every method has work to do."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(MLP(dropout=dropout), LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin0", "lin1"]))
+    model = model.double()
+    if nonzero_b:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MLP().double()
+
+
+@pytest.fixture
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    return x, y
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def make_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def closure():
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
