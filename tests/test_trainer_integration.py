@@ -1,0 +1,381 @@
+"""SharpnessAwareTrainer: parity with plain flatpeft loops, gradient accumulation, RNG replay, clipping, logging.
+
+Every test runs a real ``transformers.Trainer`` (CPU, float64, tiny peft LoRA model, sequential sampler) and
+compares its weights with an independent path: the engine's closure API in a plain loop, the two-call API with
+explicit clipping, the same Trainer with a different accumulation split, or a float64 hand computation.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import TrainingArguments
+
+import flatpeft
+from flatpeft.integrations import SharpnessAwareTrainer
+
+N_SAMPLES = 12
+D_IN, D_HIDDEN, D_OUT = 6, 8, 3
+
+
+class LossMLP(nn.Module):
+    """``lin0 -> tanh -> dropout -> lin1`` returning ``{"loss", "logits"}`` like a transformers model."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(D_IN, D_HIDDEN)
+        self.drop = nn.Dropout(dropout)
+        self.lin1 = nn.Linear(D_HIDDEN, D_OUT)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.lin1(self.drop(torch.tanh(self.lin0(x))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def make_model(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    """A float64 peft LoRA model (r=2 on lin0 and lin1, non-zero B so every method perturbs something)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(LossMLP(dropout), LoraConfig(r=2, lora_alpha=4, target_modules=["lin0", "lin1"])).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+class DictDataset(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+@pytest.fixture
+def dataset() -> DictDataset:
+    g = torch.Generator().manual_seed(7)
+    return DictDataset(torch.randn(N_SAMPLES, D_IN, generator=g, dtype=torch.float64), torch.randint(0, D_OUT, (N_SAMPLES,), generator=g))
+
+
+def make_args(out, **overrides) -> TrainingArguments:
+    kw = dict(
+        output_dir=str(out), report_to="none", use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        max_steps=3, learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=0.0, optim="adamw_torch", train_sampling_strategy="sequential", logging_steps=1,
+        save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+def train_with_trainer(model, dataset, tmp_path, method, method_kwargs=None, **arg_overrides) -> SharpnessAwareTrainer:
+    trainer = SharpnessAwareTrainer(
+        model=model, args=make_args(tmp_path, **arg_overrides), train_dataset=dataset,
+        flatpeft_method=method, flatpeft_kwargs=method_kwargs or {},
+    )
+    trainer.train()
+    return trainer
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_weights(a, b, atol=1e-12, rtol=1e-10) -> None:
+    sa, sb = trainable_state(a), trainable_state(b)
+    assert sa.keys() == sb.keys()
+    for n in sa:
+        torch.testing.assert_close(sa[n], sb[n], atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def batch_of(dataset, start, size):
+    return {"x": dataset.x[start : start + size], "labels": dataset.y[start : start + size]}
+
+
+def plain_closure_loop(model, dataset, method, method_kwargs, *, steps=3, batch=4, lr=0.05):
+    """The engine's closure API in a plain loop, with the base optimizer the Trainer builds for adamw_torch."""
+    opt = flatpeft.create_optimizer(model, method, base_optimizer=torch.optim.AdamW, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                    weight_decay=0.0, **method_kwargs)
+    for s in range(steps):
+        b = batch_of(dataset, s * batch, batch)
+
+        def closure(b=b):
+            loss = model(**b)["loss"]
+            loss.backward()
+            return loss
+
+        opt.zero_grad(set_to_none=True)
+        opt.step(closure)
+    return opt
+
+
+METHOD_CASES = [
+    ("base", {}),
+    ("sam", {"rho": 0.05}),
+    ("asam", {"rho": 0.5}),
+    ("flatpo", {"rho": 0.05}),
+    ("flat-lora", {"rho": 0.05}),
+    ("eflat-lora", {"rho": 0.05}),
+]
+
+
+@pytest.mark.parametrize("method,kw", METHOD_CASES, ids=[m for m, _ in METHOD_CASES])
+def test_trainer_matches_plain_closure_loop(tmp_path, dataset, method, kw):
+    """Same data order, seed and optimizer: the Trainer's weights equal the engine's own ``step(closure)`` loop."""
+    init = make_model()
+    reference = copy.deepcopy(init)
+    trainer = train_with_trainer(copy.deepcopy(init), dataset, tmp_path, method, kw)
+    plain_closure_loop(reference, dataset, method, kw)
+    assert trainer.state.global_step == 3
+    assert_same_weights(trainer.model, reference)
+    # and training moved the weights at all (the comparison is not between two untouched models)
+    moved = max((p - q).abs().max().item() for p, q in zip(trainable_state(trainer.model).values(), trainable_state(init).values()))
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("method,kw", [("sam", {"rho": 0.05}), ("flatpo", {"rho": 0.05}), ("eflat-lora", {"rho": 0.05})])
+def test_gradient_accumulation_equals_full_batch(tmp_path, dataset, method, kw):
+    """2 half-batches accumulated == 1 full batch: the ascent uses the whole step's gradient, pass 2 all micro-batches."""
+    init = make_model()
+    full = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "full", method, kw, per_device_train_batch_size=4)
+    accum = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "acc", method, kw,
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert full.state.global_step == accum.state.global_step == 3
+    assert_same_weights(full.model, accum.model)
+    # the logged training loss (pass 1, unperturbed) is the same step mean in both
+    lf = [h["loss"] for h in full.state.log_history if "loss" in h]
+    la = [h["loss"] for h in accum.state.log_history if "loss" in h]
+    assert lf == pytest.approx(la, rel=1e-6)
+
+
+def test_perturbed_micro_batchwise_sam_would_differ(tmp_path, dataset):
+    """Control for the test above: SAM per micro-batch (a perturbation from each half-batch) gives other weights."""
+    init = make_model()
+    acc = train_with_trainer(copy.deepcopy(init), dataset, tmp_path, "sam", {"rho": 0.05},
+                             per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    naive = copy.deepcopy(init)
+    opt = flatpeft.create_optimizer(naive, "sam", base_optimizer=torch.optim.AdamW, lr=0.05, weight_decay=0.0, rho=0.05)
+    for s in range(3):
+        grads = None
+        for half in range(2):
+            b = batch_of(dataset, 4 * s + 2 * half, 2)
+            opt.zero_grad(set_to_none=True)
+            (naive(**b)["loss"] / 2).backward()
+            opt.first_step()
+            (naive(**b)["loss"] / 2).backward()
+            opt.restore()
+            g = [p.grad.clone() for p in opt.trainable]
+            grads = g if grads is None else [a + c for a, c in zip(grads, g)]
+        for p, g in zip(opt.trainable, grads):
+            p.grad = g
+        opt.base_optimizer.step()
+    sa, sn = trainable_state(acc.model), trainable_state(naive)
+    assert max((sa[n] - sn[n]).abs().max().item() for n in sa) > 1e-8
+
+
+def test_clipping_applies_to_the_update_gradient_only(tmp_path, dataset):
+    """max_grad_norm clips the pass-2 gradient (Trainer's clip after training_step) == two-call loop with clip."""
+    init = make_model()
+    trainer = train_with_trainer(copy.deepcopy(init), dataset, tmp_path, "sam", {"rho": 0.05}, max_grad_norm=0.01)
+    ref = copy.deepcopy(init)
+    opt = flatpeft.create_optimizer(ref, "sam", base_optimizer=torch.optim.AdamW, lr=0.05, weight_decay=0.0, rho=0.05)
+    for s in range(3):
+        b = batch_of(dataset, 4 * s, 4)
+        opt.zero_grad(set_to_none=True)
+        ref(**b)["loss"].backward()          # pass 1: unclipped
+        opt.first_step()
+        ref(**b)["loss"].backward()          # pass 2
+        torch.nn.utils.clip_grad_norm_(opt.trainable, 0.01)
+        opt.second_step()
+    assert_same_weights(trainer.model, ref)
+    unclipped = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "u", "sam", {"rho": 0.05})
+    st, su = trainable_state(trainer.model), trainable_state(unclipped.model)
+    assert max((st[n] - su[n]).abs().max().item() for n in st) > 1e-6
+
+
+def test_metrics_in_log_history(tmp_path, dataset):
+    """flatpeft/perturbation_norm == rho for SAM; flatpeft/loss_gap == L(w+e) - L(w) computed by hand in float64."""
+    rho = 0.05
+    init = make_model()
+    trainer = train_with_trainer(copy.deepcopy(init), dataset, tmp_path, "sam", {"rho": rho})
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3]
+    for h in logs:
+        assert h["flatpeft/perturbation_norm"] == pytest.approx(rho, rel=1e-6)
+
+    # independent first step: e = rho g / ||g|| over the trainable tensors
+    m = copy.deepcopy(init)
+    params = [p for p in m.parameters() if p.requires_grad]
+    b = batch_of(dataset, 0, 4)
+    loss0 = m(**b)["loss"]
+    grads = torch.autograd.grad(loss0, params)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(rho * g / norm)
+        loss1 = m(**b)["loss"]
+    assert logs[0]["loss"] == pytest.approx(loss0.item(), rel=1e-6)
+    assert logs[0]["flatpeft/loss_gap"] == pytest.approx((loss1 - loss0).item(), rel=1e-5, abs=1e-9)
+    assert logs[0]["flatpeft/loss_gap"] > 0  # first order: gap ~ rho * ||g|| > 0
+
+
+def test_metrics_only_at_logging_steps(tmp_path, dataset):
+    trainer = train_with_trainer(make_model(), dataset, tmp_path, "sam", {"rho": 0.05}, logging_steps=2, max_steps=3)
+    steps = [h["step"] for h in trainer.state.log_history if "flatpeft/perturbation_norm" in h]
+    assert steps == [2]  # step 2 is a logging step; the trailing step 3 is not logged by the Trainer's loop
+
+
+def test_single_pass_method_trains(tmp_path, dataset):
+    """eflat-lora runs one forward/backward per micro-batch and moves the weights; its EMA perturbation is logged."""
+    init = make_model()
+    calls = {"n": 0}
+    model = copy.deepcopy(init)
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    trainer = train_with_trainer(model, dataset, tmp_path, "eflat-lora", {"rho": 0.05},
+                                 per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert trainer.flatpeft_optimizer.passes == 1
+    assert calls["n"] == 6  # 3 steps x 2 micro-batches x 1 pass
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and "flatpeft/perturbation_norm" in logs[-1] and "flatpeft/loss_gap" not in logs[-1]
+    assert logs[0]["flatpeft/perturbation_norm"] == 0.0  # the EMA starts at zero: step 0 is plain LoRA
+    assert logs[-1]["flatpeft/perturbation_norm"] > 0.0
+
+
+def test_two_pass_forward_count(tmp_path, dataset):
+    calls = {"n": 0}
+    model = make_model()
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    train_with_trainer(model, dataset, tmp_path, "sam", {"rho": 0.05}, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert calls["n"] == 12  # 3 steps x 2 micro-batches x 2 passes
+
+
+def test_rng_replay_dropout_masks_and_stream(tmp_path, dataset):
+    """With dropout on, pass 2 of each micro-batch sees pass 1's mask, and a two-pass run ends with the RNG where
+    a one-pass (base) run ends."""
+    masks: list[torch.Tensor] = []
+    model = make_model(dropout=0.5)
+    drop = model.get_base_model().drop
+    drop.register_forward_hook(lambda mod, inp, out: masks.append((out == 0) & (inp[0] != 0)))
+    train_with_trainer(model, dataset, tmp_path, "sam", {"rho": 0.05}, per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2, max_steps=2)
+    rng_sam = torch.get_rng_state()
+    assert len(masks) == 8  # 2 steps x (pass 1: mb0, mb1; pass 2: mb0, mb1)
+    for s in range(2):
+        p1 = masks[4 * s : 4 * s + 2]
+        p2 = masks[4 * s + 2 : 4 * s + 4]
+        assert torch.equal(p1[0], p2[0]) and torch.equal(p1[1], p2[1])
+        assert not torch.equal(p1[0], p1[1])
+        assert 0 < p1[0].sum() < p1[0].numel()
+    masks.clear()
+    train_with_trainer(make_model(dropout=0.5), dataset, tmp_path / "b", "base", {}, per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2, max_steps=2)
+    assert torch.equal(torch.get_rng_state(), rng_sam)
+
+
+def test_grad_scaler_path_matches_unscaled(tmp_path, dataset):
+    """fp16-style GradScaler: pass-1 grads are divided by the scale (no ``unscale_``, which the Trainer's own step
+    needs), pass 2 goes through ``scaler.step``; with a power-of-two scale the weights equal the unscaled run."""
+    init = make_model()
+    plain = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "p", "sam", {"rho": 0.05})
+    trainer = SharpnessAwareTrainer(model=copy.deepcopy(init), args=make_args(tmp_path / "s"), train_dataset=dataset,
+                                    flatpeft_method="sam", flatpeft_kwargs={"rho": 0.05})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    trainer.accelerator.scaler = scaler  # CPU accelerate has no fp16 scaler; inject one (accelerator.backward uses it)
+    trainer.train()
+    assert scaler.get_scale() == 2.0**10  # no overflow, no skipped step
+    assert_same_weights(trainer.model, plain.model)
+
+
+def test_unscale_pass1_divides_by_scale(tmp_path, dataset):
+    trainer = SharpnessAwareTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="sam")
+    opt = trainer.create_optimizer()
+    for p in opt.trainable:
+        p.grad = torch.full_like(p, 64.0)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=32.0)
+    trainer._unscale_pass1_grads(opt)
+    assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in opt.trainable)
+
+
+def test_skipped_step_restores_weights(tmp_path, dataset, monkeypatch):
+    """If the scaler skips ``optimizer.step()`` (inf in pass 2), the callback puts the clean weights back."""
+    from accelerate import Accelerator
+
+    model = make_model()
+    trainer = SharpnessAwareTrainer(model=model, args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="sam")
+    opt = trainer.create_optimizer()
+    clean = trainable_state(model)
+    model(**batch_of(dataset, 0, 4))["loss"].backward()
+    opt.first_step()
+    assert max((p - clean[n]).abs().max().item() for n, p in trainable_state(model).items()) > 0
+    callback = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "_RestoreIfStepSkipped")
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    callback.on_optimizer_step(trainer.args, trainer.state, trainer.control)
+    after = trainable_state(model)
+    assert all(torch.equal(after[n], clean[n]) for n in clean)
+
+
+def test_rho_schedule_defaults_to_trainer_steps(tmp_path, dataset):
+    trainer = train_with_trainer(make_model(), dataset, tmp_path, "sam", {"rho": 0.05, "rho_schedule": "cosine"})
+    assert trainer.flatpeft_optimizer.total_steps == 3
+
+
+def test_constructor_errors(tmp_path, dataset):
+    with pytest.raises(ValueError, match="flatpeft_method"):
+        SharpnessAwareTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="nosuch")
+    with pytest.raises(ValueError, match="flatpeft_method"):
+        SharpnessAwareTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=dataset)
+    m = make_model()
+    with pytest.raises(ValueError, match="SharpnessAware"):
+        SharpnessAwareTrainer(model=m, args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="sam",
+                              optimizers=(torch.optim.SGD(m.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="flatpeft_kwargs"):
+        SharpnessAwareTrainer(model=m, args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="sam", flatpeft_kwargs=[1])
+
+
+def test_prebuilt_flatpeft_optimizer_accepted(tmp_path, dataset):
+    init = make_model()
+    m = copy.deepcopy(init)
+    opt = flatpeft.create_optimizer(m, "sam", base_optimizer="adamw", lr=0.05, weight_decay=0.0, rho=0.05)
+    trainer = SharpnessAwareTrainer(model=m, args=make_args(tmp_path), train_dataset=dataset, optimizers=(opt, None))
+    trainer.train()
+    ref = copy.deepcopy(init)
+    plain_closure_loop(ref, dataset, "sam", {"rho": 0.05})
+    assert_same_weights(m, ref)
+
+
+@pytest.mark.slow
+def test_minilm_finefoods_trainer_runs(tmp_path):
+    """Real model and data: MiniLM + LoRA on 64 Fine Foods reviews, FlatPO through the Trainer, 4 steps."""
+    import pandas as pd
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import flatpeft.assets as assets
+
+    path = assets.minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    df = pd.read_csv(assets.finefoods_splits()["train"]).head(64)
+    enc = tok(list(df["text"]), truncation=True, max_length=64, padding="max_length", return_tensors="pt")
+    rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": int(df["label"][i])}
+            for i in range(len(df))]
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    args = make_args(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=4, learning_rate=5e-4)
+    trainer = SharpnessAwareTrainer(model=model, args=args, train_dataset=rows, flatpeft_method="flatpo",
+                                    flatpeft_kwargs={"rho": 0.05, "fraction": 0.05})
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    assert all(h["flatpeft/perturbation_norm"] == pytest.approx(0.05, rel=1e-4) for h in logs)
