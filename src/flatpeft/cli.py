@@ -1,0 +1,227 @@
+"""The ``flatpeft`` command: a thin argparse layer over typed functions.
+
+    flatpeft train CONFIG [--set k=v ...] [--output-dir D] [--overwrite]
+    flatpeft eval RUN_DIR [--data PATH] [--splits test,val]
+    flatpeft compare CONFIG --methods base,sam,flatpo,eflat-lora --seeds 3 [--set ...] [--output-dir D]
+                     [--overwrite | --resume]
+    flatpeft data prepare [--only NAMES] [--force]
+    flatpeft config CONFIG [--set ...]          print the resolved config (validation only)
+    flatpeft methods / flatpeft tasks           list what is registered
+
+Other parts add sub-commands: every module of :data:`PLUGIN_MODULES` that imports gets
+``register_cli(subparsers)`` called; each of its sub-commands sets ``func`` with ``set_defaults``.
+User errors (``ValueError``: bad config, missing file, existing run) print ``flatpeft: error: ...`` and exit
+with status 2; Ctrl-C exits with 130 after the finished runs' tables are written.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "PLUGIN_MODULES"]
+
+#: Modules that may register more sub-commands (``register_cli(subparsers)``); skipped when absent.
+PLUGIN_MODULES: list[str] = ["flatpeft.analysis.commands"]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="experiment YAML (see docs/cli.md for every key)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
+                   help="override a config field (value parsed as YAML), e.g. --set train.steps=100 "
+                        "--set method.rho=0.1; repeatable")
+    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default: output_dir of the config)")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from flatpeft.experiments.config import load_config
+    from flatpeft.experiments.runner import train_run
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train_run(cfg, out_dir=args.output_dir, overwrite=args.overwrite, progress=not args.quiet)
+    out = args.output_dir or Path(cfg.output_dir)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"run written to {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from flatpeft.experiments.runner import evaluate_run
+
+    splits = [s for s in args.splits.split(",") if s]
+    metrics = evaluate_run(args.run_dir, data=args.data, splits=splits)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _parse_seeds(text: str) -> int | list[int]:
+    """``"3"`` -> 3 seeds (train.seed, +1, +2); ``"0,4,7"`` -> those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--seeds expects a count (3) or a comma list (0,1,5), got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"--seeds must be at least 1, got {n}")
+    return n
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from flatpeft.experiments.config import load_config
+    from flatpeft.experiments.runner import compare
+
+    cfg = load_config(args.config, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = compare(cfg, methods, _parse_seeds(args.seeds), out_dir=args.output_dir, overwrite=args.overwrite,
+                     resume=args.resume, progress=not args.quiet)
+    print(result.markdown)
+    print("written: " + ", ".join(str(p) for p in result.paths.values()), file=sys.stderr)
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from flatpeft import assets
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    paths = assets.prepare(names, force=args.force)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flatpeft.experiments.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir is not None:
+        cfg.output_dir = str(args.output_dir)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    import flatpeft
+
+    for name in flatpeft.METHODS:
+        info = flatpeft.get_method(name)
+        kw = ", ".join(f"{k}={v!r}" for k, v in info.defaults.items())
+        print(f"{name:18s} {info.summary}" + (f"  [{kw}]" if kw else ""))
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from flatpeft.experiments.tasks import available_tasks, get_task
+
+    for name in available_tasks():
+        doc = (get_task(name).__doc__ or "").strip().splitlines()
+        print(f"{name:22s} {doc[0] if doc else ''}")
+    return 0
+
+
+def _register_plugins(sub: argparse._SubParsersAction) -> list[str]:
+    """Call ``register_cli(sub)`` of every importable module in :data:`PLUGIN_MODULES`; return failures."""
+    problems = []
+    for module in PLUGIN_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):
+                continue  # that part is not installed / not written: no sub-commands from it
+            problems.append(f"{module}: {err}")
+            continue
+        except Exception as err:  # noqa: BLE001 - a broken plug-in must not take the whole CLI down
+            problems.append(f"{module}: {type(err).__name__}: {err}")
+            continue
+        register = getattr(mod, "register_cli", None)
+        if register is not None:
+            register(sub)
+    return problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (built-in sub-commands plus the plug-ins')."""
+    parser = argparse.ArgumentParser(
+        prog="flatpeft",
+        description="Flatness-aware parameter-efficient fine-tuning: train, evaluate and compare methods "
+                    "(base, sam, asam, flatpo, flat-lora, eflat-lora, ...) on peft models.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="fine-tune one method with one seed",
+                       description="Train the method of CONFIG; writes config.yaml, metrics.jsonl, tb/, adapter/ "
+                                   "and eval.json to the output directory.")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a finished run",
+                       description="Reload RUN_DIR (config.yaml + adapter/) and evaluate it; prints JSON metrics.")
+    p.add_argument("run_dir", type=Path, help="a directory written by `flatpeft train` / `compare`")
+    p.add_argument("--data", type=Path, default=None,
+                   help="evaluate on this file instead of the config's test split (same columns)")
+    p.add_argument("--splits", default="test", help="comma list of test, train, val (default: test)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="paired multi-method, multi-seed comparison with tables and a chart",
+                       description="Train every method with every seed (seed-major), then write results.md, "
+                                   "results.csv and results.png: mean ± std, paired difference to base with a "
+                                   "95 % t confidence interval, time per step relative to base.")
+    _add_config_args(p)
+    p.add_argument("--methods", default="base,sam,flatpo,eflat-lora",
+                   help="comma list of methods (default: base,sam,flatpo,eflat-lora); base is the reference")
+    p.add_argument("--seeds", default="3", help="number of seeds (from train.seed) or a comma list (default: 3)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing runs in the output directory")
+    group.add_argument("--resume", action="store_true", help="keep finished runs (eval.json present), redo the rest")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("data", help="offline models and datasets",
+                       description="Manage the offline assets (cache: $FLATPEFT_CACHE or ~/.cache/flatpeft).")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    q = data_sub.add_parser("prepare", help="install / convert the offline assets (idempotent)",
+                            description="Prepare the offline assets (all by default).")
+    q.add_argument("--only", default=None, help="comma list of asset names (default: all)")
+    q.add_argument("--force", action="store_true", help="redo finished assets")
+    q.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("config", help="validate a config and print it resolved",
+                       description="Read CONFIG, apply --set overrides, validate, print the full YAML.")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("methods", help="list the registered methods", description="List the registered methods.")
+    p.set_defaults(func=_cmd_methods)
+    p = sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
+    p.set_defaults(func=_cmd_tasks)
+
+    problems = _register_plugins(sub)
+    parser.set_defaults(_plugin_problems=problems)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flatpeft`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for problem in getattr(args, "_plugin_problems", []):
+        print(f"flatpeft: warning: sub-commands of {problem} are unavailable", file=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("flatpeft: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as err:
+        print(f"flatpeft: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""``text_classification``: few-shot sequence classification with any Hugging Face encoder or decoder.
+
+Pipeline (the protocol of ``shared/spec/reference-results.md``):
+
+1. Read the train pool and the test file (CSV / JSONL / JSON / Parquet, via pandas); check that
+   ``data.text_column`` and ``data.label_column`` exist (the error names the column, the file and the
+   columns that do exist). Classes are the sorted unique labels of the train pool.
+2. Carve a fixed validation split of ``data.val_size`` rows off the pool with ``data.val_seed``
+   (independent of the run seed, so every run and method shares it).
+3. Draw ``data.shots`` examples per class from the rest with the run seed (numpy ``default_rng``).
+4. Tokenise once (truncation to ``data.max_length``); batches are padded dynamically.
+5. Build ``AutoModelForSequenceClassification`` and apply peft: LoRA (``LoraConfig``), prefix tuning
+   (``PrefixTuningConfig``), prompt tuning (``PromptTuningConfig``), all with ``task_type="SEQ_CLS"`` so the
+   classification head is trained (peft's ``modules_to_save`` default for SEQ_CLS: ``classifier`` /
+   ``score``), or full fine-tuning (``peft.type: none``).
+6. Training batches: an endless stream of per-epoch permutations drawn from a ``torch.Generator`` seeded
+   with the run seed (never the global RNG), cut into full batches.
+7. Evaluation: eval mode, ``torch.inference_mode``, examples sorted by length, batches of
+   ``train.eval_batch_size`` with dynamic padding; ``accuracy`` and ``macro_f1`` (scikit-learn).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import ExperimentConfig, resolve_data_path, resolve_model_path
+from .tasks import Task, register_task
+
+__all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "carve_validation", "sample_shots",
+           "classification_metrics"]
+
+
+@dataclass
+class TextClassificationArgs:
+    """``task_args`` of ``text_classification``."""
+
+    model_dropout: float | None = field(default=None, metadata={"help": (
+        "Override the model's hidden / attention dropout (BERT: hidden_dropout_prob, "
+        "attention_probs_dropout_prob; 0 turns dropout off); null keeps the model's default.")})
+
+    def __post_init__(self) -> None:
+        if self.model_dropout is not None and not 0.0 <= float(self.model_dropout) < 1.0:
+            raise ValueError(f"task_args.model_dropout must be in [0, 1) or null, got {self.model_dropout!r}")
+
+
+def read_table(path: str | Path, columns: tuple[str, ...] = (), field_name: str = "data") -> pd.DataFrame:
+    """Read a CSV / JSONL / JSON / Parquet file into a DataFrame and check that ``columns`` exist.
+
+    Raises ``ValueError`` naming the field, the file and (for a missing column) the columns that exist.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path)
+        elif suffix == ".tsv":
+            df = pd.read_csv(path, sep="\t")
+        elif suffix in (".jsonl", ".ndjson"):
+            df = pd.read_json(path, lines=True)
+        elif suffix == ".json":
+            try:
+                df = pd.read_json(path)
+            except ValueError:
+                df = pd.read_json(path, lines=True)
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            raise ValueError(f"{field_name}: unsupported file type {suffix!r} for {str(path)!r} "
+                             "(use .csv, .tsv, .jsonl, .json or .parquet)")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"{field_name}: cannot read {str(path)!r}: {err}") from None
+    for col in columns:
+        if col not in df.columns:
+            raise ValueError(f"{field_name}: column {col!r} not found in {str(path)!r} "
+                             f"(columns: {', '.join(map(str, df.columns))})")
+    return df
+
+
+def carve_validation(n: int, val_size: int, val_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into (validation, rest) with a fixed seed: the first ``val_size`` of a permutation."""
+    if val_size >= n:
+        raise ValueError(f"data.val_size={val_size} leaves no training examples (train pool has {n} rows)")
+    perm = np.random.default_rng(val_seed).permutation(n)
+    return np.sort(perm[:val_size]), np.sort(perm[val_size:])
+
+
+def sample_shots(labels: np.ndarray, pool: np.ndarray, shots: int | None, seed: int, num_classes: int) -> np.ndarray:
+    """Draw ``shots`` indices per class from ``pool`` (indices into ``labels``) without replacement, with ``seed``.
+
+    ``shots=None`` returns the whole pool. A class with fewer than ``shots`` examples raises ``ValueError``.
+    """
+    if shots is None:
+        return pool.copy()
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        cand = pool[labels[pool] == c]
+        if len(cand) < shots:
+            raise ValueError(f"data.shots={shots}: class {c} has only {len(cand)} examples in the train pool")
+        chosen.append(rng.choice(cand, size=shots, replace=False))
+    return np.concatenate(chosen)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """``accuracy`` and ``macro_f1`` (unweighted mean of per-class F1, sklearn ``f1_score(average="macro")``)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(num_classes)),
+                                   zero_division=0)),
+    }
+
+
+def _peft_wrap(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module:
+    """Apply the adapter of ``cfg.peft`` with ``task_type="SEQ_CLS"`` (head trainable), or none (full FT)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    p = cfg.peft
+    extra = {"modules_to_save": list(p.modules_to_save)} if p.modules_to_save is not None else {}
+    if p.type == "none":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if p.type == "lora":
+        pcfg = LoraConfig(task_type="SEQ_CLS", r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                          target_modules=p.target_modules, **extra)
+    elif p.type == "prefix":
+        pcfg = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=p.num_virtual_tokens, **extra)
+    else:
+        pcfg = PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=p.num_virtual_tokens, **extra)
+    try:
+        wrapped = get_peft_model(model, pcfg)
+    except ValueError as err:
+        raise ValueError(f"peft: cannot apply {p.type} to {cfg.model!r}: {err}") from None
+    if p.type == "prefix":
+        _check_prefix_support(wrapped, cfg.model)
+    return wrapped
+
+
+def _check_prefix_support(wrapped: torch.nn.Module, model_name: str) -> None:
+    """Fail at build time (not at the first forward) when the backbone takes no ``past_key_values``.
+
+    peft's prefix tuning feeds the prefix as past key/values; in transformers 5 encoder models such as
+    BERT no longer accept them, so peft raises only inside ``forward``.
+    """
+    import inspect
+
+    base = wrapped.base_model
+    names = [base] + [base.get_submodule(n) for n in [getattr(wrapped, "transformer_backbone_name", None)] if n]
+    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in names):
+        raise ValueError(f"peft.type=prefix: {model_name!r} ({type(base).__name__}) does not accept past_key_values, "
+                         "which prefix tuning needs; use peft.type=prompt or lora for this model")
+
+
+@register_task("text_classification")
+class TextClassificationTask(Task):
+    """Few-shot text classification (see module docstring)."""
+
+    args_cls = TextClassificationArgs
+
+    def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
+        super().__init__(cfg, seed)
+        d = cfg.data
+        cols = (d.text_column, d.label_column)
+        train_path = resolve_data_path(d.train, "data.train")
+        test_path = resolve_data_path(d.test, "data.test")
+        pool = read_table(train_path, cols, "data.train")
+        test = read_table(test_path, cols, "data.test")
+        self.classes = sorted(pool[d.label_column].unique().tolist(), key=lambda v: (str(type(v)), v))
+        if len(self.classes) < 2:
+            raise ValueError(f"data.label_column={d.label_column!r}: {train_path} has fewer than 2 classes "
+                             f"({self.classes})")
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted({str(v) for v in test[d.label_column].unique() if v not in index})
+        if unknown:
+            raise ValueError(f"data.test: labels {unknown} in {test_path} do not occur in the train pool "
+                             f"(classes: {self.classes})")
+        pool_y = pool[d.label_column].map(index).to_numpy(np.int64)
+        if d.val_size > 0:
+            val_idx, rest = carve_validation(len(pool), d.val_size, d.val_seed)
+        else:
+            val_idx, rest = np.array([], np.int64), np.arange(len(pool))
+        train_idx = sample_shots(pool_y, rest, d.shots, self.seed, len(self.classes))
+
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model_path = resolve_model_path(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if self.tokenizer.pad_token is None:  # decoder-only models (Llama, SmolLM2): pad with EOS
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        kwargs: dict[str, Any] = {"num_labels": len(self.classes),
+                                  "id2label": {i: str(c) for i, c in enumerate(self.classes)},
+                                  "label2id": {str(c): i for i, c in enumerate(self.classes)}}
+        if self.args.model_dropout is not None:
+            kwargs.update(hidden_dropout_prob=self.args.model_dropout,
+                          attention_probs_dropout_prob=self.args.model_dropout)
+        try:
+            base = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model: cannot load {cfg.model!r} as a sequence classifier: {err}") from None
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = _peft_wrap(base, cfg).to(self.device)
+        self.model.train()  # from_pretrained returns eval mode; training runs with the model's dropout
+
+        texts = pool[d.text_column].astype(str).tolist()
+        self.splits: dict[str, dict[str, Any]] = {
+            "train": self._encode([texts[i] for i in train_idx], pool_y[train_idx]),
+            "val": self._encode([texts[i] for i in val_idx], pool_y[val_idx]),
+            "test": self._encode(test[d.text_column].astype(str).tolist(),
+                                 test[d.label_column].map(index).to_numpy(np.int64)),
+        }
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], labels: np.ndarray) -> dict[str, Any]:
+        """Tokenise once without padding (truncated to ``data.max_length``)."""
+        enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.data.max_length) if texts else {"input_ids": []}
+        return {"input_ids": enc["input_ids"], "labels": np.asarray(labels, np.int64)}
+
+    def _collate(self, split: str, idx: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        """Pad the chosen examples to the longest one in the batch (dynamic padding) and move them to the device."""
+        data = self.splits[split]
+        feats = [{"input_ids": data["input_ids"][i]} for i in idx]
+        batch = self.tokenizer.pad(feats, padding=True, return_tensors="pt")
+        batch["labels"] = torch.as_tensor(data["labels"][np.asarray(idx, np.int64)])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def num_examples(self, split: str) -> int:
+        """Number of examples in ``split``."""
+        return len(self.splits[split]["labels"])
+
+    def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless full batches from per-epoch permutations of a generator seeded with the run seed."""
+        n, bs = self.num_examples("train"), self.cfg.train.batch_size
+        gen = torch.Generator().manual_seed(self.seed)
+        buffer: list[int] = []
+        while True:
+            while len(buffer) < bs:
+                buffer.extend(torch.randperm(n, generator=gen).tolist())
+            idx, buffer = buffer[:bs], buffer[bs:]
+            yield self._collate("train", idx)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the classifier (the model computes it from ``labels``)."""
+        return model(**batch).loss
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, model: torch.nn.Module, split: str) -> np.ndarray:
+        """Predicted class ids for ``split`` (eval mode, length-sorted batches, dynamic padding)."""
+        data = self.splits[split]
+        order = np.argsort([len(x) for x in data["input_ids"]], kind="stable")
+        preds = np.empty(len(order), np.int64)
+        bs = self.cfg.train.eval_batch_size
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                batch = self._collate(split, idx)
+                batch.pop("labels")
+                preds[idx] = model(**batch).logits.argmax(-1).cpu().numpy()
+        finally:
+            model.train(was_training)
+        return preds
+
+    def evaluate(self, model: torch.nn.Module, split: str = "test") -> dict[str, float]:
+        """``accuracy`` and ``macro_f1`` on ``split`` (``test``, ``train`` = the k-shot set, ``val``)."""
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {sorted(self.splits)}, got {split!r}")
+        if self.num_examples(split) == 0:
+            raise ValueError(f"split {split!r} is empty (data.val_size=0?)")
+        y = self.splits[split]["labels"]
+        return classification_metrics(y, self.predict(model, split), len(self.classes))
