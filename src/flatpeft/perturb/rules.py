@@ -162,6 +162,12 @@ class FilterNoise(Rule):
     def perturb(self, opt: "SharpnessAware") -> None:
         rho = opt.current_rho() * cosine_ramp(opt.step_count, opt.total_steps)
         layers = opt.lora
+        for f in layers:
+            if not f.base_weight.is_floating_point():
+                raise ValueError(
+                    f"flat-lora-random perturbs the frozen base weight of {f.name}, which is not a floating-point "
+                    f"tensor ({f.base_weight.dtype}, e.g. a 4-bit QLoRA weight); quantised bases are not supported"
+                )
         self._weights = [f.base_weight for f in layers]
         self._saved = clone_all(self._weights)
         gens: dict[torch.device, torch.Generator] = {}
