@@ -415,3 +415,49 @@ def test_minilm_finefoods_trainer_runs(tmp_path):
     # normalize_over="selected": the perturbation of the selected tensors has norm exactly rho
     assert all(h["flatpeft/perturbation_norm"] == pytest.approx(0.05, rel=1e-4) for h in logs)
     assert all(0 < h["loss"] < 2 for h in logs)
+
+
+def test_bf16_autocast_matches_plain_autocast_loop(tmp_path, dataset):
+    """bf16=True: each pass runs under the Trainer's autocast; equals a plain closure loop under torch.autocast."""
+    init = make_model().float()
+    ds32 = DictDataset(dataset.x.float(), dataset.y)
+    trainer = SharpnessAwareTrainer(model=copy.deepcopy(init), args=make_args(tmp_path, bf16=True), train_dataset=ds32,
+                                    flatpeft_method="sam", flatpeft_kwargs={"rho": 0.05})
+    trainer.train()
+    ref = copy.deepcopy(init)
+    opt = flatpeft.create_optimizer(ref, "sam", base_optimizer=torch.optim.AdamW, lr=0.05, weight_decay=0.0, rho=0.05)
+    for s in range(3):
+        b = batch_of(ds32, 4 * s, 4)
+
+        def closure(b=b):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = ref(**b)["loss"]
+            loss.float().backward()
+            return loss
+
+        opt.zero_grad(set_to_none=True)
+        opt.step(closure)
+    assert_same_weights(trainer.model, ref, atol=1e-6, rtol=1e-5)
+    fp32 = train_with_trainer(copy.deepcopy(init), ds32, tmp_path / "f", "sam", {"rho": 0.05})
+    st, sf = trainable_state(trainer.model), trainable_state(fp32.model)
+    assert max((st[n] - sf[n]).abs().max().item() for n in st) > 1e-6  # autocast really was on
+
+
+@pytest.mark.parametrize("sync_ascent_grad,expected", [(False, 3), (True, 2)])
+def test_pass1_runs_under_no_sync(tmp_path, dataset, sync_ascent_grad, expected):
+    """Per optimizer step with 2 micro-batches: pass 1 entirely under ``accelerator.no_sync`` (2 calls) unless
+    ``sync_ascent_grad``, where only its first micro-batch is (1); pass 2 syncs on its last micro-batch only (1)."""
+    trainer = SharpnessAwareTrainer(model=make_model(), args=make_args(tmp_path, per_device_train_batch_size=2,
+                                                                        gradient_accumulation_steps=2, max_steps=1),
+                                    train_dataset=dataset, flatpeft_method="sam", sync_ascent_grad=sync_ascent_grad)
+    original = trainer.accelerator.no_sync
+    calls = []
+
+    def recording_no_sync(model):
+        calls.append(model)
+        return original(model)
+
+    trainer.accelerator.no_sync = recording_no_sync
+    trainer.train()
+    # the Trainer itself wraps micro-batch 1 of the window in no_sync (1 call); ours come on top
+    assert len(calls) == 1 + expected
