@@ -8,7 +8,7 @@ Algorithms: :func:`top_eigenpairs` (scipy ``eigsh``), :func:`hutchinson` (trace 
 The ``analyze`` and ``preference`` CLI commands live in ``flatpeft.analysis.commands``.
 """
 
-from .eigen import top_eigenpairs
+from .eigen import top_eigenpairs, top_eigenpairs_lobpcg
 from .landscape import (
     filter_normalize,
     landscape_1d,
@@ -76,6 +76,7 @@ __all__ = [
     "tensor_scores",
     "tensor_totals",
     "top_eigenpairs",
+    "top_eigenpairs_lobpcg",
     "trainable_parameters",
     "use_eager_attention",
     "worst_case_sharpness",
