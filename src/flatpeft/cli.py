@@ -207,10 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal readable: transformers' load reports (e.g. the expected "classifier MISSING" of a
+    fresh head) and warnings go to errors only; library users calling the Python API keep their settings."""
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flatpeft`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     for problem in getattr(args, "_plugin_problems", []):
         print(f"flatpeft: warning: sub-commands of {problem} are unavailable", file=sys.stderr)
     try:

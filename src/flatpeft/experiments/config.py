@@ -123,7 +123,7 @@ class PeftSettings:
 
     type: str = field(default="lora", metadata=_help(
         "lora (peft LoraConfig), prefix (PrefixTuningConfig), prompt (PromptTuningConfig) or none (full fine-tuning)."))
-    r: int = field(default=8, metadata=_help("LoRA rank."))
+    r: int = field(default=8, metadata=_help("LoRA rank r of the update B A (A: r x in, B: out x r)."))
     alpha: float = field(default=16, metadata=_help("LoRA alpha (scale s = alpha / r)."))
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout probability."))
     target_modules: list[str] | str | None = field(default_factory=lambda: ["query", "value"], metadata=_help(
@@ -162,6 +162,10 @@ class TrainConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["test", "train"], metadata=_help(
         "Splits evaluated after training: test (reported as accuracy / macro_f1), train, val "
         "(reported as <split>_accuracy / <split>_macro_f1)."))
+    val_eval_steps: list[int] = field(default_factory=list, metadata=_help(
+        "Evaluate the validation split at these steps during training (val_accuracy / val_macro_f1 lines in "
+        "metrics.jsonl and TensorBoard): learning curves for choosing steps and lr without touching the test "
+        "split. Not counted in time_per_step."))
     device: str = field(default="auto", metadata=_help("torch device; auto picks cuda when available, else cpu."))
 
     def __post_init__(self) -> None:
@@ -175,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
         if self.base_optimizer not in ("adamw", "adam", "sgd"):
             raise ValueError(f"train.base_optimizer must be adamw, adam or sgd, got {self.base_optimizer!r}")
+        if any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= self.steps for s in self.val_eval_steps):
+            raise ValueError(f"train.val_eval_steps must be steps in 1..train.steps={self.steps}, got {self.val_eval_steps!r}")
         bad = [s for s in self.eval_splits if s not in ("test", "train", "val")]
         if bad:
             raise ValueError(f"train.eval_splits entries must be test, train or val, got {bad}")

@@ -108,6 +108,19 @@ def _log_record(step: int, window: int, sums: dict[str, torch.Tensor], opt, elap
     return rec
 
 
+def _validation_record(task: Task, step: int) -> dict[str, float]:
+    """Validation metrics at ``step`` (``val_`` prefix); the global random state is left untouched."""
+    from flatpeft.optim.rng import RNGState
+
+    state = RNGState.capture()
+    try:
+        metrics = task.evaluate(task.model, "val")
+    finally:
+        state.restore()
+        task.model.train()
+    return {"step": step, **{f"val_{k}": float(v) for k, v in metrics.items()}}
+
+
 def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress: bool) -> dict[str, float]:
     """Run ``cfg.train.steps`` optimizer steps; log every ``train.log_every`` steps; return timing and last loss.
 
@@ -127,6 +140,7 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
     last: dict[str, float] = {}
     bar = tqdm(range(1, steps + 1), desc=f"{cfg.method['name']} seed {cfg.train.seed}", unit="step",
                disable=not progress, leave=False)
+    val_steps = set(cfg.train.val_eval_steps)
     sync = torch.cuda.synchronize if task.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -160,6 +174,15 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
                         writer.add_scalar(f"train/{key}", value, step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 sums, window = {}, 0
+            if step in val_steps:
+                paused = time.perf_counter()
+                val = _validation_record(task, step)
+                log_file.write(json.dumps(val) + "\n")
+                log_file.flush()
+                for key, value in val.items():
+                    if key != "step":
+                        writer.add_scalar(f"val/{key}", value, step)
+                start += time.perf_counter() - paused  # evaluation is not training time
         sync()
         train_time = time.perf_counter() - start
     finally:
@@ -199,7 +222,7 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
     out = Path(cfg.output_dir if out_dir is None else out_dir)
     cfg = absolutize_paths(copy.deepcopy(cfg))
     cfg.train.seed, cfg.output_dir = seed, str(out.resolve())
-    check_method_name(cfg.method["name"])
+    cfg.method = method_kwargs_for(cfg.method["name"], cfg.method, warn=True)
     task_cls = get_task(cfg.task)
     _prepare_out_dir(out, overwrite)
     save_config(cfg, out / "config.yaml")
@@ -242,19 +265,27 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
     return evaluate_task(task, splits)
 
 
-def method_kwargs_for(method: str, shared: dict[str, Any]) -> dict[str, Any]:
-    """The ``method`` section for one method of a comparison.
+def method_kwargs_for(method: str, shared: dict[str, Any], warn: bool = False) -> dict[str, Any]:
+    """The ``method`` section actually used for ``method``.
 
     ``shared`` is the config's ``method`` section. Its keywords go to every method that accepts them;
-    a keyword specific to *other* methods (``fraction`` of flatpo when running ``sam``) is dropped, and
-    a keyword no method knows (a base-optimizer keyword such as ``weight_decay``) is kept.
+    a keyword specific to *other* registered methods (``fraction`` of flatpo when running ``sam``, e.g.
+    after ``--set method.name=sam`` or in ``compare``) is dropped (with a warning on stderr when ``warn``),
+    and a keyword no method knows is kept, so ``create_optimizer`` accepts it as a base-optimizer keyword
+    (``weight_decay``) or rejects it by name. The run's ``config.yaml`` records the section as used.
     """
+    import sys
+
     import flatpeft
 
     check_method_name(method)
     own = set(flatpeft.get_method(method).all_defaults())
     specific = set().union(*(flatpeft.get_method(m).all_defaults() for m in flatpeft.METHODS))
-    out = {k: v for k, v in shared.items() if k != "name" and (k in own or k not in specific)}
+    dropped = [k for k in shared if k != "name" and k not in own and k in specific]
+    if dropped and warn:
+        print(f"flatpeft: note: method {method!r} does not take {', '.join(dropped)} (keywords of other "
+              "methods); ignored", file=sys.stderr)
+    out = {k: v for k, v in shared.items() if k != "name" and k not in dropped}
     return {"name": method, **out}
 
 
