@@ -151,7 +151,8 @@ class TrainConfig:
     lr: float = field(default=5.0e-4, metadata=_help("Learning rate of the base optimizer (constant)."))
     batch_size: int = field(default=16, metadata=_help("Training batch size."))
     seed: int = field(default=0, metadata=_help(
-        "Run seed: initialisation, k-shot sample, batch order and dropout stream (compare uses 0..n-1)."))
+        "Run seed: initialisation, k-shot sample, batch order and dropout stream (compare --seeds N uses "
+        "train.seed .. train.seed+N-1)."))
     base_optimizer: str = field(default="adamw", metadata=_help(
         "Base optimizer wrapped by the method: adamw, adam or sgd (torch defaults otherwise)."))
     weight_decay: float | None = field(default=None, metadata=_help(
