@@ -461,3 +461,62 @@ def test_pass1_runs_under_no_sync(tmp_path, dataset, sync_ascent_grad, expected)
     trainer.train()
     # the Trainer itself wraps micro-batch 1 of the window in no_sync (1 call); ours come on top
     assert len(calls) == 1 + expected
+
+
+_DDP_SCRIPT = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import save_file
+from test_trainer_integration import DictDataset, make_args, make_model, trainable_state
+from flatpeft.integrations import SharpnessAwareTrainer
+g = torch.Generator().manual_seed(7)
+ds = DictDataset(torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
+trainer = SharpnessAwareTrainer(model=make_model(), args=make_args(sys.argv[2], per_device_train_batch_size=2, ddp_backend="gloo"),
+                                train_dataset=ds, flatpeft_method="sam", flatpeft_kwargs={"rho": 0.05},
+                                sync_ascent_grad=sys.argv[3] == "1")
+trainer.train()
+if trainer.is_world_process_zero():
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    torch.save({"gap": [h["flatpeft/loss_gap"] for h in logs], "pnorm": [h["flatpeft/perturbation_norm"] for h in logs]},
+               sys.argv[2] + "/logs.pt")
+    save_file({k: v.contiguous() for k, v in trainable_state(trainer.accelerator.unwrap_model(trainer.model)).items()}, sys.argv[2] + "/w.safetensors")
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks(tmp_path, dataset):
+    """torchrun, 2 CPU ranks (gloo), 2 samples each: with ``sync_ascent_grad=True`` (global perturbation) the weights
+    equal one process with batch 4; with the default per-replica perturbation they differ."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    single = train_with_trainer(make_model(), dataset, tmp_path / "single", "sam", {"rho": 0.05})
+    ref = trainable_state(single.model)
+    results = {}
+    for flag in ("1", "0"):
+        out = tmp_path / f"ddp{flag}"
+        out.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        torchrun = Path(sys.executable).with_name("torchrun")
+        with socket.socket() as sock:  # a free port (torchrun's --master_port=0 hangs here)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        proc = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", str(script),
+                               str(Path(__file__).parent), str(out), flag], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[flag] = load_file(str(out / "w.safetensors"))
+        logs = torch.load(out / "logs.pt", weights_only=True)
+        assert logs["pnorm"] == pytest.approx([0.05] * 3, rel=1e-6)
+        if flag == "1":  # rank-averaged gap of a global perturbation == the single-process full-batch gap
+            assert logs["gap"] == pytest.approx([h["flatpeft/loss_gap"] for h in single.state.log_history if "loss" in h], rel=1e-5)
+    for n in ref:
+        torch.testing.assert_close(results["1"][n], ref[n], atol=1e-12, rtol=1e-10)
+    assert max((results["0"][n] - ref[n]).abs().max().item() for n in ref) > 1e-8

@@ -38,8 +38,8 @@ Design decisions (where the spec leaves room):
   one pass would have left them, so a two-pass method consumes the random stream of plain training.
 * The returned training loss is the loss at the unperturbed weights (pass 1), as plain training would log;
   ``flatpeft/loss_gap`` = L(w + e) - L(w) and ``flatpeft/perturbation_norm`` are averaged over the optimizer
-  steps since the last log and added to the Trainer's training logs (so ``report_to`` picks them up); they are
-  read from the device only at logging steps.
+  steps since the last log (and over DDP ranks) and added to the Trainer's training logs (so ``report_to`` picks
+  them up); they are read from the device only at logging steps.
 * DeepSpeed and FSDP are refused with ``NotImplementedError`` (their ``backward`` steps the optimizer or shards
   the gradients; see ``shared/spec/integration.md`` 1.4 and pitfalls 8-9).
 
@@ -281,8 +281,13 @@ class SharpnessAwareTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add ``flatpeft/perturbation_norm`` and ``flatpeft/loss_gap`` (means since the last log) to training logs."""
-        if "loss" in logs and self._fp_count:
-            for key, total in self._fp_sums.items():
-                logs[f"flatpeft/{key}"] = round(float(total.item()) / self._fp_count, 8)
+        if "loss" in logs and self._fp_count and self._fp_sums:
+            keys = sorted(self._fp_sums)
+            means = torch.stack([self._fp_sums[k] for k in keys]) / self._fp_count
+            if self.accelerator.num_processes > 1:
+                # every rank logs at the same steps (the Trainer gathers its loss there too): average over ranks
+                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+            for key, value in zip(keys, means.tolist()):
+                logs[f"flatpeft/{key}"] = round(value, 8)
             self._fp_sums, self._fp_count = {}, 0
         super().log(logs, start_time)
