@@ -520,3 +520,21 @@ def test_ddp_two_ranks(tmp_path, dataset):
     for n in ref:
         torch.testing.assert_close(results["1"][n], ref[n], atol=1e-12, rtol=1e-10)
     assert max((results["0"][n] - ref[n]).abs().max().item() for n in ref) > 1e-8
+
+
+@pytest.mark.parametrize("method", ["sam", "eflat-lora"])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, dataset, method):
+    """Trainer checkpoint (adapter + optimizer state incl. flatpeft buffers such as the EFlat EMA) resumes exactly."""
+    init = make_model()
+    kw = {"rho": 0.05}
+    full = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "full", method, kw, per_device_train_batch_size=2, max_steps=4)
+    first = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "ckpt", method, kw, per_device_train_batch_size=2,
+                               max_steps=4, save_strategy="steps", save_steps=2)
+    assert_same_weights(first.model, full.model)
+    resumed = SharpnessAwareTrainer(model=copy.deepcopy(init), args=make_args(tmp_path / "ckpt", per_device_train_batch_size=2,
+                                                                               max_steps=4),
+                                    train_dataset=dataset, flatpeft_method=method, flatpeft_kwargs=kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ckpt" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert resumed.flatpeft_optimizer.step_count == 4
+    assert_same_weights(resumed.model, full.model)
