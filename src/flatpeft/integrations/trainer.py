@@ -63,7 +63,6 @@ from flatpeft.optim.rng import RNGState
 
 __all__ = ["SharpnessAwareTrainer", "base_optimizer_from_args"]
 
-_BASE_NAMES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def base_optimizer_from_args(args, model=None) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
