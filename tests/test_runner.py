@@ -368,3 +368,40 @@ def test_extra_eval_metrics_reach_eval_json_and_tables(tiny, tmp_path):
     res = compare(tiny, ["base"], 1, out_dir=out, extra_eval=lambda task: {"sharpness": 1.5}, progress=False)
     assert json.loads((out / "base" / "seed0" / "eval.json").read_text())["sharpness"] == 1.5
     assert res.summary.loc[0, "sharpness_mean"] == 1.5
+
+
+def test_decoder_model_without_pad_token_lora_and_prompt(tmp_path):
+    """A Llama-style decoder (built from a config) whose tokenizer has no pad token: EOS pads, and the
+    sequence-classification head reads the last real token (config.pad_token_id set)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    F.make_tiny_bert(tmp_path / "bert")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "bert"))
+    tok.eos_token = "[SEP]"
+    tok.pad_token = None
+    tok.save_pretrained(str(tmp_path / "llama"))
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+               ).save_pretrained(str(tmp_path / "llama"))
+    for ptype in ("lora", "prompt"):
+        cfg = F.tiny_config(tmp_path / ptype, model=str(tmp_path / "llama"),
+                            peft={"type": ptype, "target_modules": ["q_proj", "v_proj"]})
+        task = get_task("text_classification")(cfg, 0)
+        assert task.tokenizer.pad_token == "[SEP]" and task.model.config.pad_token_id == task.tokenizer.pad_token_id
+        batch = next(task.train_batches())
+        # padding must not change a sequence's logits: compare a padded batch against one-by-one forwards
+        task.model.eval()
+        with torch.no_grad():
+            logits = task.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for i in range(3):
+                n = int(batch["attention_mask"][i].sum())
+                single = task.model(input_ids=batch["input_ids"][i:i + 1, :n]).logits
+                shorter = task.model(input_ids=batch["input_ids"][i:i + 1, :n - 2]).logits
+                torch.testing.assert_close(logits[i:i + 1], single, rtol=0, atol=1e-3)  # SDPA masked vs not
+                assert (shorter - single).abs().max() > 1e-2  # the tolerance does tell positions apart
+        task.model.train()
+        loss = task.loss(task.model, batch)
+        loss.backward()
+        assert math.isfinite(loss.item())
+        assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)

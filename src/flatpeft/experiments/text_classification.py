@@ -147,8 +147,11 @@ def _peft_wrap(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module
 def _check_prefix_support(wrapped: torch.nn.Module, model_name: str) -> None:
     """Fail at build time (not at the first forward) when the backbone takes no ``past_key_values``.
 
-    peft's prefix tuning feeds the prefix as past key/values; in transformers 5 encoder models such as
-    BERT no longer accept them, so peft raises only inside ``forward``.
+    peft's sequence-classification prefix tuning feeds the prefix as ``past_key_values`` and checks the
+    forward signature for that name (peft 0.21 ``PeftModelForSequenceClassification._prefix_tuning_forward``).
+    Encoders such as BERT never took it, and transformers 5 decoders take ``cache`` instead, so with
+    transformers 5 / peft 0.21 the check fails for every model and peft would raise only inside ``forward``.
+    Same test as peft's, so this starts working when peft does.
     """
     import inspect
 
@@ -156,7 +159,8 @@ def _check_prefix_support(wrapped: torch.nn.Module, model_name: str) -> None:
     names = [base] + [base.get_submodule(n) for n in [getattr(wrapped, "transformer_backbone_name", None)] if n]
     if not any("past_key_values" in inspect.signature(m.forward).parameters for m in names):
         raise ValueError(f"peft.type=prefix: {model_name!r} ({type(base).__name__}) does not accept past_key_values, "
-                         "which prefix tuning needs; use peft.type=prompt or lora for this model")
+                         "which peft's prefix tuning for sequence classification needs (transformers 5 models take `cache` "
+                         "instead); use peft.type=prompt or lora")
 
 
 @register_task("text_classification")
