@@ -194,3 +194,92 @@ def test_train_run_save_and_reload(tiny_llava, vqa_dir, tmp_path):
     b = [p for n, p in task.model.named_parameters() if "lora_B" in n]
     assert b and all(float(p.detach().abs().sum()) > 0 for p in b)
     assert task.evaluate(task.model)["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+# ---- Qwen2-VL ------------------------------------------------------------------------------------------
+def build_tiny_qwen2vl():
+    """A tiny Qwen2VLForConditionalGeneration and an image-only Qwen2-VL processor (transformers 5 builds the
+    Qwen2-VL video processor only with torchvision, which this environment lacks; images need none of it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = tokenizer.image_token, "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|vision_start|>", "<|image_pad|>",
+                "<|vision_end|>", "<|video_pad|>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS + ["?", ":"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+                                  extra_special_tokens={"image_token": "<|image_pad|>"})
+    template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> {% else %}{{ c['text'] }} "
+                "{% endif %}{% endfor %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    ip = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=16 * 16, patch_size=4, merge_size=2, temporal_patch_size=2)
+    proc = ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=template)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(cfg), proc
+
+
+@pytest.mark.parametrize("method", ["flatpo", "eflat-lora"])
+def test_tiny_qwen2vl_path(vqa_dir, tmp_path, method):
+    """The hf_vlm building blocks on Qwen2-VL: dynamic-resolution images (different token counts, padded),
+    LM-only LoRA, a few engine steps, and left-padded batch generation equal to one-by-one generation."""
+    import flatpeft
+    from peft import LoraConfig, get_peft_model
+
+    from flatpeft.multimodal.hf_vlm import VQAExample
+
+    model, proc = build_tiny_qwen2vl()
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(big)  # 16 px: 4 merged image tokens (8 px: 1)
+    small = read_vqa_jsonl(vqa_dir / "train.jsonl")
+    examples = [small[0], VQAExample(big, "what colour is in the image ?", "blue", "test:1"), small[2]]
+    items = [encode_vqa(proc, ex, with_answer=True) for ex in examples]
+    assert len({it["input_ids"].shape[1] for it in items}) == 2
+    batch = collate_vqa(items, proc.tokenizer.pad_token_id, pad_left=False)
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["mm_token_type_ids"].shape == batch["input_ids"].shape
+    assert ((batch["labels"] != -100).sum(1) == 2).all()  # answer word + <|im_end|>
+
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=lm_lora_target_regex(model, "all-linear"))
+    model = get_peft_model(model, lcfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("language_model" in n for n in lora)
+    opt = flatpeft.create_optimizer(model, method, lr=1e-2, rho=0.05)
+    model.train()
+    for _ in range(3):
+        def closure():
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(opt.step(closure))
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(params[n].detach(), v) for n, v in lora.items() if "lora_B" in n)
+    assert all(torch.equal(params[n].detach(), v) for n, v in frozen.items())
+
+    model.eval()
+    prompts = [encode_vqa(proc, ex, with_answer=False) for ex in examples]
+    left = collate_vqa(prompts, proc.tokenizer.pad_token_id, pad_left=True)
+    with torch.no_grad():
+        together = model.generate(**left, max_new_tokens=3, do_sample=False)[:, left["input_ids"].shape[1]:]
+        for i, p in enumerate(prompts):
+            alone = model.generate(**p, max_new_tokens=3, do_sample=False)[:, p["input_ids"].shape[1]:]
+            assert together[i].tolist() == alone[0].tolist()
