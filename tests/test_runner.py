@@ -405,3 +405,11 @@ def test_decoder_model_without_pad_token_lora_and_prompt(tmp_path):
         loss.backward()
         assert math.isfinite(loss.item())
         assert all(p.grad is not None for p in task.model.parameters() if p.requires_grad)
+
+
+def test_failed_build_leaves_no_run_behind(tiny, tmp_path):
+    cfg = copy.deepcopy(tiny)
+    cfg.data.label_column = "stars"
+    with pytest.raises(ValueError, match="stars"):
+        train_run(cfg, out_dir=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "config.yaml").exists()

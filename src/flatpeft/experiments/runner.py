@@ -50,12 +50,18 @@ def is_finished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "eval.json").is_file()
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``; refuse one that holds run files unless ``overwrite`` (then remove only those)."""
+def _refuse_existing(out_dir: Path, overwrite: bool) -> list[str]:
+    """Raise :class:`RunExistsError` when ``out_dir`` holds run files and not ``overwrite``; return them."""
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise RunExistsError(f"output directory {str(out_dir)!r} already holds a run ({', '.join(existing)}); "
                              "pass --overwrite (overwrite=True) to replace it, or choose another --output-dir")
+    return existing
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse one that holds run files unless ``overwrite`` (then remove only those)."""
+    existing = _refuse_existing(out_dir, overwrite)
     import shutil
 
     for name in existing:
@@ -224,12 +230,13 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
     cfg.train.seed, cfg.output_dir = seed, str(out.resolve())
     cfg.method = method_kwargs_for(cfg.method["name"], cfg.method, warn=True)
     task_cls = get_task(cfg.task)
-    _prepare_out_dir(out, overwrite)
-    save_config(cfg, out / "config.yaml")
+    _refuse_existing(out, overwrite)  # before the (slow) build; files are touched only once it succeeded
 
     _set_seed(seed)
     task = task_cls(cfg, seed)
     opt = build_optimizer(task, cfg, seed)
+    _prepare_out_dir(out, overwrite)
+    save_config(cfg, out / "config.yaml")
     _set_seed(seed)  # every method of one seed starts the training loop from the same random state
     timing = _train_loop(task, opt, cfg, out, progress)
 
