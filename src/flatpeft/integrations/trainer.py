@@ -30,7 +30,7 @@ Design decisions (where the spec leaves room):
 
 * Pass 1 runs under ``accelerator.no_sync(model)`` (per-replica ascent direction, Foret et al.'s m-sharpness)
   unless ``sync_ascent_grad=True``; the pass-2 gradient is all-reduced once, on its last micro-batch.
-* fp16: pass-1 gradients are scaled by the GradScaler; they are divided by ``scaler.get_scale()`` (not
+* fp16: pass-1 gradients are scaled by the GradScaler; they are divided by the scaler's scale tensor (no host sync; not
   ``unscale_``, which may run only once per ``update()`` and is left to the Trainer's clipping) before
   ``first_step``; the engine skips a non-finite perturbation. If the scaler then skips the step (inf in pass 2),
   a callback restores the weights right after ``optimizer.step()``, before any evaluation or checkpoint.
@@ -262,8 +262,20 @@ class SharpnessAwareTrainer(Trainer):
         if scaler is None or not scaler.is_enabled():
             return
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
+        if not grads:
+            return
+        # The scale as a device tensor (no host sync); ``get_scale()`` would call ``.item()`` every step.
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+        if scale is None:
             torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+            return
+        inv = scale.double().reciprocal()
+        for dtype_group in {g.dtype for g in grads}:
+            same = [g for g in grads if g.dtype == dtype_group]
+            if dtype_group in (torch.float32, torch.float64):
+                torch._foreach_mul_(same, inv.to(device=same[0].device, dtype=dtype_group))
+            else:  # half-precision gradients (GradScaler itself refuses them): 1/scale may underflow there
+                torch._foreach_mul_(same, 1.0 / scaler.get_scale())
 
     # ------------------------------------------------------------------ logging
     def _accumulate_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
