@@ -66,6 +66,14 @@ def chat_parts(tokenizer, question: str, answer: str | None = None) -> PromptPar
     return PromptParts(ids(pre), ids(post), ids(answer_text) if answer is not None else ())
 
 
+def _cut(row: list[int], stop: list[int]) -> list[int]:
+    """``row`` up to (excluding) its first stop id."""
+    for j, t in enumerate(row):
+        if t in stop:
+            return row[:j]
+    return row
+
+
 class SmallVLM(nn.Module):
     """Frozen image encoder + trainable projector + (peft-wrapped) causal LM."""
 
@@ -147,25 +155,61 @@ class SmallVLM(nn.Module):
         """LM output (with ``.loss``: mean cross-entropy over answer tokens) for a batch of examples."""
         return self.language_model(**self.build_inputs(image_features, parts, with_answer=True, pad_left=False))
 
+    def _stop_ids(self) -> list[int]:
+        tok = self.tokenizer
+        return [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+                if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
+
+    def _is_prompt_learning(self) -> bool:
+        cfg = getattr(self.language_model, "peft_config", None)
+        active = getattr(self.language_model, "active_adapter", None)
+        return bool(cfg) and active in cfg and getattr(cfg[active], "is_prompt_learning", False)
+
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor, parts: Sequence[PromptParts], max_new_tokens: int = 6) -> list[list[int]]:
-        """Greedy continuation ids of each prompt (left padding; stops at eos / end of turn)."""
+        """Greedy continuation ids of each prompt, cut at the first eos / end-of-turn token.
+
+        Plain and LoRA LMs: ``generate`` on left-padded ``inputs_embeds`` (KV cache). Prefix / prompt tuning:
+        peft's generation does not take ``inputs_embeds``, so a cache-free greedy loop over right-padded rows
+        (each row read at its own last position; positions never shifted by padding).
+        """
+        eos = self._stop_ids()
+        if self._is_prompt_learning():
+            return self._greedy_uncached(image_features, parts, max_new_tokens, eos)
         inputs = self.build_inputs(image_features, parts, with_answer=False, pad_left=True)
-        tok = self.tokenizer
-        eos = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-               if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         out = self.language_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                            eos_token_id=eos or None, pad_token_id=pad)
-        result = []
-        for row in out.tolist():
-            ids = []
-            for t in row:
-                if t in eos:
-                    break
-                ids.append(t)
-            result.append(ids)
-        return result
+        return [_cut(row, eos) for row in out.tolist()]
+
+    def _greedy_uncached(self, image_features, parts, max_new_tokens: int, eos: list[int]) -> list[list[int]]:
+        """Greedy decoding by full re-forwarding (no cache), right padding."""
+        inputs = self.build_inputs(image_features, parts, with_answer=False, pad_left=False)
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        rows = [inputs["inputs_embeds"][i, :n] for i, n in enumerate(lengths)]
+        out: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        for _ in range(max_new_tokens):
+            length = max(r.shape[0] for r in rows)
+            embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+            mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+            for i, r in enumerate(rows):
+                embeds[i, : r.shape[0]] = r
+                mask[i, : r.shape[0]] = 1
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+            offset = logits.shape[1] - length  # prompt tuning prepends its virtual tokens
+            for i, r in enumerate(rows):
+                if done[i]:
+                    continue
+                nxt = int(logits[i, offset + r.shape[0] - 1].argmax())
+                if nxt in eos:
+                    done[i] = True
+                    continue
+                out[i].append(nxt)
+                rows[i] = torch.cat([r, self._embed([nxt])])
+            if all(done):
+                break
+        return out
 
     def answer(self, image_features: torch.Tensor, parts: Sequence[PromptParts], max_new_tokens: int = 6) -> list[str]:
         """Decoded greedy answers (special tokens skipped)."""
