@@ -503,3 +503,17 @@ def test_grad_scaler_recipe_keeps_weights_clean_when_the_step_is_skipped():
     scaler.step(opt)
     scaler.update()
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_custom_param_groups_for_weight_decay():
+    model = make_lora_mlp()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "lora_A" in n], "weight_decay": 0.1},
+              {"params": [p for n, p in named if "lora_B" in n], "weight_decay": 0.0}]
+    opt = flatpeft.create_optimizer(model, "sam", params=groups, lr=0.01)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.names[0].endswith("lora_A.default.weight")
+    x, y = batches(1)[0]
+    opt.step(make_closure(model, x, y))
+    with pytest.raises(ValueError, match="not a trainable parameter"):
+        flatpeft.create_optimizer(model, "sam", params=[torch.nn.Parameter(torch.zeros(2))])

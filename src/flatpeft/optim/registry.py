@@ -119,10 +119,25 @@ def validate_common(kw: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid total_steps: {total!r} (must be a positive integer or None)")
 
 
+def _check_groups(params: Any, named: list) -> list:
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    known = {id(p) for _, p in named}
+    for i, g in enumerate(groups):
+        g["params"] = list(g["params"])
+        for p in g["params"]:
+            if id(p) not in known:
+                raise ValueError(f"params: group {i} holds a tensor that is not a trainable parameter of the model")
+    return groups
+
+
 def create_optimizer(
     model: nn.Module,
     method: str,
     base_optimizer: Any = "adamw",
+    *,
+    params: Any = None,
     **kwargs: Any,
 ) -> SharpnessAware:
     """Build the flatpeft optimizer of ``method`` over ``model``'s trainable tensors.
@@ -131,6 +146,9 @@ def create_optimizer(
         model: any ``nn.Module``; the trainable set is the parameters with ``requires_grad`` (never changed).
         method: a name of :data:`flatpeft.METHODS`.
         base_optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or a ``torch.optim.Optimizer`` class.
+        params: optional parameter groups (or tensors) for the base optimizer, e.g. to exempt biases and norms
+            from weight decay; every tensor must be a trainable parameter of ``model``. Default: all trainable
+            parameters in one group.
         **kwargs: method keywords (see each method's docstring: ``rho``, ``fraction``, ``beta``, ...) and base
             optimizer keywords (``lr``, ``weight_decay``, ``momentum``, ...). A keyword that neither accepts
             raises ``ValueError`` naming it.
@@ -165,11 +183,13 @@ def create_optimizer(
         lora, _ = find_lora_layers(model)
     rule_kw = {k: v for k, v in cfg.items() if k not in COMMON_KEYWORDS}
     rules = info.build(**rule_kw)
-    base = base_cls([p for _, p in named], **kwargs)
+    groups = [p for _, p in named] if params is None else _check_groups(params, named)
+    base = base_cls(groups, **kwargs)
+    name_of = {id(p): n for n, p in named}
     return SharpnessAware(
         base,
         rules,
-        names=[n for n, _ in named],
+        names=[name_of[id(p)] for g in base.param_groups for p in g["params"]],
         lora=lora,
         rho=cfg["rho"],
         rho_schedule=cfg["rho_schedule"],
