@@ -98,6 +98,7 @@ class SharpnessReport(AnalysisResult):
     timings_s: dict[str, float]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     figures: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"json": False})
+    elements: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, metadata={"json": False})
 
 
 def analyze_model(
@@ -183,6 +184,13 @@ def analyze_model(
         settings=dataclasses.asdict(s),
         timings_s=timings,
         figures={"landscape_1d": l1, "landscape_2d": l2, "concentration": curves},
+        elements={
+            "names": np.array(op.names),
+            "numels": np.array(op.numels, dtype=np.int64),
+            "gradient": grad_flat,
+            "hess_diag": diag.diagonal,
+            "hess_diag_std_error": diag.std_error,
+        },
     )
 
 
@@ -209,10 +217,15 @@ def _tensor_sums(flat: np.ndarray, numels: Sequence[int]) -> np.ndarray:
 
 
 def write_report(report: SharpnessReport, out_dir: str | Path, *, title: str = "") -> dict[str, Path]:
-    """Write ``sharpness.json`` and the plots ``landscape_1d.png``, ``landscape_2d.png``, ``concentration.png``."""
+    """Write ``sharpness.json``, the per-element scores ``sharpness_elements.npz`` (tensor ``names``, ``numels``,
+    flat ``gradient``, ``hess_diag``, ``hess_diag_std_error``; read with ``np.load(path, allow_pickle=False)``)
+    and the plots ``landscape_1d.png``, ``landscape_2d.png``, ``concentration.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"sharpness": report.save(out_dir / "sharpness.json")}
+    if report.elements:
+        np.savez(out_dir / "sharpness_elements.npz", **report.elements)
+        paths["elements"] = out_dir / "sharpness_elements.npz"
     figs = report.figures
     if "landscape_1d" in figs:
         paths["landscape_1d"] = plot_landscape_1d(figs["landscape_1d"], out_dir / "landscape_1d.png", title=title)
