@@ -224,7 +224,8 @@ class VLMInstructArgs:
     unseen_question_eval: bool = field(default=True, metadata={"help": "Also report unseen_question_accuracy."})
     ppl_chunks: int = field(default=16, metadata={"help": "Held-out Jane Austen chunks for ppl_before / ppl_after."})
     ppl_length: int = field(default=64, metadata={"help": "Tokens per held-out chunk."})
-    max_new_tokens: int = field(default=6, metadata={"help": "Greedy tokens generated per answer."})
+    max_new_tokens: int = field(default=10, metadata={"help": (
+        "Greedy tokens generated per answer (a seen-class caption such as \"a photo of a t-shirt.\" needs 8).")})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
 
     def __post_init__(self) -> None:
