@@ -314,8 +314,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
             unfinished ones. Without either, an output directory that already holds runs is refused.
 
     Returns the :class:`~flatpeft.experiments.results.CompareResult` (also written as ``results.md``,
-    ``results.csv`` and ``results.png``). A ``KeyboardInterrupt`` writes the tables of the finished runs
-    and is re-raised.
+    ``results.csv`` and ``results.png``, rewritten after every finished run, so they always show the finished
+    runs even if the comparison is killed). A ``KeyboardInterrupt`` writes the tables and is re-raised.
     """
     from tqdm.auto import tqdm
 
@@ -336,6 +336,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
                              f"{', ...' if len(existing) > 4 else ''}); pass --overwrite to replace them or "
                              "--resume to keep finished runs and redo the rest")
     out.mkdir(parents=True, exist_ok=True)
+    save_config(absolutize_paths(cfg), out / "compare_config.yaml")  # the shared config, for the record
+    (out / "compare_plan.json").write_text(json.dumps({"methods": methods, "seeds": seed_list}) + "\n")
     jobs = [(s, m) for s in seed_list for m in methods]
     outer = tqdm(jobs, desc="compare", unit="run", disable=not progress)
     try:
@@ -348,6 +350,7 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
             run_cfg.method = per_method[method]
             train_run(run_cfg, seed=seed, out_dir=run, overwrite=True if resume else overwrite,
                       extra_eval=extra_eval, progress=progress)
+            tables.collect_and_write(out, methods=methods)  # tables always reflect the finished runs
     except KeyboardInterrupt:
         outer.close()
         tables.collect_and_write(out, methods=methods)

@@ -165,7 +165,7 @@ def _check_prefix_support(wrapped: torch.nn.Module, model_name: str) -> None:
 
 @register_task("text_classification")
 class TextClassificationTask(Task):
-    """Few-shot text classification (see module docstring)."""
+    """Few-shot text classification: any HF model, CSV/JSONL/Parquet data, LoRA / prompt / full fine-tuning."""
 
     args_cls = TextClassificationArgs
 
