@@ -163,3 +163,37 @@ def csv_rows(path):
 
     with open(path, newline="") as fh:
         yield from csv.DictReader(fh)
+
+
+def test_preference_resume_reuses_finished_runs_and_checks_settings(tmp_path):
+    from flatpeft.experiments import save_config
+    from flatpeft.experiments.fixtures import tiny_config
+
+    cfg = tiny_config(tmp_path / "cfg")
+    calls = []
+
+    def fake_train_run(run_cfg, *, seed, out_dir, overwrite, extra_eval):
+        calls.append((out_dir.parent.name, seed))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_cfg.train.seed = seed
+        save_config(run_cfg, out_dir / "config.yaml")
+        metrics = {"accuracy": 0.5 + 0.1 * seed, "train_accuracy": 0.9, "top_eigenvalue": 1.0}
+        (out_dir / "eval.json").write_text(json.dumps(metrics))
+        return metrics
+
+    out = tmp_path / "pref"
+    run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, train_run=fake_train_run, progress=False)
+    assert len(calls) == 3
+    calls.clear()
+    res = run_preference(cfg, fractions=(0.5,), seeds=2, out_dir=out, train_run=fake_train_run, progress=False,
+                         resume=True)
+    assert sorted(calls) == [("base", 1), ("flatpo-random-0.5", 1), ("flatpo-top-0.5", 1)]
+    assert [r["seed"] for r in res.runs] == [0, 0, 0, 1, 1, 1]
+    assert {r["arm"]: r["accuracy_mean"] for r in res.summary}["base"] == pytest.approx(55.0)
+    cfg.train.steps = 99
+    with pytest.raises(ValueError, match="train"):
+        run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, train_run=fake_train_run, progress=False,
+                       resume=True)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, overwrite=True, resume=True,
+                       train_run=fake_train_run, progress=False)

@@ -83,6 +83,7 @@ def cmd_preference(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         out_dir=out,
         overwrite=args.overwrite,
+        resume=args.resume,
         eig_batches=args.eig_batches,
         eig_maxiter=args.eig_maxiter,
         progress=not getattr(args, "quiet", False),
@@ -137,6 +138,8 @@ def register_cli(subparsers: Any) -> None:
                    help="config override, e.g. --set train.steps=30 (repeatable)")
     q.add_argument("--output-dir", default=None, help="output directory (default <output_dir>/preference)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--resume", action="store_true",
+                   help="reuse finished runs in the output directory (same settings) and train only the missing ones")
     q.add_argument("--eig-batches", type=int, default=1,
                    help="training batches for the final top-eigenvalue measurement (default 1)")
     q.add_argument("--eig-maxiter", type=int, default=10,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "top_eigenvalue_hook",
     "summarize_preference",
     "run_preference",
+    "check_resumable",
     "write_preference_outputs",
     "plot_preference",
 ]
@@ -123,6 +125,28 @@ def top_eigenvalue_hook(
         }
 
     return hook
+
+
+def check_resumable(run_dir: Path, run_cfg: Any) -> None:
+    """Raise ``ValueError`` unless the finished run in ``run_dir`` was trained with ``run_cfg``'s method (name,
+    fraction, selection, rho), model, peft, data sampling and training settings (the seed excepted)."""
+    from flatpeft.experiments import load_config
+
+    saved = load_config(run_dir / "config.yaml")
+    checks = {
+        "model": (saved.model, run_cfg.model),
+        "peft": (dataclasses.asdict(saved.peft), dataclasses.asdict(run_cfg.peft)),
+        "train": ({k: v for k, v in dataclasses.asdict(saved.train).items() if k != "seed"},
+                  {k: v for k, v in dataclasses.asdict(run_cfg.train).items() if k != "seed"}),
+        "data": ({k: getattr(saved.data, k) for k in ("shots", "val_size", "val_seed", "max_length")},
+                 {k: getattr(run_cfg.data, k) for k in ("shots", "val_size", "val_seed", "max_length")}),
+    }
+    for key in ("name", "fraction", "selection", "rho"):
+        checks[f"method.{key}"] = (saved.method.get(key), run_cfg.method.get(key))
+    for name, (old, new) in checks.items():
+        if old != new:
+            raise ValueError(f"--resume: run {str(run_dir)!r} was trained with {name}={old!r}, the experiment "
+                             f"asks for {new!r}; use a new --output-dir or --overwrite")
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -299,12 +323,15 @@ def run_preference(
     eig_maxiter: int = 10,
     train_run: Callable[..., dict] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> PreferenceResult:
     """Train every arm of :func:`preference_arms` for seeds ``0..seeds-1`` with ``train_run`` and summarise.
 
     ``cfg`` is an ``ExperimentConfig``; each arm gets a deep copy with ``method`` replaced and
     ``train.eval_splits`` including ``train`` (for the gap).  Runs go to ``out_dir/<arm>/seed<s>``.
-    Raises ``ValueError`` if ``out_dir`` exists and is not empty, unless ``overwrite``.
+    Raises ``ValueError`` if ``out_dir`` exists and is not empty, unless ``overwrite`` or ``resume``.
+    With ``resume`` a finished run (``eval.json`` present) whose saved config matches the arm (see
+    :func:`check_resumable`) is read instead of retrained, so seeds can be added to an earlier experiment.
     """
     from tqdm.auto import tqdm
 
@@ -316,8 +343,11 @@ def run_preference(
         raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
     fractions = parse_fractions(fractions)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume are mutually exclusive")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise ValueError(f"output directory {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it "
+                         "(or --resume to reuse its finished runs)")
     out_dir.mkdir(parents=True, exist_ok=True)
     arms = preference_arms(dict(cfg.method), fractions)
     hook = top_eigenvalue_hook(eig_batches, maxiter=eig_maxiter)
@@ -332,7 +362,11 @@ def run_preference(
         run_dir = out_dir / arm.label / f"seed{seed}"
         run_cfg.output_dir = str(run_dir)
         t = time.perf_counter()
-        metrics = train_run(run_cfg, seed=seed, out_dir=run_dir, overwrite=overwrite, extra_eval=hook)
+        if resume and (run_dir / "eval.json").is_file():
+            check_resumable(run_dir, run_cfg)
+            metrics = json.loads((run_dir / "eval.json").read_text())
+        else:  # in resume mode an unfinished run directory is an interrupted run: replace it
+            metrics = train_run(run_cfg, seed=seed, out_dir=run_dir, overwrite=overwrite or resume, extra_eval=hook)
         record = {
             "label": arm.label,
             "method": arm.method["name"],
