@@ -413,3 +413,39 @@ def test_failed_build_leaves_no_run_behind(tiny, tmp_path):
     with pytest.raises(ValueError, match="stars"):
         train_run(cfg, out_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_task_default_save_and_load_for_a_plain_module(tmp_path):
+    """Task.save / load_weights for a model without save_pretrained: trainable tensors in safetensors."""
+    from flatpeft.experiments.config import ExperimentConfig
+    from flatpeft.experiments.tasks import Task
+
+    class Plain(Task):
+        def __init__(self, cfg, seed):
+            super().__init__(cfg, seed)
+            torch.manual_seed(seed)
+            self.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+            self.model[0].requires_grad_(False)
+
+        def train_batches(self):
+            while True:
+                yield torch.ones(2, 3)
+
+        def loss(self, model, batch):
+            return model(batch).sum()
+
+        def evaluate(self, model, split="test"):
+            return {"accuracy": float(model(torch.ones(1, 3)).sum().detach())}
+
+    cfg = ExperimentConfig()
+    cfg.train.device = "cpu"
+    a = Plain(cfg, 0)
+    with torch.no_grad():
+        a.model[1].weight.add_(1.0)
+    a.save(tmp_path)
+    assert (tmp_path / "adapter" / "trainable.safetensors").is_file()
+    b = Plain.load(tmp_path, cfg)
+    assert torch.equal(b.model[1].weight, a.model[1].weight) and b.evaluate(b.model) == a.evaluate(a.model)
+    assert len(a.analysis_batches(3)) == 3
+    with pytest.raises(ValueError, match="no saved weights"):
+        Plain.load(tmp_path / "empty", cfg)
