@@ -143,7 +143,7 @@ def test_preference_cli_end_to_end_on_tiny_fixture(tiny_run, tmp_path, capsys):
     cfg_path = save_config(cfg, tmp_path / "tiny.yaml")
     out = tmp_path / "pref"
     rc = main(["--quiet", "preference", str(cfg_path), "--fractions", "0.5", "--seeds", "1", "--set", "train.steps=2",
-               "--output-dir", str(out), "--eig-maxiter", "3"])
+               "--output-dir", str(out), "--eig-ncv", "6"])
     assert rc == 0
     runs = list(csv_rows(out / "preference_runs.csv"))
     assert [r["label"] for r in runs] == ["base", "flatpo-top-0.5", "flatpo-random-0.5"]

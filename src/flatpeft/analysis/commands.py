@@ -85,7 +85,7 @@ def cmd_preference(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         eig_batches=args.eig_batches,
-        eig_maxiter=args.eig_maxiter,
+        eig_ncv=args.eig_ncv,
         progress=not getattr(args, "quiet", False),
     )
     print((Path(out) / "preference.md").read_text())
@@ -142,6 +142,6 @@ def register_cli(subparsers: Any) -> None:
                    help="reuse finished runs in the output directory (same settings) and train only the missing ones")
     q.add_argument("--eig-batches", type=int, default=1,
                    help="training batches for the final top-eigenvalue measurement (default 1)")
-    q.add_argument("--eig-maxiter", type=int, default=10,
-                   help="LOBPCG iterations (about one Hessian-vector product each) for that eigenvalue (default 10)")
+    q.add_argument("--eig-ncv", type=int, default=12,
+                   help="Lanczos basis size of eigsh for that eigenvalue (about this many HVPs per restart; default 12)")
     q.set_defaults(func=cmd_preference)

@@ -12,6 +12,9 @@ eigenvalue is needed on a fixed budget, :func:`top_eigenpairs_lobpcg` runs scipy
 (``scipy.sparse.linalg.lobpcg``, Knyazev 2001) for at most ``maxiter`` iterations (about one HVP per iteration
 and block column) and returns its current Ritz pair, flagged ``converged=False`` if the tolerance was not
 met.  A Ritz value is a Rayleigh quotient, so it never exceeds the true ``lambda_max``.
+Caveat (measured on MiniLM): when LOBPCG stops unconverged, scipy returns the iterate with the smallest
+residual, which on a nearly low-rank Hessian can be the random start vector (Ritz value ~ 0).  Check
+``residuals`` against the value, or prefer ``top_eigenpairs`` (eigsh) with a small ``ncv``.
 """
 
 from __future__ import annotations
