@@ -162,6 +162,10 @@ def _apt_download_extract(package: str, dest: Path) -> Path:
             )
     with tempfile.TemporaryDirectory(prefix="flatpeft-apt-") as tmp:
         proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        if proc.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # A fresh machine may have no package lists yet: refresh them once (root only) and retry.
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
         if proc.returncode != 0 or not debs:
             msg = (proc.stderr or proc.stdout).strip().splitlines()

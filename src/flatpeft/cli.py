@@ -87,7 +87,14 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from flatpeft import assets
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    paths = assets.prepare(names, force=args.force)
+    multimodal = names is not None and "multimodal" in names
+    if names is not None:
+        names = [n for n in names if n != "multimodal"]
+    paths = assets.prepare(names, force=args.force) if names is None or names else {}
+    if multimodal:  # the pre-alignment checkpoints of the built-in multimodal tasks (minutes on a CPU)
+        from flatpeft.multimodal import prepare_multimodal
+
+        paths.update(prepare_multimodal(force=args.force))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -188,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub.required = True
     q = data_sub.add_parser("prepare", help="install / convert the offline assets (idempotent)",
                             description="Prepare the offline assets (all by default).")
-    q.add_argument("--only", default=None, help="comma list of asset names (default: all)")
+    q.add_argument("--only", default=None,
+                   help="comma list of asset names (default: all datasets and models); 'multimodal' also builds the "
+                        "cached pre-alignment checkpoints of clip_fewshot and vlm_instruct (built on first use otherwise)")
     q.add_argument("--force", action="store_true", help="redo finished assets")
     q.set_defaults(func=_cmd_data_prepare)
 

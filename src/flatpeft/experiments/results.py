@@ -94,7 +94,9 @@ def summarize(runs: pd.DataFrame, metric: str = "accuracy", reference: str = REF
 
 
 def _is_percent(name: str) -> bool:
-    return name.endswith("accuracy") or name.endswith("f1")
+    """Accuracy-like metrics (fractions shown in %), including ``*_accuracy_before`` style variants."""
+    stem = name.removesuffix("_before").removesuffix("_after")
+    return stem.endswith("accuracy") or stem.endswith("f1")
 
 
 def _fmt(value: float, pct: bool, digits: int = 1) -> str:
