@@ -11,7 +11,7 @@ Every step of the wrapper runs these hooks in order (``opt`` is the wrapper)::
     after_update(opt)     # act after the update (SPIDER interpolation)
 
 Rules keep persistent buffers through ``opt.buffers(key)`` (saved by ``state_dict()``) and transient ones
-(saved weights) on themselves. Nothing here calls ``.item()`` or branches on a device value.
+(saved weights) on themselves. Nothing here reads a device value on the host or branches on one.
 """
 from __future__ import annotations
 
