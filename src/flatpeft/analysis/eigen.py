@@ -91,11 +91,7 @@ def top_eigenpairs(
     order = np.argsort(values)[::-1]
     values = np.asarray(values, dtype=np.float64)[order]
     vectors = np.asarray(vectors, dtype=np.float64)[:, order]
-    residuals = []
-    for i in range(values.shape[0]):
-        hv = base.matvec(vectors[:, i])
-        count[0] += 1
-        residuals.append(float(np.linalg.norm(hv - values[i] * vectors[:, i])))
+    residuals = _residuals(base, values, vectors, count)
     return EigenResult(
         eigenvalues=tuple(float(x) for x in values),
         residuals=tuple(residuals),
@@ -105,6 +101,15 @@ def top_eigenpairs(
         tol=float(tol),
         eigenvectors=vectors,
     )
+
+
+def _residuals(base: Any, values: np.ndarray, vectors: np.ndarray, count: list[int]) -> list[float]:
+    """``||H v_i - lambda_i v_i||`` of each Ritz pair (one Hessian-vector product each, counted in ``count``)."""
+    out = []
+    for i in range(values.shape[0]):
+        out.append(float(np.linalg.norm(base.matvec(vectors[:, i]) - values[i] * vectors[:, i])))
+        count[0] += 1
+    return out
 
 
 def top_eigenpairs_lobpcg(
@@ -155,11 +160,7 @@ def top_eigenpairs_lobpcg(
     values = np.asarray(values, dtype=np.float64)[order]
     vectors = np.asarray(vectors, dtype=np.float64)[:, order]
     vectors = vectors / np.linalg.norm(vectors, axis=0, keepdims=True)
-    residuals = []
-    for i in range(values.shape[0]):
-        hv = base.matvec(vectors[:, i])
-        count[0] += 1
-        residuals.append(float(np.linalg.norm(hv - values[i] * vectors[:, i])))
+    residuals = _residuals(base, values, vectors, count)
     return EigenResult(
         eigenvalues=tuple(float(x) for x in values),
         residuals=tuple(residuals),

@@ -5,7 +5,7 @@ section 2). Defaults ``rho = 0.5``, ``eta = 0.01``: the official SamsungLabs/ASA
 LoRA, whose ``B`` starts at 0 (with ``eta = 0`` it would never be perturbed early on). flatpeft applies ``T`` to
 every trainable tensor (the official code exempts biases).
 """
-from flatpeft.methods._checks import non_negative
+from flatpeft._checks import non_negative
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule

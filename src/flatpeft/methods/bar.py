@@ -4,7 +4,7 @@ EXPERIMENTAL: no official code was available; the updates are the derivation of 
 section 9 (see :class:`flatpeft.perturb.rules.Balancedness`). ``alpha = 0.2`` (third-party gBAR ``a_0``), decayed
 linearly to 0 over ``total_steps`` (constant without). ``rho`` is ignored.
 """
-from flatpeft.methods._checks import non_negative
+from flatpeft._checks import non_negative
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.rules import Balancedness, Rule
 

@@ -6,7 +6,7 @@ section 5). ``beta`` has the standard meaning, the weight of the past. Default `
 (MitakeMoca/AsyFlat_LoRA) writes 0.9 for the weight of the *new* term, i.e. 0.1 in this convention. Other defaults
 as ``flat-lora`` (rho 0.05 -> 0.02 cosine over ``total_steps``, global norm, damping 1e-6).
 """
-from flatpeft.methods._checks import in_range
+from flatpeft._checks import in_range
 from flatpeft.methods.flat_lora import DEFAULTS, full_space_direction
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.rules import LaggedAscent, Rule

@@ -9,7 +9,7 @@ public code; constant without ``total_steps``); ``norm_scope = "global"`` (one `
 recommendation; ``"layer"`` is the third-party behaviour); ``damping = 1e-6`` (relative Tikhonov damping of
 ``A A^T`` and ``B^T B``). Non-LoRA trainable tensors (heads, biases) are not perturbed.
 """
-from flatpeft.methods._checks import non_negative, one_of
+from flatpeft._checks import non_negative, one_of
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule

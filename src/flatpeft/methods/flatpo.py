@@ -9,7 +9,7 @@ trainable tensor is updated with the gradient at ``w + e`` (shared/spec/algorith
 Defaults: ``rho = 0.05`` (FlatPO VLM configs), ``fraction = 0.05``, ``selection = "topk"``,
 ``granularity = "tensor"``, ``normalize_over = "all"``.
 """
-from flatpeft.methods._checks import in_range, one_of
+from flatpeft._checks import in_range, one_of
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule

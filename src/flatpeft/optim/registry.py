@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatpeft._checks import non_negative, one_of, optional
 from flatpeft.adapters.lora import find_lora_layers, require_lora_layers
 from flatpeft.optim.sharpness_aware import SharpnessAware
 from flatpeft.perturb.rules import Rule
@@ -106,16 +107,11 @@ def _base_keywords(cls: type[torch.optim.Optimizer]) -> set[str] | None:
 
 def validate_common(kw: Mapping[str, Any]) -> None:
     """Range checks shared by all methods (``ValueError`` naming argument and value)."""
-    rho = kw.get("rho")
-    if rho is not None and not (isinstance(rho, (int, float)) and rho >= 0):
-        raise ValueError(f"Invalid rho: {rho!r} (must be >= 0)")
-    if kw.get("rho_schedule") not in SCHEDULES:
-        raise ValueError(f"Invalid rho_schedule: {kw.get('rho_schedule')!r}; valid: {', '.join(SCHEDULES)}")
-    rho_min = kw.get("rho_min")
-    if rho_min is not None and not (isinstance(rho_min, (int, float)) and rho_min >= 0):
-        raise ValueError(f"Invalid rho_min: {rho_min!r} (must be >= 0)")
+    optional(non_negative, "rho", kw.get("rho"))
+    one_of("rho_schedule", kw.get("rho_schedule"), SCHEDULES)
+    optional(non_negative, "rho_min", kw.get("rho_min"))
     total = kw.get("total_steps")
-    if total is not None and not (isinstance(total, int) and total > 0):
+    if total is not None and not (isinstance(total, int) and not isinstance(total, bool) and total > 0):
         raise ValueError(f"Invalid total_steps: {total!r} (must be a positive integer or None)")
 
 

@@ -32,7 +32,7 @@ import torch
 from flatpeft._foreach import global_norm
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.optim.rng import RNGState
-from flatpeft.perturb.base import StepContext
+from flatpeft.perturb.base import StepContext, step_generator
 from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import scheduled
 
@@ -117,7 +117,7 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A private generator seeded from ``(seed, step)``: replayable and identical on every rank."""
-        return StepContext([], [], 0.0, self.step_count, self.seed).generator(device)
+        return step_generator(self.seed, self.step_count, device)
 
     def buffers(
         self,

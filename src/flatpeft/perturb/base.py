@@ -17,7 +17,14 @@ import torch
 
 from flatpeft.adapters.lora import LoRAFactors
 
-__all__ = ["StepContext", "Transform", "chain"]
+__all__ = ["StepContext", "Transform", "chain", "step_generator"]
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator seeded from ``(seed, step)``: the same draw on every rank and on replay."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+    return g
 
 
 @dataclass
@@ -43,10 +50,8 @@ class StepContext:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A fresh generator seeded from ``(seed, step)``: the same draw on every rank and on replay."""
-        g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + self.step * 7_919 + 12_345) % (2**63 - 1))
-        return g
+        """A fresh generator seeded from ``(seed, step)`` (:func:`step_generator`)."""
+        return step_generator(self.seed, self.step, device)
 
 
 Transform = Callable[[list[torch.Tensor], StepContext], list[torch.Tensor]]

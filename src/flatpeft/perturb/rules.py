@@ -222,13 +222,13 @@ class ImportanceMask(Rule):
     def before_update(self, opt: "SharpnessAware") -> None:
         params = opt.trainable
         fp32 = lambda p: torch.promote_types(p.dtype, torch.float32)  # noqa: E731
-        theta0 = opt.buffers("theta0", params, lambda p: p.detach().to(fp32(p)).clone())
+        # anchors of the first step (created once, read in after_update)
+        opt.buffers("theta0", params, lambda p: p.detach().to(fp32(p)).clone())
         opt.buffers("importance_pre", params, lambda p: psi(p.detach()))
         acc = opt.buffers("grad_sum", params, lambda p: torch.zeros_like(p, dtype=fp32(p)))
         grads = [p.grad.to(a.dtype) if p.grad is not None else torch.zeros_like(a) for p, a in zip(params, acc)]
         grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
         torch._foreach_add_(acc, grads)
-        del theta0
 
     @torch.no_grad()
     def after_update(self, opt: "SharpnessAware") -> None:
@@ -276,19 +276,16 @@ class Balancedness(Rule):
         a_t = scheduled(self.alpha, opt.step_count, opt.total_steps, "linear", 0.0)
         As = [f.A for f in layers]
         Bs = [f.B for f in layers]
+        ga = [f.A.grad if f.A.grad is not None else torch.zeros_like(f.A) for f in layers]
+        gb = [f.B.grad if f.B.grad is not None else torch.zeros_like(f.B) for f in layers]
         na, nb = sq_norms(As), sq_norms(Bs)
         if self.mode == "obar":
-            beta = 0.5 * (nb - na) * a_t
-            gb = [f.B.grad if f.B.grad is not None else torch.zeros_like(f.B) for f in layers]
-            ga = [f.A.grad if f.A.grad is not None else torch.zeros_like(f.A) for f in layers]
-            coef = list(beta.unbind())
+            coef = list((0.5 * (nb - na) * a_t).unbind())
             torch._foreach_add_(gb, torch._foreach_mul(Bs, [c.to(b.dtype) for c, b in zip(coef, Bs)]))
             torch._foreach_sub_(ga, torch._foreach_mul(As, [c.to(a.dtype) for c, a in zip(coef, As)]))
             for f, g_b, g_a in zip(layers, gb, ga):
                 f.B.grad, f.A.grad = g_b, g_a
             return
-        ga = [f.A.grad if f.A.grad is not None else torch.zeros_like(f.A) for f in layers]
-        gb = [f.B.grad if f.B.grad is not None else torch.zeros_like(f.B) for f in layers]
         gna, gnb = sq_norms(ga), sq_norms(gb)
         denom = (gna + gnb).sqrt()
         d = torch.where(denom > 0, (gnb - gna) / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(denom))

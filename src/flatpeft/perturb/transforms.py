@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flatpeft._foreach import finite_or_zero, global_norm, sanitize_, sq_norms
+from flatpeft._foreach import acc_dtype, finite_or_zero, global_norm, sanitize_, sq_norms
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.perturb.base import StepContext, Transform
 
@@ -222,7 +222,7 @@ def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: floa
                 out[i] = e_b[j]
                 norm_sq[i] = nsq[j]
         device = out[0].device if out else torch.device("cpu")
-        nsq_all = torch.stack([n.to(device=device, dtype=torch.float64 if n.dtype == torch.float64 else torch.float32) for n in norm_sq])
+        nsq_all = torch.stack([n.to(device=device, dtype=acc_dtype(norm_sq)) for n in norm_sq])
         if norm_scope == "global":
             norm = nsq_all.sum().sqrt()
             factors = finite_or_zero(1.0 / (norm + eps), norm).expand(len(layers))

@@ -20,3 +20,9 @@ def in_range(name: str, value: Any, low: float, high: float, *, low_open: bool, 
 
 def non_negative(name: str, value: Any) -> None:
     in_range(name, value, 0.0, float("inf"), low_open=False, high_open=True)
+
+
+def optional(check, name: str, value: Any, *args: Any) -> None:
+    """Run ``check(name, value, *args)`` unless ``value`` is None."""
+    if value is not None:
+        check(name, value, *args)
