@@ -8,6 +8,10 @@ Algorithms: :func:`top_eigenpairs` (scipy ``eigsh``), :func:`hutchinson` (trace 
 The ``analyze`` and ``preference`` CLI commands live in ``flatpeft.analysis.commands``.
 """
 
+from flatpeft._extras import require
+
+require("analysis", "numpy", "scipy", "tqdm", part="flatpeft.analysis")
+
 from .eigen import top_eigenpairs, top_eigenpairs_lobpcg
 from .landscape import (
     filter_normalize,

@@ -10,6 +10,11 @@ Submodules are imported lazily so ``import flatpeft.experiments.tasks`` stays li
 """
 from __future__ import annotations
 
+from flatpeft._extras import require
+
+require("cli", "yaml", "numpy", "pandas", "scipy", "matplotlib", "transformers", "peft", "tqdm", "safetensors",
+        "sklearn", part="flatpeft.experiments")
+
 from .config import ExperimentConfig, load_config, save_config
 from .tasks import Task, available_tasks, get_task, register_task
 

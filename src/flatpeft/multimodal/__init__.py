@@ -10,6 +10,11 @@ pre-alignment checkpoints (``flatpeft data prepare`` may call it).
 """
 from __future__ import annotations
 
+from flatpeft._extras import require
+
+require("multimodal", "transformers", "peft", "safetensors", "numpy", "pandas", "yaml", "tqdm", "PIL",
+        part="flatpeft.multimodal")
+
 from .clip_fewshot import ClipFewShotArgs, ClipFewShotTask
 from .data import CLASS_NAMES, DOWNSTREAM_CLASSES, SEEN_CLASSES, normalise_answer
 from .dual_encoder import ClipPrealignSettings, DualEncoder, build_dual_encoder, pretrained_dual_encoder
