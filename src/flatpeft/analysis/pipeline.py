@@ -199,7 +199,7 @@ def flatpo_selection_share(
 ) -> dict[str, float]:
     """Share of ``sum(tensor_sharpness)`` held by the ``max(1, floor(f n))`` sharpest tensors, per fraction f.
 
-    This is the set FlatPO perturbs at fraction ``f`` (spec algorithms.md section 7) when ranked on the same
+    This is the set FlatPO perturbs at fraction ``f`` (docs/algorithms.md, section 9) when ranked on the same
     batches; with the ``grad_sq`` score it is the share of the full SAM step's first-order loss increase.
     """
     s = np.sort(np.asarray(tensor_sharpness, dtype=np.float64))[::-1]

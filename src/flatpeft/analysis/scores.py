@@ -5,7 +5,7 @@ the claim measurable):
 
 * **Dimension.**  At ``"element"`` granularity one dimension is one scalar entry of a trainable tensor; at
   ``"tensor"`` granularity it is one whole trainable tensor (each LoRA ``A`` and ``B`` separately, the head
-  weight, ...), which is FlatPO's unit of selection (spec algorithms.md section 7).  "x % of dimensions"
+  weight, ...), which is FlatPO's unit of selection (docs/algorithms.md, section 9).  "x % of dimensions"
   counts tensors (not their elements) at tensor granularity.
 * **Sharpness of an element** (default score ``"grad_sq"``): ``s_i = g_i^2`` with ``g`` the gradient of the
   batch-averaged loss.  Why: the first-order loss increase of a FlatPO/SAM step that perturbs only the set

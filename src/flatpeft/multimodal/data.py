@@ -1,13 +1,13 @@
 """Fashion-MNIST class splits, prompt templates, image preprocessing and answer normalisation.
 
-The multimodal settings (``docs/multimodal.md``) split the ten Fashion-MNIST classes (D1) in two:
+The multimodal settings (``docs/multimodal.md``) split the ten Fashion-MNIST classes (asset ``fashion_mnist``) in two:
 
 * **seen** classes (pre-alignment, the "pre-training" of the composite models): T-shirt/top, trouser,
   pullover, dress, coat;
 * **downstream** classes (few-shot / instruction fine-tuning): sandal, shirt, sneaker, bag, ankle boot.
 
 Images are 28x28 grey uint8; :func:`to_pixels` turns them into the ``[-1, 1]``-scaled 3-channel input that
-EfficientNet-Lite expects (``(x - 0.498) / 0.502``, ``shared/spec/assets.md``), bilinearly resized.
+EfficientNet-Lite expects (``(x - 0.498) / 0.502``, the model package's preprocessing), bilinearly resized.
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 Architecture (``docs/multimodal.md``):
 
-* image tower: EfficientNet-Lite0 (M3), features = spatial mean of ``extract_features`` (1280-d); kept in
+* image tower: EfficientNet-Lite0 (asset ``efficientnet``), features = spatial mean of ``extract_features`` (1280-d); kept in
   eval mode always (frozen BatchNorm statistics, no drop-connect), LoRA on its pointwise convolutions;
-* text tower: MiniLM (M1, ``BertModel``), sentence embedding = attention-masked mean of the last hidden
+* text tower: MiniLM (asset ``minilm``, a ``BertModel``), sentence embedding = attention-masked mean of the last hidden
   states (what the model's ``1_Pooling`` encodes), LoRA on ``query`` / ``value``;
 * linear projections ``image_proj`` (1280 -> d) and ``text_proj`` (384 -> d) into a shared space;
 * scores ``s_ij = tau * cos(P_I f_i, P_T t_j)`` with a fixed logit scale ``tau`` (CLIP: learned, ~100;
-  here 20, the value checked in ``shared/spec/assets.md``).
+  here 20: with the pre-aligned projections it separates the seen classes well, see ``docs/multimodal.md``).
 
 Classification (CLIP zero-shot): the class embedding is the re-normalised mean of the normalised text
 embeddings of the class under every prompt template (CLIP's prompt ensembling); the predicted class is the

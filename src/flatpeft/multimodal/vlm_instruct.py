@@ -10,7 +10,7 @@
 * Metrics: ``accuracy`` (greedy answer, normalised string match, downstream test subset),
   ``unseen_question_accuracy`` (a question wording never trained on), ``seen_classes_accuracy`` (the
   pre-alignment captioning task on the seen classes' test images: forgetting), ``ppl_after`` on held-out Jane
-  Austen text (D5), and the pre-trained model's ``zero_shot_accuracy``, ``seen_classes_accuracy_before``,
+  Austen text (asset ``janeausten``), and the pre-trained model's ``zero_shot_accuracy``, ``seen_classes_accuracy_before``,
   ``ppl_before`` (cached per setting).
 
 Image features are frozen, so they are computed once per image set and cached in
@@ -171,7 +171,7 @@ def pretrained_small_vlm(settings: VLMPrealignSettings | None = None, *, force: 
 
 # ---- metrics -------------------------------------------------------------------------------------
 def heldout_text_ids(tokenizer, n_chunks: int, length: int, book: str = "persuasion") -> torch.Tensor:
-    """``(n_chunks, length)`` token ids of held-out Jane Austen text (D5): the first non-empty lines of
+    """``(n_chunks, length)`` token ids of held-out Jane Austen text (asset ``janeausten``): the first non-empty lines of
     ``book`` after its first 200 lines, joined with spaces, cut into consecutive chunks."""
     from flatpeft import assets
 
