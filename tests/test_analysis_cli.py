@@ -30,7 +30,7 @@ def _single_thread():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from flatpeft.experiments import train_run
-    from flatpeft.experiments.fixtures import tiny_config
+    from _fixtures import tiny_config
 
     root = tmp_path_factory.mktemp("analysis_cli")
     cfg = tiny_config(root, train={"steps": 4})
@@ -95,7 +95,7 @@ def test_preference_aggregation_against_numpy(tmp_path):
     """A fake train_run with known metrics: the summary equals statistics computed here with numpy/scipy."""
     from scipy import stats
 
-    from flatpeft.experiments.fixtures import tiny_config
+    from _fixtures import tiny_config
 
     cfg = tiny_config(tmp_path / "cfg", method={"name": "flatpo", "rho": 0.05})
     acc = {"base": [0.60, 0.70, 0.65], "flatpo-top-0.5": [0.62, 0.74, 0.66], "flatpo-random-0.5": [0.59, 0.71, 0.60],
@@ -167,7 +167,7 @@ def csv_rows(path):
 
 def test_preference_resume_reuses_finished_runs_and_checks_settings(tmp_path):
     from flatpeft.experiments import save_config
-    from flatpeft.experiments.fixtures import tiny_config
+    from _fixtures import tiny_config
 
     cfg = tiny_config(tmp_path / "cfg")
     calls = []

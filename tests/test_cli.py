@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flatpeft import cli
-from flatpeft.experiments import fixtures as F
+import _fixtures as F
 from flatpeft.experiments.config import load_config, save_config
 
 SUBCOMMANDS = [["train"], ["eval"], ["compare"], ["data"], ["data", "prepare"], ["config"], ["methods"], ["tasks"]]

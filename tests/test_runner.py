@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from flatpeft.experiments import fixtures as F
+import _fixtures as F
 from flatpeft.experiments import results as R
 from flatpeft.experiments import stats as S
 from flatpeft.experiments.config import load_config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExperimentConfig, config_from_dict
+from flatpeft.experiments.config import ExperimentConfig, config_from_dict
 
 __all__ = ["POSITIVE", "NEGATIVE", "FILLER", "make_tiny_bert", "make_sentiment_files", "tiny_config"]
 
