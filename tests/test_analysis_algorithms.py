@@ -34,13 +34,7 @@ from flatpeft.analysis import (
 from flatpeft.analysis.pipeline import flatpo_selection_share
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models on a shared, oversubscribed CPU run ~10-80x faster with one intra-op thread (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 EIGS = np.array([10.0, 6.0, 3.5, 2.0, 1.5, 1.0, 0.8, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.0, -0.1, -0.2, -0.3, -0.5, -0.7, -1.0])
 

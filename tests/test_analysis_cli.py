@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from flatpeft.analysis.preference import (
     PreferenceArm,
@@ -18,29 +17,18 @@ from flatpeft.analysis.preference import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models on a shared, oversubscribed CPU run ~10-80x faster with one intra-op thread (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, single_thread_module):
     from flatpeft.experiments import train_run
     from _fixtures import tiny_config
 
     root = tmp_path_factory.mktemp("analysis_cli")
     cfg = tiny_config(root, train={"steps": 4})
     run_dir = root / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_run(cfg, seed=0, out_dir=run_dir, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    train_run(cfg, seed=0, out_dir=run_dir, progress=False)
     return cfg, run_dir
 
 

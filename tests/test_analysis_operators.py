@@ -12,13 +12,7 @@ from flatpeft.analysis import HessianOperator, restore_parameters, trainable_par
 from flatpeft.analysis.operators import MatrixOperator
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models on a shared, oversubscribed CPU run ~10-80x faster with one intra-op thread (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TinyNet(nn.Module):

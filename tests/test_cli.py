@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from flatpeft import cli
 import _fixtures as F
@@ -18,12 +17,7 @@ from flatpeft.experiments.config import load_config, save_config
 SUBCOMMANDS = [["train"], ["eval"], ["compare"], ["data"], ["data", "prepare"], ["config"], ["methods"], ["tasks"]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,12 @@ from flatpeft.experiments.text_classification import carve_validation, read_tabl
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(single_thread_module):
     """Tiny models run fastest single-threaded (and the test machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     import transformers
 
     transformers.logging.set_verbosity_error()
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
