@@ -1,7 +1,8 @@
 """Tests for flatpeft.assets: cache directory, idempotent prepare, the real offline datasets and models.
 
-The dataset tests read the real Debian packages (Fine Foods 4 MB, Jane Austen 1.6 MB: about 2 s each);
-they prepare into a per-session temporary cache, so they do not depend on `flatpeft data prepare`.
+The dataset tests download the real Debian packages (Fine Foods 4 MB, Jane Austen 1.6 MB: about 2 s each) and are
+marked ``network`` (run them with ``-m network``); they prepare into a per-session temporary cache, so they do not
+depend on `flatpeft data prepare`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _mtimes(d: Path) -> dict[str, int]:
     return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*"))}
 
 
+@pytest.mark.network
 def test_prepare_finefoods_is_idempotent_and_correct(in_cache):
     out = assets.prepare(["finefoods"], progress=False)["finefoods"]
     before = _mtimes(in_cache)
@@ -68,6 +70,7 @@ def test_prepare_finefoods_is_idempotent_and_correct(in_cache):
     assert (train["label_name"] == "great").sum() == 2600
 
 
+@pytest.mark.network
 def test_prepare_force_redoes(in_cache):
     assets.prepare("finefoods", progress=False)
     csv = assets.finefoods_splits()["train"]
@@ -77,6 +80,7 @@ def test_prepare_force_redoes(in_cache):
     assert csv.stat().st_mtime_ns > t0 - 10**9
 
 
+@pytest.mark.network
 def test_janeausten(in_cache):
     novels = assets.load_janeausten()
     assert set(novels) == {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
@@ -95,6 +99,7 @@ def test_read_idx_roundtrip(tmp_path):
         assets.read_idx(tmp_path / "b.gz")
 
 
+@pytest.mark.network
 def test_fashion_mnist(in_cache):
     xtr, ytr, xte, yte = assets.load_fashion_mnist()
     assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28)
@@ -114,6 +119,7 @@ def test_missing_package_names_pip_command(monkeypatch):
         assets.prepare(["minilm"], progress=False)
 
 
+@pytest.mark.network
 def test_apt_failure_names_package(monkeypatch, tmp_path):
     monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path))
     with pytest.raises(assets.AssetMissingError, match="flatpeft-no-such-debian-package"):
