@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import flatpeft
-from flatpeft.integrations import SharpnessAwareTrainer
+from flatpeft.integrations import SharpnessAwareMixin, SharpnessAwareTrainer, unwrap_optimizer
 
 N_SAMPLES = 12
 D_IN, D_HIDDEN, D_OUT = 6, 8, 3
@@ -120,28 +120,100 @@ def plain_closure_loop(model, dataset, method, method_kwargs, *, steps=3, batch=
     return opt
 
 
-METHOD_CASES = [
-    ("base", {}),
-    ("sam", {"rho": 0.05}),
-    ("asam", {"rho": 0.5}),
-    ("flatpo", {"rho": 0.05}),
-    ("flat-lora", {"rho": 0.05}),
-    ("eflat-lora", {"rho": 0.05}),
-]
+def _registry_cases() -> list:
+    """(method, flatpeft_kwargs) over the live registry: every method with its defaults, and every method whose
+    default ``rho_schedule`` is constant once more with a cosine schedule (so each method runs a schedule)."""
+    from flatpeft.optim import method_names
+
+    cases = []
+    for name in method_names():
+        cases.append(pytest.param(name, {}, id=f"{name}-defaults"))
+        if flatpeft.get_method(name).all_defaults().get("rho_schedule", "constant") == "constant":
+            cases.append(pytest.param(name, {"rho_schedule": "cosine"}, id=f"{name}-cosine"))
+    return cases
 
 
-@pytest.mark.parametrize("method,kw", METHOD_CASES, ids=[m for m, _ in METHOD_CASES])
-def test_trainer_matches_plain_closure_loop(tmp_path, dataset, method, kw):
-    """Same data order, seed and optimizer: the Trainer's weights equal the engine's own ``step(closure)`` loop."""
+class _TraceCallback(TrainerCallback):
+    """Per optimizer step, just before ``optimizer.step()``: the step's rho and perturbation norm."""
+
+    def __init__(self) -> None:
+        self.rho: list[float] = []
+        self.pnorm: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        opt = self.trainer.flatpeft_optimizer
+        self.rho.append(opt.current_rho())
+        self.pnorm.append(float(opt.metrics.get("perturbation_norm", torch.tensor(0.0))))
+        return control
+
+
+def traced_closure_loop(model, dataset, method, method_kwargs, *, steps=3, batch=4, lr=0.05):
+    """``plain_closure_loop`` that also returns the per-step rho and perturbation norm."""
+    opt = flatpeft.create_optimizer(model, method, base_optimizer=torch.optim.AdamW, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                    weight_decay=0.0, **method_kwargs)
+    rho, pnorm = [], []
+    for s in range(steps):
+        b = batch_of(dataset, s * batch, batch)
+
+        def closure(b=b):
+            loss = model(**b)["loss"]
+            loss.backward()
+            return loss
+
+        rho.append(opt.current_rho())
+        opt.zero_grad(set_to_none=True)
+        opt.step(closure)
+        pnorm.append(float(opt.metrics.get("perturbation_norm", torch.tensor(0.0))))
+    return opt, rho, pnorm
+
+
+@pytest.mark.parametrize("method,kw", _registry_cases())
+def test_trainer_defaults_match_plain_closure_loop(tmp_path, dataset, method, kw):
+    """Every registered method, with the Trainer's defaults: its schedules and ramps run over the Trainer's optimizer
+    steps (``total_steps = max_steps``) and its seed is ``TrainingArguments.seed``. The Trainer's weights, rho and
+    perturbation norm per step equal the engine's own ``step(closure)`` loop given ``total_steps=3, seed=1``."""
     init = make_model()
     reference = copy.deepcopy(init)
-    trainer = train_with_trainer(copy.deepcopy(init), dataset, tmp_path, method, kw)
-    plain_closure_loop(reference, dataset, method, kw)
+    trace = _TraceCallback()
+    trainer = SharpnessAwareTrainer(model=copy.deepcopy(init), args=make_args(tmp_path, seed=1), train_dataset=dataset,
+                                    flatpeft_method=method, flatpeft_kwargs=kw, callbacks=[trace])
+    trace.trainer = trainer
+    trainer.train()
+    opt = trainer.flatpeft_optimizer
+    assert (opt.total_steps, opt.seed) == (3, 1)
+    _, rho, pnorm = traced_closure_loop(reference, dataset, method, {**kw, "total_steps": 3, "seed": 1})
     assert trainer.state.global_step == 3
+    assert trace.rho == pytest.approx(rho, rel=1e-12)
+    assert trace.pnorm == pytest.approx(pnorm, rel=1e-9, abs=1e-12)
     assert_same_weights(trainer.model, reference)
     # and training moved the weights at all (the comparison is not between two untouched models)
     moved = max((p - q).abs().max().item() for p, q in zip(trainable_state(trainer.model).values(), trainable_state(init).values()))
     assert moved > 1e-3
+    # the schedule is active: rho decays over the 3 steps wherever a schedule is set (by default or by kw)
+    if flatpeft.get_method(method).all_defaults().get("rho_schedule", "constant") != "constant" or kw:
+        assert trace.rho[0] > trace.rho[1] > trace.rho[2] > 0
+
+
+def test_flat_lora_random_ramp_runs_over_trainer_steps(tmp_path, dataset):
+    """flat-lora-random's noise ramps from 0 (step 0) upwards over the Trainer's steps; not full noise from step 0."""
+    trace = _TraceCallback()
+    trainer = SharpnessAwareTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=dataset,
+                                    flatpeft_method="flat-lora-random", callbacks=[trace])
+    trace.trainer = trainer
+    trainer.train()
+    assert trace.pnorm[0] == 0.0
+    assert 0.0 < trace.pnorm[1] < trace.pnorm[2]
+
+
+def test_seed_follows_training_seed_unless_given(tmp_path, dataset):
+    """The method's private seed is ``TrainingArguments.seed``; ``flatpeft_kwargs["seed"]`` wins; so do
+    ``total_steps`` (even ``None``: no schedule) and ``rho_schedule``."""
+    trainer = train_with_trainer(make_model(), dataset, tmp_path / "a", "flat-lora-random", {}, seed=7)
+    assert trainer.flatpeft_optimizer.seed == 7 and trainer.flatpeft_optimizer.total_steps == 3
+    trainer = train_with_trainer(make_model(), dataset, tmp_path / "b", "flat-lora-random", {"seed": 3, "total_steps": 10}, seed=7)
+    assert trainer.flatpeft_optimizer.seed == 3 and trainer.flatpeft_optimizer.total_steps == 10
+    trainer = train_with_trainer(make_model(), dataset, tmp_path / "c", "flat-lora", {"total_steps": None})
+    assert trainer.flatpeft_optimizer.total_steps is None
 
 
 @pytest.mark.parametrize("method,kw", [("sam", {"rho": 0.05}), ("flatpo", {"rho": 0.05}), ("eflat-lora", {"rho": 0.05})])
@@ -468,7 +540,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from safetensors.torch import save_file
 from test_trainer_integration import DictDataset, make_args, make_model, trainable_state
-from flatpeft.integrations import SharpnessAwareTrainer
+from flatpeft.integrations import SharpnessAwareMixin, SharpnessAwareTrainer, unwrap_optimizer
 g = torch.Generator().manual_seed(7)
 ds = DictDataset(torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
 trainer = SharpnessAwareTrainer(model=make_model(), args=make_args(sys.argv[2], per_device_train_batch_size=2, ddp_backend="gloo"),

@@ -1,13 +1,21 @@
-"""Integrations with training frameworks: :class:`SharpnessAwareTrainer` for ``transformers.Trainer``.
+"""Integrations with training frameworks (needs the ``hf`` extra: transformers, peft, accelerate).
+
+* :class:`SharpnessAwareTrainer`: a ``transformers.Trainer`` whose optimizer is a flatpeft method.
+* :class:`SharpnessAwareMixin`: the same training step for any ``transformers.Trainer`` subclass, e.g. trl's::
+
+      class SharpnessAwareSFTTrainer(SharpnessAwareMixin, SFTTrainer):
+          pass
+
+* :func:`unwrap_optimizer`: the flatpeft optimizer inside accelerate's ``AcceleratedOptimizer``.
 
 Imported lazily (``from flatpeft.integrations import SharpnessAwareTrainer``) so ``import flatpeft`` does not
-pull in the Trainer machinery.
+pull in the Trainer machinery. See ``docs/trainer.md``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SharpnessAwareTrainer", "base_optimizer_from_args"]
+__all__ = ["SharpnessAwareMixin", "SharpnessAwareTrainer", "base_optimizer_from_args", "unwrap_optimizer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,3 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'flatpeft.integrations' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

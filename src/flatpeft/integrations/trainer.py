@@ -1,47 +1,64 @@
-"""``SharpnessAwareTrainer``: run any flatpeft method inside a Hugging Face ``transformers.Trainer``.
+"""Run any flatpeft method inside a Hugging Face ``transformers.Trainer`` (or any subclass of it, e.g. trl's).
+
+* :class:`SharpnessAwareMixin` replaces the Trainer's training step with the method's one or two gradient
+  passes. Put it first in the bases of any ``transformers.Trainer`` subclass::
+
+      class SharpnessAwareSFTTrainer(SharpnessAwareMixin, trl.SFTTrainer):
+          pass
+
+* :class:`SharpnessAwareTrainer` is ``SharpnessAwareMixin`` + ``transformers.Trainer``.
 
 The Trainer calls ``training_step`` once per micro-batch and ``optimizer.step()`` (never with a closure) once
-per accumulation window, after clipping the gradients. A two-pass method needs, per optimizer step
-(``shared/spec/algorithms.md`` section 1, "Gradient accumulation"):
-
-1. the *full* accumulated gradient at ``w`` over all micro-batches of the step (pass 1),
-2. the perturbation ``e`` computed from it (``first_step``),
-3. the gradient at ``w + e`` re-accumulated over *all* micro-batches (pass 2),
-4. restore ``w`` and the base update with the (clipped) pass-2 gradient (``second_step``).
-
-So this Trainer *caches* the micro-batches of the window (the Trainer has already prefetched them, so this
-costs no memory) and does all the work on the window's last micro-batch, which the Trainer marks with
-``accelerator.sync_gradients``::
+per accumulation window, after clipping the gradients. A two-pass method needs, per optimizer step, the full
+accumulated gradient at ``w`` over all micro-batches of the step (pass 1), the perturbation ``e`` computed from
+it (``first_step``), the gradient at ``w + e`` re-accumulated over all micro-batches (pass 2), and finally the
+exact restoration of ``w`` and the base update with the (clipped) pass-2 gradient (see ``docs/algorithms.md``
+for the methods and ``docs/trainer.md`` for this integration). So the mixin *caches* the micro-batches of the
+window (the Trainer has already prefetched them, so this costs no memory) and does all the work on the
+window's last micro-batch, which the Trainer marks with ``accelerator.sync_gradients``::
 
     micro-batch 1 .. n-1:  cache the inputs, return 0
     micro-batch n:         two-pass:    snapshot RNG S0; pass 1 over all n (no DDP sync); snapshot S1;
                                         fp16: grads /= scaler scale; opt.first_step()  (perturb, zero grads);
-                                        restore S0; pass 2 over all n (DDP sync on the last); restore S1
+                                        snapshot the subclass's metric store; restore S0;
+                                        pass 2 over all n (DDP sync on the last); restore S1 and the metric store
                            single-pass: opt.first_step() (perturb); one pass over all n
-                           return the summed (already 1/n-scaled) loss of pass 1  (pass 2 for single-pass)
+                           return the summed (already 1/n-scaled) loss of pass 1  (the only pass for single-pass)
     Trainer:               clip (pass-2 gradient only), optimizer.step() -> SharpnessAware.step() without a
                            closure = second_step(): restore w exactly, base optimizer step
 
-Each pass uses the Trainer's own ``training_step`` (autocast, loss scaling by the number of micro-batches or
-``num_items_in_batch``, ``accelerator.backward`` with the fp16 GradScaler), so the losses and gradients are the
-ones a plain Trainer would compute at the same weights.
+Each pass uses the Trainer's own ``training_step`` (that of the subclass the mixin is combined with: autocast,
+loss scaling by the number of micro-batches or ``num_items_in_batch``, ``accelerator.backward`` with the fp16
+GradScaler, trl's activation offloading ...), so the losses and gradients are the ones a plain Trainer would
+compute at the same weights.
 
-Design decisions (where the spec leaves room):
+Design decisions:
 
+* Defaults: every schedule or ramp of the method (``rho_schedule``, Flat-LoRA's noise ramp, BAR's decay) runs
+  over the Trainer's number of optimizer steps (``total_steps = state.max_steps``), and the method's private
+  seed is ``TrainingArguments.seed``, unless ``flatpeft_kwargs`` names ``total_steps`` / ``seed``.
 * Pass 1 runs under ``accelerator.no_sync(model)`` (per-replica ascent direction, Foret et al.'s m-sharpness)
   unless ``sync_ascent_grad=True``; the pass-2 gradient is all-reduced once, on its last micro-batch.
-* fp16: pass-1 gradients are scaled by the GradScaler; they are divided by the scaler's scale tensor (no host sync; not
-  ``unscale_``, which may run only once per ``update()`` and is left to the Trainer's clipping) before
+* fp16: pass-1 gradients are scaled by the GradScaler; they are divided by the scaler's scale tensor (no host
+  sync; not ``unscale_``, which may run only once per ``update()`` and is left to the Trainer's clipping) before
   ``first_step``; the engine skips a non-finite perturbation. If the scaler then skips the step (inf in pass 2),
   a callback restores the weights right after ``optimizer.step()``, before any evaluation or checkpoint.
 * RNG: pass 2 replays pass 1's random state (same dropout masks per micro-batch) and the generators end where
   one pass would have left them, so a two-pass method consumes the random stream of plain training.
+* Metrics of the Trainer subclass: a subclass that records metrics inside ``compute_loss`` (trl's
+  ``self._metrics``: token accuracy, entropy, ``num_tokens``) would record them once per pass. The mixin keeps
+  only pass 1's: it snapshots the attributes named in :attr:`SharpnessAwareMixin.flatpeft_metric_attributes`
+  before pass 2 and puts them back afterwards. So every example is counted once and the metrics are those at the
+  unperturbed weights (for single-pass methods: at the point where the update gradient is taken).
 * The returned training loss is the loss at the unperturbed weights (pass 1), as plain training would log;
   ``flatpeft/loss_gap`` = L(w + e) - L(w) and ``flatpeft/perturbation_norm`` are averaged over the optimizer
   steps since the last log (and over DDP ranks) and added to the Trainer's training logs (so ``report_to`` picks
   them up); they are read from the device only at logging steps.
-* DeepSpeed and FSDP are refused with ``NotImplementedError`` (their ``backward`` steps the optimizer or shards
-  the gradients; see ``shared/spec/integration.md`` 1.4 and pitfalls 8-9).
+* DeepSpeed and FSDP are refused with ``NotImplementedError`` (DeepSpeed's backward steps the optimizer at the
+  accumulation boundary and shards the gradients; FSDP shards the parameters the perturbation acts on).
+* ``trainer.optimizer`` is wrapped by accelerate (``AcceleratedOptimizer``) during ``train()``; the flatpeft
+  optimizer itself (``first_step``, ``passes``, ``metrics``, ``current_rho()``) is ``trainer.flatpeft_optimizer``
+  (or :func:`unwrap_optimizer` of any wrapper).
 
 Example::
 
@@ -53,16 +70,33 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
-import torch
-from torch import nn
-from transformers import Trainer, TrainerCallback
+from flatpeft._extras import require
 
-from flatpeft.optim.rng import RNGState
+require("hf", "transformers", "accelerate", part="flatpeft.integrations")
 
-__all__ = ["SharpnessAwareTrainer", "base_optimizer_from_args"]
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
+import flatpeft  # noqa: E402
+
+__all__ = ["SharpnessAwareMixin", "SharpnessAwareTrainer", "base_optimizer_from_args", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer: Any) -> "flatpeft.SharpnessAware":
+    """The flatpeft optimizer inside ``optimizer``: itself, or the one wrapped by accelerate's
+    ``AcceleratedOptimizer`` (``.optimizer``), following nested wrappers. ``ValueError`` if there is none."""
+    seen = 0
+    current = optimizer
+    while current is not None and seen < 16:
+        if isinstance(current, flatpeft.SharpnessAware):
+            return current
+        current = getattr(current, "optimizer", None)
+        seen += 1
+    raise ValueError(f"{type(optimizer).__name__} is not (and does not wrap) a flatpeft SharpnessAware optimizer")
 
 
 def base_optimizer_from_args(args, model=None) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
@@ -77,8 +111,8 @@ def base_optimizer_from_args(args, model=None) -> tuple[type[torch.optim.Optimiz
     for special in ("params", "model", "optimizer_dict"):
         if special in kwargs:
             raise ValueError(
-                f"args.optim={args.optim!r} builds its own parameter set ({special!r}); SharpnessAwareTrainer needs a "
-                "plain torch optimizer class such as adamw_torch, adamw_torch_fused, sgd or adafactor"
+                f"args.optim={args.optim!r} builds its own parameter set ({special!r}); the sharpness-aware Trainer "
+                "needs a plain torch optimizer class such as adamw_torch, adamw_torch_fused, sgd or adafactor"
             )
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"args.optim={args.optim!r} is not a torch.optim.Optimizer class ({cls!r})")
@@ -92,7 +126,7 @@ class _RestoreIfStepSkipped(TrainerCallback):
     weights) never ran; this runs right after, before the Trainer may evaluate or save a checkpoint.
     """
 
-    def __init__(self, trainer: "SharpnessAwareTrainer") -> None:
+    def __init__(self, trainer: "SharpnessAwareMixin") -> None:
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -102,19 +136,36 @@ class _RestoreIfStepSkipped(TrainerCallback):
         return control
 
 
-class SharpnessAwareTrainer(Trainer):
-    """A ``transformers.Trainer`` whose optimizer is a flatpeft sharpness-aware method.
+class SharpnessAwareMixin:
+    """The sharpness-aware training step for any ``transformers.Trainer`` subclass.
+
+    Use it as the first base: ``class MyTrainer(SharpnessAwareMixin, trl.SFTTrainer): pass``; then
+    ``MyTrainer(..., flatpeft_method="sam", flatpeft_kwargs={"rho": 0.05})`` takes every argument of the
+    subclass plus the ones below.
 
     Args:
-        flatpeft_method: one of ``flatpeft.METHODS`` (``"sam"``, ``"flatpo"``, ``"eflat-lora"``, ...).
+        flatpeft_method: a registered method name (``flatpeft.get_method``: the built-in ``"sam"``, ``"flatpo"``,
+            ``"eflat-lora"``, ... or one added with ``flatpeft.register_method``).
         flatpeft_kwargs: method keywords for ``flatpeft.create_optimizer`` (``rho``, ``fraction``, ...). The base
             optimizer (class from ``args.optim``), ``lr=args.learning_rate`` and ``weight_decay=args.weight_decay``
-            come from the ``TrainingArguments``; keys given here win.
+            come from the ``TrainingArguments``; ``total_steps`` defaults to the Trainer's number of optimizer
+            steps and ``seed`` to ``args.seed``. Keys given here win.
         sync_ascent_grad: all-reduce the pass-1 gradient across DDP ranks (one global perturbation) instead of
             perturbing each replica with its local gradient (default, as in Foret et al.).
-        *args, **kwargs: passed to ``transformers.Trainer``. ``optimizers=(opt, sched)`` is accepted only with a
-            flatpeft ``SharpnessAware`` optimizer (then ``flatpeft_method`` may be omitted).
+        *args, **kwargs: passed to the Trainer class. ``optimizers=(opt, sched)`` is accepted only with a
+            flatpeft ``SharpnessAware`` optimizer (then ``flatpeft_method`` may be omitted; it is used as built).
+
+    Attributes:
+        flatpeft_optimizer: the flatpeft optimizer (``trainer.optimizer`` may be accelerate's wrapper of it).
+        flatpeft_metric_attributes: names of instance attributes where the Trainer subclass records training
+            metrics from ``compute_loss`` (default: trl's ``_metrics`` and ``_total_train_tokens``). They are
+            snapshotted (deep copy) before pass 2 of a two-pass step and put back after it, so the metrics are
+            those of pass 1: each example counted once, at the unperturbed weights. Extend the tuple in your
+            subclass if it records metrics elsewhere; override :meth:`flatpeft_metric_snapshot` /
+            :meth:`flatpeft_metric_restore` for stores that cannot be deep-copied.
     """
+
+    flatpeft_metric_attributes: tuple[str, ...] = ("_metrics", "_total_train_tokens")
 
     def __init__(
         self,
@@ -124,8 +175,11 @@ class SharpnessAwareTrainer(Trainer):
         sync_ascent_grad: bool = False,
         **kwargs: Any,
     ) -> None:
-        import flatpeft
-
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{type(self).__name__}: SharpnessAwareMixin must be combined with a transformers.Trainer subclass, "
+                "first in the bases: class MyTrainer(SharpnessAwareMixin, SFTTrainer)"
+            )
         given = kwargs.get("optimizers", (None, None))
         given_opt = given[0] if given else None
         if given_opt is not None and not isinstance(given_opt, flatpeft.SharpnessAware):
@@ -135,9 +189,11 @@ class SharpnessAwareTrainer(Trainer):
             )
         if given_opt is None:
             if flatpeft_method is None:
-                raise ValueError(f"flatpeft_method is required; one of {list(flatpeft.METHODS)}")
-            if flatpeft_method not in flatpeft.METHODS:
-                raise ValueError(f"flatpeft_method={flatpeft_method!r} is unknown; known: {list(flatpeft.METHODS)}")
+                raise ValueError(f"flatpeft_method is required; registered methods: {list(flatpeft.optim.method_names())}")
+            try:
+                flatpeft.get_method(flatpeft_method)  # the live registry: methods added with register_method count
+            except ValueError as err:
+                raise ValueError(f"flatpeft_method={flatpeft_method!r}: {err}") from None
         if flatpeft_kwargs is not None and not isinstance(flatpeft_kwargs, dict):
             raise ValueError(f"flatpeft_kwargs must be a dict, got {type(flatpeft_kwargs).__name__}")
         self.flatpeft_method = flatpeft_method if given_opt is None else given_opt.method
@@ -151,35 +207,61 @@ class SharpnessAwareTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
-                "SharpnessAwareTrainer does not support DeepSpeed or FSDP yet: DeepSpeed's backward steps the "
+                f"{type(self).__name__} does not support DeepSpeed or FSDP yet: DeepSpeed's backward steps the "
                 "optimizer at the accumulation boundary and shards gradients, FSDP shards parameters, so the extra "
                 "pass and the global perturbation norm need collectives that are not implemented. Use DDP."
             )
         self.add_callback(_RestoreIfStepSkipped(self))
 
     # ------------------------------------------------------------------ optimizer
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Build the flatpeft optimizer: ``flatpeft.create_optimizer(model, method, base_optimizer=<args.optim class>, ...)``.
+    def flatpeft_optimizer_kwargs(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The keywords passed to ``flatpeft.create_optimizer`` (besides ``base_optimizer``).
 
-        Base keywords come from the ``TrainingArguments`` (``lr``, ``betas``, ``eps``, ``fused`` for the chosen
-        ``optim``, and ``weight_decay``); ``flatpeft_kwargs`` override them. A non-constant ``rho_schedule``
-        without ``total_steps`` runs over the Trainer's number of optimizer steps. Note: all trainable tensors get
-        ``weight_decay`` (the plain Trainer exempts biases and LayerNorm weights; with LoRA these are frozen).
+        ``TrainingArguments`` give the base keywords (``lr``, ``betas``, ``eps``, ``fused`` for the chosen ``optim``,
+        and ``weight_decay``), ``total_steps`` (the Trainer's ``state.max_steps``, once training has computed it)
+        and ``seed`` (``args.seed``); ``flatpeft_kwargs`` override all of them.
         """
-        import flatpeft
+        _, base_kwargs = base_optimizer_from_args(self.args, self.model if model is None else model)
+        kwargs: dict[str, Any] = {**base_kwargs, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay}
+        total = getattr(self.state, "max_steps", 0)  # set by the Trainer before it builds the optimizer
+        if total and total > 0:
+            kwargs["total_steps"] = int(total)
+        kwargs["seed"] = int(self.args.seed)
+        kwargs.update(self.flatpeft_kwargs)
+        return kwargs
 
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the flatpeft optimizer: ``flatpeft.create_optimizer(model, method, base_optimizer=<args.optim class>,
+        **self.flatpeft_optimizer_kwargs())``.
+
+        Every schedule or ramp the method has (by default or from ``rho_schedule``) runs over the Trainer's
+        number of optimizer steps, and the method's seed is the training seed, unless ``flatpeft_kwargs`` sets
+        ``total_steps`` / ``seed``. Note: all trainable tensors get ``weight_decay`` (the plain Trainer exempts
+        biases and LayerNorm weights; with LoRA these are frozen).
+        """
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            base_cls, base_kwargs = base_optimizer_from_args(self.args, opt_model)
-            kwargs: dict[str, Any] = {**base_kwargs, "weight_decay": self.args.weight_decay}
-            kwargs.update(self.flatpeft_kwargs)
-            kwargs.setdefault("lr", self.args.learning_rate)
-            total = getattr(self.state, "max_steps", 0)  # set by the Trainer before it builds the optimizer
-            if kwargs.get("rho_schedule", "constant") != "constant" and kwargs.get("total_steps") is None and total:
-                kwargs["total_steps"] = total
+            base_cls, _ = base_optimizer_from_args(self.args, opt_model)
+            kwargs = self.flatpeft_optimizer_kwargs(opt_model)
             self.optimizer = flatpeft.create_optimizer(opt_model, self.flatpeft_method, base_optimizer=base_cls, **kwargs)
-        self.flatpeft_optimizer = self.optimizer
+        self.flatpeft_optimizer = unwrap_optimizer(self.optimizer)
         return self.optimizer
+
+    # ------------------------------------------------------------------ metric store of the subclass
+    def flatpeft_metric_snapshot(self) -> dict[str, Any]:
+        """Deep copies of the attributes in :attr:`flatpeft_metric_attributes` that this trainer has."""
+        missing = object()
+        snap = {}
+        for name in self.flatpeft_metric_attributes:
+            value = getattr(self, name, missing)
+            if value is not missing:
+                snap[name] = copy.deepcopy(value)
+        return snap
+
+    def flatpeft_metric_restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back the attributes taken by :meth:`flatpeft_metric_snapshot` (drops what pass 2 recorded)."""
+        for name, value in snapshot.items():
+            setattr(self, name, value)
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -204,7 +286,9 @@ class SharpnessAwareTrainer(Trainer):
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
         batches, self._fp_cache = self._fp_cache, []
-        self._zero_trainable_grads(opt)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
         if opt.passes == 2:
             loss = self._two_pass(model, batches, num_items_in_batch)
         else:
@@ -222,11 +306,12 @@ class SharpnessAwareTrainer(Trainer):
         """Pass 1 over all micro-batches, ``first_step``, pass 2 over all of them at ``w + e`` (same RNG)."""
         opt = self.flatpeft_optimizer
         replay = bool(getattr(opt, "replay_rng", True))
-        start = RNGState.capture() if replay else None
+        start = flatpeft.RNGState.capture() if replay else None
         loss = self._accumulate(model, batches, num_items_in_batch, sync_last=self.sync_ascent_grad)
-        after_pass1 = RNGState.capture() if replay else None
+        after_pass1 = flatpeft.RNGState.capture() if replay else None
         self._unscale_pass1_grads(opt)
         opt.first_step()  # perturbs, and zeroes the pass-1 gradients
+        metric_store = self.flatpeft_metric_snapshot()
         try:
             if start is not None:
                 start.restore()
@@ -237,6 +322,7 @@ class SharpnessAwareTrainer(Trainer):
         finally:
             if after_pass1 is not None:
                 after_pass1.restore()
+            self.flatpeft_metric_restore(metric_store)
         opt.metrics["loss"] = loss
         opt.metrics["loss_perturbed"] = loss_perturbed
         return loss
@@ -251,13 +337,12 @@ class SharpnessAwareTrainer(Trainer):
                 total = total + super().training_step(model, dict(inputs), num_items_in_batch).to(total.device)
         return total
 
-    def _zero_trainable_grads(self, opt) -> None:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
     def _unscale_pass1_grads(self, opt) -> None:
-        """fp16: divide the GradScaler-scaled pass-1 gradients by the scale (not ``unscale_``: pitfall 2)."""
+        """fp16: divide the GradScaler-scaled pass-1 gradients by the scale.
+
+        Not ``scaler.unscale_``: it may run only once per ``update()``, and the Trainer's clipping needs it for the
+        update gradient.
+        """
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return
@@ -286,19 +371,28 @@ class SharpnessAwareTrainer(Trainer):
         if "loss" in metrics and "loss_perturbed" in metrics:
             values["loss_gap"] = metrics["loss_perturbed"] - metrics["loss"]
         for key, value in values.items():
-            value = value.detach().float()
+            value = torch.as_tensor(value).detach().float()
             self._fp_sums[key] = self._fp_sums[key] + value if key in self._fp_sums else value
         self._fp_count += 1
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add ``flatpeft/perturbation_norm`` and ``flatpeft/loss_gap`` (means since the last log) to training logs."""
         if "loss" in logs and self._fp_count and self._fp_sums:
             keys = sorted(self._fp_sums)
-            means = torch.stack([self._fp_sums[k] for k in keys]) / self._fp_count
+            means = torch.stack([self._fp_sums[k].to(self.args.device) for k in keys]) / self._fp_count
             if self.accelerator.num_processes > 1:
                 # every rank logs at the same steps (the Trainer gathers its loss there too): average over ranks
-                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+                means = self.accelerator.reduce(means, reduction="mean")
             for key, value in zip(keys, means.tolist()):
                 logs[f"flatpeft/{key}"] = round(value, 8)
             self._fp_sums, self._fp_count = {}, 0
-        super().log(logs, start_time)
+        super().log(logs, *args, **kwargs)
+
+
+class SharpnessAwareTrainer(SharpnessAwareMixin, Trainer):
+    """A ``transformers.Trainer`` whose optimizer is a flatpeft sharpness-aware method.
+
+    ``SharpnessAwareMixin`` + ``transformers.Trainer``; see :class:`SharpnessAwareMixin` for the arguments
+    (``flatpeft_method``, ``flatpeft_kwargs``, ``sync_ascent_grad``) and for combining the step with other
+    Trainer subclasses such as trl's ``SFTTrainer``.
+    """
