@@ -10,7 +10,7 @@ from torch import nn
 
 import flatpeft
 from flatpeft.perturb.base import StepContext
-from flatpeft.perturb.rules import ImportanceMask, psi
+from flatpeft.methods.spider import ImportanceMask, psi
 from flatpeft.perturb.transforms import full_space_lora_perturbation, lora_full_space
 
 from conftest import loss_of, make_closure, make_lora_mlp, make_mlp
@@ -154,7 +154,7 @@ def test_eflat_ema_ignores_non_finite_gradients():
     for f in opt.lora:
         f.A.grad = torch.full_like(f.A, float("inf"))
         f.B.grad = torch.full_like(f.B, float("nan"))
-    out = lora_full_space()([], opt.context("lora_B", with_grad_only=False))
+    out = lora_full_space()([], opt.step_state().context("lora_B", with_grad_only=False))
     assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
 
 

@@ -2,7 +2,11 @@
 
 The scale ``s`` is always read from the module (``lora_alpha / r`` or ``lora_alpha / sqrt(r)`` for rsLoRA),
 never hard-coded: the only public Flat-LoRA (Deng et al.) code hard-codes ``s = 0.5`` and so realises a
-W-space radius about 4x rho (shared/spec/algorithms.md section 4, bug 1).
+W-space radius about 4x rho (docs/algorithms.md, "Flat-LoRA").
+
+Besides peft, a hand-written LoRA module is recognised when it has ``lora_A`` (``r x in``) and ``lora_B``
+(``out x r``) parameters (or ``nn.Linear`` modules of those shapes), a float ``scaling`` and a frozen ``weight``
+(or a ``base_layer`` with one), and computes ``base(x) + scaling * x A^T B^T``.
 
 Linear and Conv LoRA layers are covered: a conv factor is viewed as a matrix (``A``: r x (in*kh*kw),
 ``B``: out x r), for which ``Delta W = s * B @ A`` holds exactly. LoRA on embeddings and DoRA are not covered
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LoRAFactors", "find_lora_layers", "require_lora_layers"]
+__all__ = ["LoRAFactors", "find_lora_layers", "require_lora_layers", "adapter_parameters"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +34,8 @@ class LoRAFactors:
         scale: ``s`` in ``W = W0 + s B A``.
         base_weight: the frozen ``W0`` (``(out, in)``; ``(in, out)`` storage when ``fan_in_fan_out``).
         fan_in_fan_out: ``W0`` is stored transposed (GPT-2 ``Conv1D``).
+        module: the LoRA module itself (its input is the base layer's input), or None.
+        base_layer: the frozen base layer (``nn.Linear``, ``nn.Conv*``, ``Conv1D``), or None.
     """
 
     name: str
@@ -38,6 +44,8 @@ class LoRAFactors:
     scale: float
     base_weight: torch.Tensor
     fan_in_fan_out: bool = False
+    module: nn.Module | None = None
+    base_layer: nn.Module | None = None
 
     @property
     def rank(self) -> int:
@@ -57,20 +65,48 @@ class LoRAFactors:
         return w.t() if self.fan_in_fan_out else w
 
 
+def _as_param(obj) -> torch.Tensor | None:
+    if isinstance(obj, nn.Parameter):
+        return obj
+    if isinstance(obj, nn.Linear):
+        return obj.weight
+    return None
+
+
+def _hand_written(mod_name: str, module: nn.Module) -> LoRAFactors | None:
+    """A non-peft module with ``lora_A``/``lora_B``/``scaling`` and a frozen base weight (see module docstring)."""
+    a, b = _as_param(getattr(module, "lora_A", None)), _as_param(getattr(module, "lora_B", None))
+    scale = getattr(module, "scaling", None)
+    if a is None or b is None or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        return None
+    base = getattr(module, "base_layer", None)
+    weight = getattr(base if isinstance(base, nn.Module) else module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+        return None
+    if not (a.requires_grad and b.requires_grad):
+        return None
+    return LoRAFactors(name=mod_name, A=a, B=b, scale=float(scale), base_weight=weight, module=module,
+                       base_layer=base if isinstance(base, nn.Module) else None)
+
+
 def find_lora_layers(model: nn.Module) -> tuple[list[LoRAFactors], list[str]]:
     """Return the trainable LoRA factors of ``model`` and the names of LoRA-like layers it skipped.
 
     A factor pair is returned for every active adapter of every peft ``LoraLayer`` whose ``A`` and ``B``
-    both require gradients. Embedding LoRA and DoRA adapters are skipped (listed in the second value).
+    both require gradients, and for every hand-written LoRA module (module docstring). Embedding LoRA and
+    DoRA adapters are skipped (listed in the second value). Works without peft installed.
     """
     try:
         from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return [], []
+    except ImportError:
+        LoraLayer = None  # noqa: N806 - peft is optional: only hand-written LoRA modules are found
     found: list[LoRAFactors] = []
     skipped: list[str] = []
     for mod_name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if LoraLayer is None or not isinstance(module, LoraLayer):
+            own = _hand_written(mod_name, module)
+            if own is not None:
+                found.append(own)
             continue
         for adapter in module.active_adapters:
             label = f"{mod_name}[{adapter}]"
@@ -94,9 +130,42 @@ def find_lora_layers(model: nn.Module) -> tuple[list[LoRAFactors], list[str]]:
                     scale=float(module.scaling[adapter]),
                     base_weight=module.get_base_layer().weight,
                     fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
+                    module=module,
+                    base_layer=module.get_base_layer(),
                 )
             )
     return found, skipped
+
+
+def adapter_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every PEFT adapter tensor of ``model``: what FlatPO ranks and what SPIDER leaves unmasked.
+
+    Adapter tensors are the parameters a PEFT method adds: every tensor held under a peft tuner layer's
+    ``adapter_layer_names`` (LoRA ``A``/``B``, DoRA magnitudes, LoHa/LoKr/OFT/BOFT/VeRA/IA3 factors, ...), the
+    prompt encoder of prompt, prefix and p-tuning models, and ``lora_A``/``lora_B`` of hand-written LoRA
+    modules. Not adapter tensors: ``modules_to_save`` copies (e.g. a classifier head), biases, norms, or any
+    other trainable tensor of the backbone.
+    """
+    ids: set[int] = set()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        BaseTunerLayer = None  # noqa: N806
+    for mod_name, module in model.named_modules():
+        if BaseTunerLayer is not None and isinstance(module, BaseTunerLayer):
+            for attr in getattr(module, "adapter_layer_names", ()):
+                sub = getattr(module, attr, None)
+                if isinstance(sub, nn.Module):
+                    ids.update(id(p) for p in sub.parameters())
+                elif isinstance(sub, nn.Parameter):
+                    ids.add(id(sub))
+        elif mod_name.split(".")[-1] == "prompt_encoder" or _hand_written(mod_name, module) is not None:
+            if _hand_written(mod_name, module) is not None:
+                ids.update(id(getattr(module, n)) if isinstance(getattr(module, n), nn.Parameter)
+                           else id(getattr(module, n).weight) for n in ("lora_A", "lora_B"))
+            else:
+                ids.update(id(p) for p in module.parameters())
+    return ids
 
 
 def require_lora_layers(model: nn.Module, method: str) -> list[LoRAFactors]:

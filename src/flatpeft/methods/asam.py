@@ -1,9 +1,9 @@
 """``asam``: adaptive SAM (Kwon et al., ICML 2021). 2 passes.
 
-``e_p = rho * T_p^2 g_p / ||T g||`` with ``T_p = |theta_p| + eta`` element-wise (shared/spec/algorithms.md
-section 2). Defaults ``rho = 0.5``, ``eta = 0.01``: the official SamsungLabs/ASAM values. ``eta > 0`` matters for
-LoRA, whose ``B`` starts at 0 (with ``eta = 0`` it would never be perturbed early on). flatpeft applies ``T`` to
-every trainable tensor (the official code exempts biases).
+``e_p = rho * T_p^2 g_p / ||T g||`` with ``T_p = |theta_p| + eta`` element-wise (docs/algorithms.md, "ASAM").
+Defaults ``rho = 0.5``, ``eta = 0.01``: the official SamsungLabs/ASAM values. ``eta > 0`` matters for LoRA, whose
+``B`` starts at 0 (with ``eta = 0`` it would never be perturbed early on). flatpeft applies ``T`` to every
+trainable tensor (the official code exempts biases).
 """
 from flatpeft._checks import non_negative
 from flatpeft.optim.registry import MethodInfo, register_method
@@ -20,6 +20,8 @@ def build(eta: float = 0.01) -> list[Rule]:
 
 
 register_method(
-    MethodInfo("asam", build, defaults={"rho": 0.5, "eta": 0.01}, summary="adaptive SAM: e = rho T^2 g / ||T g||, T = |w| + eta",
-               reference="Kwon et al. 2021; spec section 2")
+    MethodInfo("asam", build, defaults={"rho": 0.5}, summary="adaptive SAM: e = rho T^2 g / ||T g||, T = |w| + eta",
+               reference="Kwon et al. 2021", sources={"rho": "SamsungLabs/ASAM", "eta": "SamsungLabs/ASAM"},
+               perturbs="every trainable tensor with a gradient",
+               memory="transient: one copy of the trainable tensors during pass 2")
 )

@@ -8,4 +8,5 @@ def build() -> list[Rule]:
     return []
 
 
-register_method(MethodInfo("base", build, summary="base optimizer only (LoRA / prefix / prompt / full FT baseline)", reference="-"))
+register_method(MethodInfo("base", build, summary="base optimizer only (LoRA / prefix / prompt / full FT baseline)",
+                           reference="-", perturbs="nothing", memory="none"))

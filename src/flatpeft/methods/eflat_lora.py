@@ -1,24 +1,32 @@
 """``eflat-lora``: EFlat-LoRA (Deng et al., arXiv 2508.00522): single-pass Flat-LoRA with an EMA perturbation. 1 pass.
 
 The gradient is taken at ``B + E_bar``; the Flat-LoRA perturbation ``E_new`` computed from that gradient (clean
-``B``, current ``A``) feeds ``E_bar <- beta E_bar + (1 - beta) E_new`` for the next step (shared/spec/algorithms.md
-section 5). ``beta`` has the standard meaning, the weight of the past. Default ``beta = 0.1``: the only public code
-(MitakeMoca/AsyFlat_LoRA) writes 0.9 for the weight of the *new* term, i.e. 0.1 in this convention. Other defaults
-as ``flat-lora`` (rho 0.05 -> 0.02 cosine over ``total_steps``, global norm, damping 1e-6).
+``B``, current ``A``) feeds ``E_bar <- beta E_bar + (1 - beta) E_new`` for the next step (docs/algorithms.md,
+"EFlat-LoRA"). ``beta`` has the standard meaning of a momentum coefficient, the weight of the past.
+
+Default ``beta = 0.9``: the paper calls beta "the momentum coefficient that determines the update rate" of an
+exponential moving average *of previous perturbations*, which in the usual convention weights the past; the only
+public code (MitakeMoca/AsyFlat_LoRA) puts its 0.9 on the *new* term, i.e. ``beta = 0.1`` here, an average of
+barely more than the last perturbation. ``beta=0.1`` reproduces that code. Other defaults as ``flat-lora``.
 """
 from flatpeft._checks import in_range
-from flatpeft.methods.flat_lora import DEFAULTS, full_space_direction
+from flatpeft.methods.flat_lora import RHO_MIN_FRACTION, SCHEDULE_DEFAULTS, SOURCES, full_space_direction
 from flatpeft.optim.registry import MethodInfo, register_method
+from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import LaggedAscent, Rule
+from flatpeft.perturb.transforms import ema
 
 
-def build(beta: float = 0.1, norm_scope: str = "global", damping: float = 1e-6) -> list[Rule]:
+def build(beta: float = 0.9, norm_scope: str = "global", damping: float = 1e-6) -> list[Rule]:
     in_range("beta", beta, 0.0, 1.0, low_open=False, high_open=True)
-    return [LaggedAscent(full_space_direction(norm_scope, damping), beta)]
+    return [LaggedAscent(chain(full_space_direction(norm_scope, damping), ema(beta)), target="lora_B")]
 
 
 register_method(
-    MethodInfo("eflat-lora", build, defaults={**DEFAULTS, "beta": 0.1}, needs_lora=True,
+    MethodInfo("eflat-lora", build, defaults=SCHEDULE_DEFAULTS, needs_lora=True, rho_min_fraction=RHO_MIN_FRACTION,
+               schedule="cosine rho decay",
+               sources={**SOURCES, "beta": "paper: 'momentum coefficient' (weight of the past); third-party code = 0.1 here"},
                summary="EFlat-LoRA: one pass at B + EMA of past Flat-LoRA perturbations",
-               reference="arXiv 2508.00522; spec section 5")
+               reference="arXiv 2508.00522", perturbs="LoRA B factors (by the EMA of past Flat-LoRA steps)",
+               memory="persistent: EMA and lagged perturbation, 2 x size of every LoRA B (fp32); transient: one copy of every B")
 )

@@ -2,12 +2,13 @@
 
 From ``g_A, g_B`` estimate the full-weight gradient ``G_hat = (g_B (A^T)^+ + (B^T)^+ g_A) / (2 s)``, take the W-space
 SAM step ``E_W = rho_t G_hat / N`` and realise it in ``B`` by least squares, ``E_B = E_W A^+ / s``, with r x r solves
-only (shared/spec/algorithms.md section 4). Not to be confused with Li et al.'s Flat-LoRA (``flat-lora-random``).
+only (docs/algorithms.md, "Flat-LoRA"). Not to be confused with Li et al.'s Flat-LoRA (``flat-lora-random``).
 
-Defaults: ``rho = 0.05`` decayed by ``rho_schedule = "cosine"`` to ``rho_min = 0.02`` over ``total_steps`` (the only
-public code; constant without ``total_steps``); ``norm_scope = "global"`` (one ``N`` over all layers, spec
-recommendation; ``"layer"`` is the third-party behaviour); ``damping = 1e-6`` (relative Tikhonov damping of
-``A A^T`` and ``B^T B``). Non-LoRA trainable tensors (heads, biases) are not perturbed.
+Defaults: ``rho = 0.05`` decayed by ``rho_schedule = "cosine"`` over ``total_steps`` to ``rho_min = 0.4 rho``
+(``rho_min=None``; the only public code decays 0.05 -> 0.02, i.e. to 40 % of rho; an explicit ``rho_min`` is an
+absolute radius and may not exceed ``rho``); ``norm_scope = "global"`` (one ``N`` over all layers; ``"layer"`` is
+the third-party behaviour); ``damping = 1e-6`` (relative Tikhonov damping of ``A A^T`` and ``B^T B``). Non-LoRA
+trainable tensors (heads, biases) are not perturbed.
 """
 from flatpeft._checks import non_negative, one_of
 from flatpeft.optim.registry import MethodInfo, register_method
@@ -15,7 +16,16 @@ from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule
 from flatpeft.perturb.transforms import lora_full_space, scale_by_rho
 
-DEFAULTS = {"rho": 0.05, "rho_schedule": "cosine", "rho_min": 0.02, "norm_scope": "global", "damping": 1e-6}
+SCHEDULE_DEFAULTS = {"rho": 0.05, "rho_schedule": "cosine", "rho_min": None}
+"""Flat-LoRA's and EFlat-LoRA's values of the common keywords (rho_min None = RHO_MIN_FRACTION * rho)."""
+RHO_MIN_FRACTION = 0.4
+SOURCES = {
+    "rho": "MitakeMoca/AsyFlat_LoRA (rho_max 0.05)",
+    "rho_schedule": "MitakeMoca/AsyFlat_LoRA (cosine); the paper's Theorem 1 motivates a decreasing rho",
+    "rho_min": "MitakeMoca/AsyFlat_LoRA (0.02 = 0.4 x 0.05), made relative to rho",
+    "norm_scope": "flatpeft decision (global ball, as SAM); 'layer' is the third-party code",
+    "damping": "flatpeft decision (numerical guard of the r x r solves)",
+}
 
 
 def full_space_direction(norm_scope: str, damping: float):
@@ -30,7 +40,9 @@ def build(norm_scope: str = "global", damping: float = 1e-6) -> list[Rule]:
 
 
 register_method(
-    MethodInfo("flat-lora", build, defaults=DEFAULTS, needs_lora=True,
+    MethodInfo("flat-lora", build, defaults=SCHEDULE_DEFAULTS, needs_lora=True, rho_min_fraction=RHO_MIN_FRACTION,
+               schedule="cosine rho decay", sources=SOURCES,
                summary="full-weight-space SAM estimated from LoRA gradients, moved exactly into B (Deng et al.)",
-               reference="arXiv 2508.00522; spec section 4")
+               reference="arXiv 2508.00522", perturbs="LoRA B factors (a W-space step of radius rho_t)",
+               memory="transient: one copy of every LoRA B during pass 2")
 )

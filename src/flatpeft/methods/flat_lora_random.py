@@ -1,20 +1,168 @@
 """``flat-lora-random``: Flat-LoRA of Li et al. (arXiv 2409.14396, ICML 2025). 1 pass.
 
-Filter-wise Gaussian noise on the frozen ``W0`` of every LoRA layer, ``sigma_i = f_t rho ||W[i,:]|| / sqrt(m)`` of
-the merged weight, ``f_t`` a cosine ramp 0 -> 1 over ``total_steps`` (1 without), drawn from a generator seeded by
-``(seed, step)``, and undone by an exact copy (frozen weights bit-identical after each step).
-shared/spec/algorithms.md section 6. Defaults ``rho = 0.05``, ``seed = 0`` (nblt/Flat-LoRA README: rho 0.05, T = 1).
+Filter-wise Gaussian noise on the frozen ``W0`` of every LoRA layer: ``sigma_i = f_t rho ||W[i,:]|| / sqrt(m)``
+of the merged weight ``W = W0 + s B A``, ``f_t = (1 - cos(pi t / T)) / 2`` a cosine ramp from 0 to 1 over
+``total_steps`` (1 without), ``eps_ij ~ N(0, sigma_i^2)`` (docs/algorithms.md, "Flat-LoRA (Li et al.)").
+
+The noise is applied *functionally*: while the step is perturbed, a forward hook on each LoRA module adds
+``x eps^T`` to its output, which is exactly the output at ``W0 + eps``; a custom autograd function regenerates
+``eps`` from its seed in the backward pass instead of saving it. So the frozen weights are never written (they
+stay bit-identical; the reference's in-place add and subtract drifts in bf16, and a snapshot would hold a copy of
+every targeted weight), and the extra memory is one layer's noise at a time. Each layer's noise comes from a
+private generator seeded by ``(seed, step, rank, layer)``: the same noise for every micro-batch of a step and in
+the backward pass, reproducible, never the global RNG; each DDP rank draws its own noise (``per_rank_noise=True``,
+the Monte-Carlo reading of the method; ``False`` gives every rank rank 0's noise).
+Defaults ``rho = 0.05``, ``T = 1`` (nblt/Flat-LoRA README).
 """
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.optim.registry import MethodInfo, register_method
-from flatpeft.perturb.rules import FilterNoise, Rule
+from flatpeft.perturb.base import StepState, step_generator
+from flatpeft.perturb.rules import Rule
+from flatpeft.perturb.schedules import cosine_ramp
+
+__all__ = ["FilterNoise", "row_sigma", "build"]
 
 
-def build() -> list[Rule]:
-    return [FilterNoise()]
+@torch.no_grad()
+def row_sigma(f: LoRAFactors, rho: float) -> torch.Tensor:
+    """``rho * ||(W0 + s B A)[i, :]|| / sqrt(m)`` for every output row ``i`` (at least float32).
+
+    Row norms are computed without forming ``W``: ``||W0_i||^2 + 2 s <W0_i A^T, B_i> + s^2 B_i K_A B_i^T``.
+    """
+    w0 = f.w0_matrix()
+    cd = torch.promote_types(w0.dtype, torch.float32)
+    a = f.a_matrix().to(w0.dtype)
+    b = f.b_matrix().to(cd)
+    w0a = (w0 @ a.t()).to(cd)
+    a32 = f.a_matrix().to(cd)
+    ka = a32 @ a32.t()
+    sq = (
+        torch.linalg.vector_norm(w0, dim=1, dtype=cd).square()
+        + 2.0 * f.scale * (w0a * b).sum(1)
+        + f.scale**2 * ((b @ ka) * b).sum(1)
+    )
+    return rho * sq.clamp_min(0.0).sqrt() / (w0.shape[1] ** 0.5)
+
+
+@dataclass(eq=False)
+class _LayerNoise:
+    """The noise of one layer for one step: ``eps = N(0, 1) * sigma[:, None]`` from a seeded generator."""
+
+    factors: LoRAFactors
+    sigma: torch.Tensor
+    seed: int
+    step: int
+    rank: int
+    stream: int
+    sq_norm: torch.Tensor | None = field(default=None)
+
+    def noise(self) -> torch.Tensor:
+        """``eps`` as an ``n x m`` matrix in ``sigma``'s dtype (drawn in float32, regenerated identically)."""
+        dev = self.sigma.device
+        shape = (self.sigma.shape[0], self.factors.w0_matrix().shape[1])
+        g = step_generator(self.seed, self.step, dev, rank=self.rank, stream=self.stream)
+        eps = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(self.sigma.dtype)
+        return eps.mul_(self.sigma[:, None])
+
+    def conv(self) -> nn.Module | None:
+        base = self.factors.base_layer
+        return base if isinstance(base, nn.modules.conv._ConvNd) else None
+
+    def output(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The extra output ``(W0 + eps) x - W0 x`` of the base layer."""
+        conv = self.conv()
+        if conv is None:
+            return F.linear(x, eps.to(x.dtype))
+        return conv._conv_forward(x, eps.view_as(conv.weight).to(x.dtype), None)
+
+
+class _AddNoise(torch.autograd.Function):
+    """``y = layer.output(x, eps)``; the backward regenerates ``eps`` instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: _LayerNoise) -> torch.Tensor:  # type: ignore[override]
+        eps = layer.noise()
+        if layer.sq_norm is None:
+            layer.sq_norm = eps.square().sum()
+        ctx.layer = layer
+        if layer.conv() is not None:
+            ctx.save_for_backward(x)
+        return layer.output(x, eps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        layer: _LayerNoise = ctx.layer
+        eps = layer.noise()
+        if layer.conv() is None:
+            return grad @ eps.to(grad.dtype), None
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(layer.output(x_, eps), x_, grad)
+        return gx, None
+
+
+class FilterNoise(Rule):
+    """Li et al.'s filter-wise noise on the frozen weights of every LoRA layer, applied by forward hooks."""
+
+    perturbs = True
+
+    def __init__(self, per_rank_noise: bool = True) -> None:
+        self.per_rank_noise = per_rank_noise
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._layers: list[_LayerNoise] = []
+
+    def perturb(self, state: StepState) -> None:
+        rho = state.rho * cosine_ramp(state.step, state.total_steps)
+        rank = state.rank if self.per_rank_noise else 0
+        for i, f in enumerate(state.lora):
+            if not f.base_weight.is_floating_point():
+                raise ValueError(
+                    f"flat-lora-random perturbs the frozen base weight of {f.name}, which is not a floating-point "
+                    f"tensor ({f.base_weight.dtype}, e.g. a 4-bit QLoRA weight); quantised bases are not supported"
+                )
+            if f.module is None:
+                raise ValueError(f"flat-lora-random needs the LoRA module of {f.name} to add its noise (LoRAFactors.module)")
+        for i, f in enumerate(state.lora):
+            layer = _LayerNoise(f, row_sigma(f, rho), state.seed, state.step, rank, i)
+            self._layers.append(layer)
+            self._hooks.append(f.module.register_forward_hook(self._hook(layer)))
+            n, m = f.w0_matrix().shape
+            self.transient_bytes = max(self.transient_bytes, n * m * layer.sigma.element_size())
+
+    @staticmethod
+    def _hook(layer: _LayerNoise):
+        def add_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + _AddNoise.apply(args[0], layer)
+
+        return add_noise
+
+    def restore(self, state: StepState) -> None:
+        for h in self._hooks:
+            h.remove()
+        sq = [layer.sq_norm for layer in self._layers if layer.sq_norm is not None]
+        if sq:
+            state.metrics["perturbation_norm"] = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
+        self._hooks, self._layers = [], []
+
+
+def build(per_rank_noise: bool = True) -> list[Rule]:
+    return [FilterNoise(per_rank_noise)]
 
 
 register_method(
-    MethodInfo("flat-lora-random", build, defaults={"rho": 0.05}, needs_lora=True,
+    MethodInfo("flat-lora-random", build, needs_lora=True, schedule="cosine noise ramp",
                summary="random filter-wise noise on the frozen weights of LoRA layers (Li et al.)",
-               reference="arXiv 2409.14396; spec section 6")
+               reference="arXiv 2409.14396",
+               sources={"rho": "nblt/Flat-LoRA README (0.05)", "per_rank_noise": "flatpeft decision (independent noise per rank)"},
+               perturbs="frozen W0 of every LoRA layer (functionally, through forward hooks)",
+               memory="transient: one layer's noise at a time; n floats per layer (row scales)")
 )

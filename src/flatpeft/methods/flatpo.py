@@ -1,13 +1,19 @@
 """``flatpo``: FlatPO (arXiv 2606.10488): SAM that perturbs only the sharpest fraction of PEFT tensors. 2 passes.
 
-``N = ||g||`` over all trainable tensors (``normalize_over="all"``, the reference behaviour; the realised radius is
-then ``rho ||g_S|| / ||g||``) or over the selected ones (``"selected"``: radius exactly rho); the selected set ``S``
-is the top ``k = max(1, floor(fraction * n))`` tensors by gradient norm (``granularity="tensor"``, the paper's unit)
-or entries by ``|g|`` (``"element"``), recomputed every step, or ``k`` drawn at random (``selection="random"``,
-the paper's ablation, seeded by ``(seed, step)``); ``e_p = rho g_p / N`` for ``p`` in ``S``, 0 elsewhere; every
-trainable tensor is updated with the gradient at ``w + e`` (shared/spec/algorithms.md section 7).
-Defaults: ``rho = 0.05`` (FlatPO VLM configs), ``fraction = 0.05``, ``selection = "topk"``,
-``granularity = "tensor"``, ``normalize_over = "all"``.
+The eligible set ``E`` is, by default (``scope="adapters"``), the PEFT adapter tensors with a gradient (LoRA A/B and
+their variants, prompt/prefix embeddings: :func:`flatpeft.adapters.lora.adapter_parameters`), as in the FlatPO
+reference, whose optimizer sees only PEFT tensors; a trained classifier head, a ``modules_to_save`` copy or a
+fully trained projector is updated normally and never perturbed. ``scope="all"`` ranks every trainable tensor. A
+model without any PEFT adapter tensor (full fine-tuning) ranks every trainable tensor either way.
+
+``N = ||g_E||`` over the eligible tensors (``normalize_over="all"``, the reference behaviour; the realised radius is
+then ``rho ||g_S|| / ||g_E||``) or over the selected ones (``"selected"``: radius exactly rho); the selected set
+``S`` is the top ``k = max(1, floor(fraction * |E|))`` tensors by gradient norm (``granularity="tensor"``, the
+paper's unit) or entries by ``|g|`` (``"element"``), recomputed every step, or ``k`` drawn at random
+(``selection="random"``, the paper's ablation, seeded by ``(seed, step)``); ``e_p = rho g_p / N`` for ``p`` in
+``S``, 0 elsewhere; every trainable tensor is updated with the gradient at ``w + e`` (docs/algorithms.md,
+"FlatPO"). Defaults: ``rho = 0.05`` (FlatPO VLM configs), ``fraction = 0.05``, ``selection = "topk"``,
+``granularity = "tensor"``, ``normalize_over = "all"``, ``scope = "adapters"``.
 """
 from flatpeft._checks import in_range, one_of
 from flatpeft.optim.registry import MethodInfo, register_method
@@ -16,21 +22,33 @@ from flatpeft.perturb.rules import GradientAscent, Rule
 from flatpeft.perturb.transforms import from_grad, normalize_global, scale_by_rho, select_top_fraction
 
 
-def build(fraction: float = 0.05, selection: str = "topk", granularity: str = "tensor", normalize_over: str = "all") -> list[Rule]:
+def sparse_direction(fraction: float, selection: str, granularity: str, normalize_over: str):
+    """FlatPO's perturbation of the eligible tensors: top (or random) fraction of ``rho g / N``."""
     in_range("fraction", fraction, 0.0, 1.0, low_open=True, high_open=False)
     one_of("selection", selection, ("topk", "random"))
     one_of("granularity", granularity, ("tensor", "element"))
     one_of("normalize_over", normalize_over, ("all", "selected"))
     select = select_top_fraction(fraction, selection, granularity)
     if normalize_over == "all":
-        transform = chain(from_grad(), normalize_global(), select, scale_by_rho())
-    else:
-        transform = chain(from_grad(), select, normalize_global(), scale_by_rho())
-    return [GradientAscent(transform)]
+        return chain(from_grad(), normalize_global(), select, scale_by_rho())
+    return chain(from_grad(), select, normalize_global(), scale_by_rho())
+
+
+def build(fraction: float = 0.05, selection: str = "topk", granularity: str = "tensor", normalize_over: str = "all",
+          scope: str = "adapters") -> list[Rule]:
+    one_of("scope", scope, ("adapters", "all"))
+    transform = sparse_direction(fraction, selection, granularity, normalize_over)
+    return [GradientAscent(transform, target="adapters" if scope == "adapters" else "trainable")]
 
 
 register_method(
     MethodInfo("flatpo", build,
-               defaults={"rho": 0.05, "fraction": 0.05, "selection": "topk", "granularity": "tensor", "normalize_over": "all"},
-               summary="FlatPO: SAM on the sharpest fraction of PEFT tensors", reference="arXiv 2606.10488; spec section 7")
+               summary="FlatPO: SAM on the sharpest fraction of PEFT adapter tensors",
+               reference="arXiv 2606.10488",
+               sources={"rho": "FlatPO VLM configs", "fraction": "FlatPO (5 %)", "selection": "FlatPO",
+                        "granularity": "FlatPO (whole tensors)", "normalize_over": "FlatPO reference code",
+                        "scope": "FlatPO reference (its optimizer sees only PEFT tensors)"},
+               perturbs="the selected adapter tensors (top 5 % by gradient norm)",
+               ranks="PEFT adapter tensors (scope='adapters', default); every trainable tensor with scope='all'",
+               memory="transient: one copy of the eligible tensors during pass 2")
 )

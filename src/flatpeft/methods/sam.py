@@ -1,7 +1,7 @@
 """``sam``: SAM over all trainable tensors (Foret et al., ICLR 2021); on a LoRA model this is LoRA-SAM. 2 passes.
 
 ``e_p = rho * g_p / (||g|| + 1e-12)`` with one global norm over every trainable tensor with a gradient; the
-update gradient is taken at ``w + e`` (shared/spec/algorithms.md sections 1 and 3).
+update gradient is taken at ``w + e`` (docs/algorithms.md, "SAM" and "LoRA-SAM").
 Default ``rho = 0.05`` (davda54/sam; FlatPO's VLM default).
 """
 from flatpeft.optim.registry import MethodInfo, register_method
@@ -14,4 +14,7 @@ def build() -> list[Rule]:
     return [GradientAscent(chain(from_grad(), normalize_global(), scale_by_rho()))]
 
 
-register_method(MethodInfo("sam", build, summary="SAM / LoRA-SAM: e = rho g / ||g||", reference="Foret et al. 2021; spec sections 1, 3"))
+register_method(MethodInfo("sam", build, summary="SAM / LoRA-SAM: e = rho g / ||g||", reference="Foret et al. 2021",
+                           sources={"rho": "davda54/sam default; FlatPO VLM configs"},
+                           perturbs="every trainable tensor with a gradient",
+                           memory="transient: one copy of the trainable tensors during pass 2"))

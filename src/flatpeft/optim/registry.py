@@ -1,14 +1,15 @@
 """Method registry and the ``create_optimizer`` factory.
 
-A method is registered once with a :class:`MethodInfo`: its name, the keywords it accepts with their defaults
-(and where each default comes from), whether it needs LoRA layers, and a ``build(**kwargs)`` that returns its
-rules. ``create_optimizer`` splits the user's keywords between the method and the base optimizer and rejects
+A method is registered once with a :class:`MethodInfo`: its name, a ``build(**kwargs)`` that returns its rules
+(whose keyword arguments are the method's keywords and defaults), its values of the common keywords, whether it
+needs LoRA layers, and where each default comes from. ``create_optimizer`` splits the user's keywords between the method and the base optimizer and rejects
 anything neither accepts, naming it.
 """
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from flatpeft._checks import non_negative, one_of, optional
-from flatpeft.adapters.lora import find_lora_layers, require_lora_layers
+from flatpeft.adapters.lora import adapter_parameters, find_lora_layers, require_lora_layers
 from flatpeft.optim.sharpness_aware import SharpnessAware
 from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import SCHEDULES
@@ -30,21 +31,39 @@ COMMON_KEYWORDS: dict[str, Any] = {
     "total_steps": None,
     "seed": 0,
     "replay_rng": True,
+    "pass2_norm_stats": False,
 }
-"""Keywords every method accepts (``rho`` is ignored by methods that do not perturb)."""
+"""Keywords every method accepts (``rho`` is ignored by methods that do not perturb). ``rho_min`` is the final
+radius of a decaying ``rho_schedule`` (None: a method-specific fraction of ``rho``); ``pass2_norm_stats`` lets
+pass 2 of a two-pass step update BatchNorm running statistics (default: only pass 1 does)."""
+
+
+def _signature_defaults(build: Callable[..., Any]) -> dict[str, Any]:
+    params = inspect.signature(build).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     """A registered method.
 
+    The method's own keywords and their defaults are the keyword arguments of ``build`` (one source of truth);
+    ``defaults`` holds only the method's values for the common keywords (:data:`COMMON_KEYWORDS`: ``rho``,
+    ``rho_schedule``, ...). ``passes`` is derived from the rules ``build()`` returns.
+
     Attributes:
         name: the registry name (``create_optimizer(model, name)``).
         build: ``build(**method_kwargs) -> list[Rule]``.
-        defaults: the method-specific keywords and their defaults (merged over :data:`COMMON_KEYWORDS`).
+        defaults: the method's defaults of common keywords, e.g. ``{"rho": 0.5}``.
         needs_lora: the method acts on LoRA factors and refuses models without LoRA layers.
         summary: one line for ``flatpeft methods`` and docs.
-        reference: the paper / spec section.
+        reference: the paper.
+        sources: where each default comes from (keyword -> source), for docs and ``flatpeft methods``.
+        perturbs: what the method perturbs; ranks: what it ranks (FlatPO); memory: what extra memory it holds.
+        rho_min_fraction: ``rho_min=None`` means ``rho_min_fraction * rho`` (the final radius of a decaying
+            schedule, relative to ``rho``).
+        schedule: the method's own schedule over training, if any (e.g. "cosine rho decay"); it runs over
+            ``total_steps``, and ``create_optimizer`` warns when ``total_steps`` is not given.
     """
 
     name: str
@@ -53,16 +72,46 @@ class MethodInfo:
     needs_lora: bool = False
     summary: str = ""
     reference: str = ""
+    sources: Mapping[str, str] = field(default_factory=dict)
+    perturbs: str = "-"
+    ranks: str = "-"
+    memory: str = "-"
+    rho_min_fraction: float = 0.0
+    schedule: str = ""
+
+    def __post_init__(self) -> None:
+        own = _signature_defaults(self.build)
+        for key, value in self.defaults.items():
+            if key in own and own[key] != value:
+                raise ValueError(
+                    f"method {self.name!r}: default of {key!r} given twice ({own[key]!r} in build(), {value!r} in "
+                    "MethodInfo.defaults); keep it in build()'s signature only"
+                )
+            if key not in own and key not in COMMON_KEYWORDS:
+                raise ValueError(f"method {self.name!r}: defaults has {key!r}, which is neither a keyword of build() nor common")
+
+    def method_defaults(self) -> dict[str, Any]:
+        """The method's own keywords (from ``build``'s signature) and its values of common keywords."""
+        return {**_signature_defaults(self.build), **self.defaults}
 
     def all_defaults(self) -> dict[str, Any]:
-        return {**COMMON_KEYWORDS, **self.defaults}
+        """Every keyword the method accepts, with its default."""
+        return {**COMMON_KEYWORDS, **self.method_defaults()}
+
+    @property
+    def passes(self) -> int:
+        """Forward+backward passes per step with the default keywords (1 or 2)."""
+        return max([r.passes for r in self.build()], default=1)
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
 def register_method(info: MethodInfo) -> MethodInfo:
-    """Register a method; names are unique."""
+    """Register a method (names are unique). It is then usable by name in :func:`create_optimizer`, the Trainer,
+    the CLI config's ``method.name`` and ``flatpeft methods``."""
+    if not isinstance(info, MethodInfo):
+        raise ValueError(f"register_method expects a MethodInfo, got {type(info).__name__}")
     if info.name in _REGISTRY:
         raise ValueError(f"method {info.name!r} is already registered")
     _REGISTRY[info.name] = info
@@ -70,6 +119,7 @@ def register_method(info: MethodInfo) -> MethodInfo:
 
 
 def method_names() -> tuple[str, ...]:
+    """The registered method names, in registration order (built-in ones first)."""
     return tuple(_REGISTRY)
 
 
@@ -110,6 +160,12 @@ def validate_common(kw: Mapping[str, Any]) -> None:
     optional(non_negative, "rho", kw.get("rho"))
     one_of("rho_schedule", kw.get("rho_schedule"), SCHEDULES)
     optional(non_negative, "rho_min", kw.get("rho_min"))
+    rho, rho_min = kw.get("rho"), kw.get("rho_min")
+    if kw.get("rho_schedule") != "constant" and rho is not None and rho_min is not None and rho_min > rho:
+        raise ValueError(
+            f"Invalid rho_min: {rho_min!r} is larger than rho={rho!r}: a decaying rho_schedule would grow the radius; "
+            "give rho_min <= rho (or rho_min=None for the method's default fraction of rho)"
+        )
     total = kw.get("total_steps")
     if total is not None and not (isinstance(total, int) and not isinstance(total, bool) and total > 0):
         raise ValueError(f"Invalid total_steps: {total!r} (must be a positive integer or None)")
@@ -128,8 +184,45 @@ def _check_groups(params: Any, named: list) -> list:
     return groups
 
 
+def _trainable(model_or_params: Any) -> tuple[nn.Module | None, list[tuple[str, torch.Tensor]], Any]:
+    """``(module or None, [(name, tensor)] trainable, user groups or None)`` from a model or an iterable."""
+    if isinstance(model_or_params, nn.Module):
+        return model_or_params, [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad], None
+    if isinstance(model_or_params, torch.Tensor) or not isinstance(model_or_params, Iterable):
+        raise ValueError(
+            f"create_optimizer expects an nn.Module or an iterable of parameters / parameter groups, got "
+            f"{type(model_or_params).__name__}"
+        )
+    groups = list(model_or_params)
+    if groups and isinstance(groups[0], dict):
+        tensors = [p for g in groups for p in g["params"]]
+    else:
+        tensors, groups = groups, None
+    seen: set[int] = set()
+    named = []
+    for i, p in enumerate(tensors):
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"params: item {i} is a {type(p).__name__}, not a tensor")
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            named.append((f"param{i}", p))
+    return None, named, groups
+
+
+def _norm_modules(model: nn.Module | None) -> list[nn.Module]:
+    if model is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 def create_optimizer(
-    model: nn.Module,
+    model: nn.Module | Iterable[Any],
     method: str,
     base_optimizer: Any = "adamw",
     *,
@@ -139,15 +232,17 @@ def create_optimizer(
     """Build the flatpeft optimizer of ``method`` over ``model``'s trainable tensors.
 
     Args:
-        model: any ``nn.Module``; the trainable set is the parameters with ``requires_grad`` (never changed).
-        method: a name of :data:`flatpeft.METHODS`.
+        model: an ``nn.Module`` (the trainable set is its parameters with ``requires_grad``, never changed), or,
+            like ``torch.optim``, an iterable of tensors or parameter groups. With plain tensors flatpeft cannot
+            see LoRA layers, BatchNorm modules or which tensors are PEFT adapters: LoRA-only methods then refuse
+            with a message, and FlatPO/SPIDER treat every tensor alike.
+        method: a registered method name (:func:`method_names`; built-in: :data:`flatpeft.METHODS`).
         base_optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or a ``torch.optim.Optimizer`` class.
-        params: optional parameter groups (or tensors) for the base optimizer, e.g. to exempt biases and norms
-            from weight decay; every tensor must be a trainable parameter of ``model``. Default: all trainable
-            parameters in one group.
-        **kwargs: method keywords (see each method's docstring: ``rho``, ``fraction``, ``beta``, ...) and base
-            optimizer keywords (``lr``, ``weight_decay``, ``momentum``, ...). A keyword that neither accepts
-            raises ``ValueError`` naming it.
+        params: optional parameter groups (or tensors) for the base optimizer when ``model`` is a module, e.g. to
+            exempt biases and norms from weight decay; every tensor must be a trainable parameter of ``model``.
+        **kwargs: method keywords (see ``flatpeft methods`` and docs/methods.md: ``rho``, ``fraction``, ``beta``,
+            ...) and base optimizer keywords (``lr``, ``weight_decay``, ``momentum``, ...). A keyword that neither
+            accepts raises ``ValueError`` naming it.
 
     Example::
 
@@ -169,29 +264,52 @@ def create_optimizer(
                 f"{', '.join(sorted(allowed))}"
             )
     cfg = {**defaults, **method_kw}
+    if cfg["rho_min"] is None:
+        cfg["rho_min"] = info.rho_min_fraction * cfg["rho"] if isinstance(cfg["rho"], (int, float)) else None
     validate_common(cfg)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    module, named, user_groups = _trainable(model)
     if not named:
         raise ValueError(f"model has no trainable parameters (requires_grad=True): nothing for method {method!r} to train")
-    if info.needs_lora:
-        lora = require_lora_layers(model, method)
+    if module is None:
+        if info.needs_lora:
+            raise ValueError(
+                f"method={method!r} needs the model (an nn.Module with LoRA layers) to find its LoRA factors; "
+                "create_optimizer got plain tensors. Pass the model (and params=... for custom groups)."
+            )
+        lora, adapter_ids = [], set()
     else:
-        lora, _ = find_lora_layers(model)
+        lora = require_lora_layers(module, method) if info.needs_lora else find_lora_layers(module)[0]
+        adapter_ids = adapter_parameters(module)
+    if cfg["total_steps"] is None and (info.schedule or cfg["rho_schedule"] != "constant"):
+        what = info.schedule or f"rho_schedule={cfg['rho_schedule']!r}"
+        warnings.warn(
+            f"method {method!r}: {what} needs total_steps (the number of optimizer steps); without it the schedule "
+            "stays at its starting value. Pass total_steps=... (SharpnessAwareTrainer and the CLI set it).",
+            stacklevel=2,
+        )
     rule_kw = {k: v for k, v in cfg.items() if k not in COMMON_KEYWORDS}
     rules = info.build(**rule_kw)
-    groups = [p for _, p in named] if params is None else _check_groups(params, named)
+    if module is None:
+        groups = user_groups if user_groups is not None else [p for _, p in named]
+    else:
+        groups = [p for _, p in named] if params is None else _check_groups(params, named)
     base = base_cls(groups, **kwargs)
     name_of = {id(p): n for n, p in named}
+    flat = [p for g in base.param_groups for p in g["params"]]
     return SharpnessAware(
         base,
         rules,
-        names=[name_of[id(p)] for g in base.param_groups for p in g["params"]],
+        names=[name_of.get(id(p), f"param{i}") for i, p in enumerate(flat)],
         lora=lora,
+        adapters=[id(p) in adapter_ids for p in flat],
+        norm_modules=_norm_modules(module),
         rho=cfg["rho"],
         rho_schedule=cfg["rho_schedule"],
         rho_min=cfg["rho_min"],
         total_steps=cfg["total_steps"],
         seed=cfg["seed"],
+        rank=_rank(),
         replay_rng=cfg["replay_rng"],
+        pass2_norm_stats=cfg["pass2_norm_stats"],
         method=method,
     )

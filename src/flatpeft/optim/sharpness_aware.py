@@ -2,38 +2,39 @@
 
 The wrapper follows timm's ``Lookahead`` and davda54/sam: it *shares* ``param_groups`` and ``state`` with the
 base optimizer (so LR schedulers and ``state_dict()`` see one optimizer) and drives a list of
-:class:`~flatpeft.perturb.rules.Rule` objects through each step. Its own persistent state (step counter,
-EMA buffers, SPIDER anchors) lives in ``base.state["flatpeft"]``: a string key, so the base optimizer's
-lazy per-parameter initialisation is never disturbed and ``load_state_dict`` never casts it.
+:class:`~flatpeft.perturb.rules.Rule` objects through each step, handing them a narrow
+:class:`~flatpeft.perturb.base.StepState`. Its own persistent state (step counter, EMA buffers, SPIDER anchors)
+lives in ``base.state["flatpeft"]``: a string key, so the base optimizer's lazy per-parameter initialisation is
+never disturbed and ``load_state_dict`` never casts it.
 
 Closure API (``step(closure)``)::
 
     opt.zero_grad()
     loss = opt.step(closure)      # closure(): forward + backward, returns the loss
 
-Two-call API (for loops that cannot pass a closure)::
+Loop API, one pattern for every method (single- or two-pass), with gradient accumulation::
 
-    if opt.passes == 2:           # two-pass methods need the gradient at w first
-        loss_fn().backward()
-    opt.first_step()              # perturb (and zero the pass-1 gradients)
-    loss_fn().backward()          # gradient at the perturbed point
-    opt.second_step()             # restore exactly, then the base optimizer's step
+    opt.zero_grad()
+    for _ in opt.gradient_passes():          # 1 or 2 passes; perturbs (and zeroes grads) between them
+        for x, y in micro_batches:
+            (loss_fn(model(x), y) / len(micro_batches)).backward()
+    opt.second_step()                        # restore exactly, then the base optimizer's step
 
-``second_step()`` is ``restore()`` followed by ``step()``; with an fp16 ``GradScaler`` call ``opt.restore()``
-and then ``scaler.step(opt)``, so the weights are clean even when the scaler skips the step.
+With an fp16 ``GradScaler``: ``for _ in opt.gradient_passes(scaler=scaler): scaler.scale(loss).backward()``, then
+``opt.restore(); scaler.step(opt); scaler.update()`` (weights clean even when the scaler skips the step).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from flatpeft._foreach import global_norm
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.optim.rng import RNGState
-from flatpeft.perturb.base import StepContext, step_generator
-from flatpeft.perturb.rules import Rule
+from flatpeft.perturb.base import StepState
+from flatpeft.perturb.rules import LaggedAscent, Rule
 from flatpeft.perturb.schedules import scheduled
 
 __all__ = ["SharpnessAware"]
@@ -49,11 +50,15 @@ class SharpnessAware(torch.optim.Optimizer):
         rules: the method's rules (see :mod:`flatpeft.perturb.rules`), run in order.
         names: parameter names aligned with the base optimizer's flattened parameter list (for diagnostics).
         lora: the model's LoRA factors (needed by LoRA-space rules).
+        adapters: per flattened parameter, whether it is a PEFT adapter tensor (default: none known).
+        norm_modules: the model's BatchNorm-like modules; pass 2 of a two-pass step leaves their running
+            statistics alone unless ``pass2_norm_stats``.
         rho: neighbourhood radius; ``rho_schedule`` / ``rho_min`` / ``total_steps`` decay it
             (:func:`flatpeft.perturb.schedules.scheduled`).
         seed: seed of the method's private random generators (random selection, noise), never the global RNG.
-        replay_rng: in ``step(closure)``, give pass 2 the random state of pass 1 (same dropout masks) and leave
-            the global generators where one pass would have left them. Default True.
+        rank: this process's rank (per-rank noise).
+        replay_rng: give pass 2 the random state of pass 1 (same dropout masks) and leave the global generators
+            where one pass would have left them. Default True.
         method: the registered method name (for messages).
     """
 
@@ -64,12 +69,16 @@ class SharpnessAware(torch.optim.Optimizer):
         *,
         names: Sequence[str] | None = None,
         lora: Sequence[LoRAFactors] = (),
+        adapters: Sequence[bool] | None = None,
+        norm_modules: Sequence[nn.Module] = (),
         rho: float = 0.0,
         rho_schedule: str = "constant",
         rho_min: float = 0.0,
         total_steps: int | None = None,
         seed: int = 0,
+        rank: int = 0,
         replay_rng: bool = True,
+        pass2_norm_stats: bool = False,
         method: str = "custom",
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -84,18 +93,24 @@ class SharpnessAware(torch.optim.Optimizer):
         self.method = method
         self.trainable: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(self.trainable))]
+        self.adapters = list(adapters) if adapters is not None else [False] * len(self.trainable)
         self._index = {id(p): i for i, p in enumerate(self.trainable)}
         self.lora = list(lora)
+        self.norm_modules = list(norm_modules)
         self.rho = float(rho)
         self.rho_schedule = rho_schedule
         self.rho_min = float(rho_min)
         self.total_steps = total_steps
         self.seed = int(seed)
+        self.rank = int(rank)
         self.replay_rng = bool(replay_rng)
+        self.pass2_norm_stats = bool(pass2_norm_stats)
         self.passes = max([r.passes for r in self.rules], default=1)
         self.metrics: dict[str, torch.Tensor] = {}
         self._perturbed = False
         self._awaiting_update = False
+        self._frozen_norms: list[nn.Module] = []
+        self._step_state: StepState | None = None
 
     # ------------------------------------------------------------------ state shared with the rules
     @property
@@ -115,84 +130,80 @@ class SharpnessAware(torch.optim.Optimizer):
         """The radius of the current step after the schedule (host arithmetic, no device sync)."""
         return scheduled(self.rho, self.step_count, self.total_steps, self.rho_schedule, self.rho_min)
 
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A private generator seeded from ``(seed, step)``: replayable and identical on every rank."""
-        return step_generator(self.seed, self.step_count, device)
+    def _lrs(self) -> list[Any]:
+        return [g["lr"] for g in self.param_groups for _ in g["params"]]
 
-    def buffers(
-        self,
-        key: str,
-        params: Sequence[torch.Tensor],
-        init: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """Persistent per-parameter buffers named ``key`` (created with ``init`` on first use)."""
-        store = self._own["buffers"].setdefault(key, {})
-        out = []
-        for p in params:
-            i = self._index[id(p)]
-            if i not in store:
-                if init is None:
-                    raise RuntimeError(f"flatpeft buffer {key!r} of {self.names[i]} was never initialised")
-                store[i] = init(p)
-            out.append(store[i])
-        return out
+    def step_state(self) -> StepState:
+        """The :class:`StepState` the rules see during the current step (one per step)."""
+        st = self._step_state
+        if st is None or st.step != self.step_count:
+            st = StepState(
+                trainable=self.trainable, names=self.names, adapters=self.adapters, lrs=self._lrs(), lora=self.lora,
+                rho=self.current_rho(), step=self.step_count, total_steps=self.total_steps, seed=self.seed,
+                rank=self.rank, store=self._own["buffers"], metrics=self.metrics, _index=self._index,
+            )
+            self._step_state = st
+        st.metrics = self.metrics
+        return st
 
-    def lr_of(self, p: torch.Tensor) -> float:
-        """Learning rate of the parameter group holding ``p``."""
-        for g in self.param_groups:
-            if any(q is p for q in g["params"]):
-                return float(g["lr"])
-        raise KeyError("parameter not managed by this optimizer")
-
-    def context(self, target: str = "trainable", *, with_grad_only: bool = True) -> StepContext:
-        """The :class:`StepContext` of this step for ``target`` (``"trainable"`` or ``"lora_B"``)."""
-        if target == "lora_B":
-            params = [f.B for f in self.lora]
-            names = [f.name for f in self.lora]
-        else:
-            pairs = [(p, n) for p, n in zip(self.trainable, self.names) if not with_grad_only or p.grad is not None]
-            params = [p for p, _ in pairs]
-            names = [n for _, n in pairs]
-        return StepContext(params, names, self.current_rho(), self.step_count, self.seed, self.lora, {})
-
-    def record(self, ctx: StepContext, deltas: Sequence[torch.Tensor]) -> None:
-        """Store the step's diagnostics (device tensors; read them only at logging steps)."""
-        self.metrics.update(ctx.stats)
-        self.metrics["perturbation_norm"] = global_norm(list(deltas))
+    def memory_report(self) -> dict[str, int]:
+        """Bytes the method holds beyond the base optimizer: ``persistent`` (buffers saved with the state) and
+        ``transient`` (the largest copy held between ``first_step`` and ``restore`` so far)."""
+        persistent = sum(t.numel() * t.element_size() for slot in self._own["buffers"].values() for t in slot.values())
+        return {"persistent": int(persistent), "transient": int(sum(r.transient_bytes for r in self.rules))}
 
     # ------------------------------------------------------------------ the step
+    def _freeze_norm_stats(self) -> None:
+        """Pass 2 must not move BatchNorm running statistics: switch tracking off on modules in training mode
+        (they normalise with batch statistics either way)."""
+        if self.passes != 2 or self.pass2_norm_stats:
+            return
+        for m in self.norm_modules:
+            if m.training and m.track_running_stats:
+                m.track_running_stats = False
+                self._frozen_norms.append(m)
+
+    def _thaw_norm_stats(self) -> None:
+        for m in self._frozen_norms:
+            m.track_running_stats = True
+        self._frozen_norms = []
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
-        """Move the weights to the point where the update gradient is taken.
+        """Move the weights to the point where the update gradient is taken, and zero the gradients.
 
-        For a two-pass method this needs the pass-1 gradients in ``.grad`` and zeroes them afterwards (unless
-        ``zero_grad=False``). For a single-pass method call it before the step's forward pass. On error the
-        weights are restored before the exception propagates.
+        For a two-pass method this needs the pass-1 gradients in ``.grad``. For a single-pass method call it
+        before the step's forward pass; any gradient present then is stale and is discarded (``zero_grad``). On
+        error the weights are restored before the exception propagates.
         """
         if self._perturbed:
             self.restore()
         if self.passes == 2 and all(p.grad is None for p in self.trainable):
             raise RuntimeError(
                 f"first_step() of {self.method!r} needs the gradients of pass 1: run forward and backward at the "
-                "current weights first (or use step(closure))"
+                "current weights first (or use step(closure) / gradient_passes())"
             )
         self.metrics = {}
         self._perturbed = True
         self._awaiting_update = True
+        state = self.step_state()
         try:
             for rule in self.rules:
-                rule.perturb(self)
+                rule.perturb(state)
+            self._freeze_norm_stats()
         except BaseException:
             self.restore()
             raise
-        if self.passes == 2 and zero_grad:
+        if zero_grad:
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put every perturbed tensor back exactly (idempotent). Gradients are left untouched."""
+        state = self.step_state()
         for rule in reversed(self.rules):
-            rule.restore(self)
+            rule.restore(state)
+        self._thaw_norm_stats()
         self._perturbed = False
 
     @torch.no_grad()
@@ -204,11 +215,12 @@ class SharpnessAware(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
 
     def _update(self) -> None:
+        state = self.step_state()
         for rule in self.rules:
-            rule.before_update(self)
+            rule.before_update(state)
         self.base_optimizer.step()
         for rule in self.rules:
-            rule.after_update(self)
+            rule.after_update(state)
         self._own["step"] = self.step_count + 1
         self._awaiting_update = False
 
@@ -216,13 +228,72 @@ class SharpnessAware(torch.optim.Optimizer):
         return any(r.perturbs for r in self.rules)
 
     @torch.no_grad()
+    def unscale_grads_(self, scaler: Any) -> None:
+        """Divide the trainable gradients by an fp16 ``GradScaler``'s scale, on the device (no host sync).
+
+        Used between the passes of a two-pass step: the perturbation needs the true pass-1 gradient, and
+        ``scaler.unscale_`` may run only once per ``update()`` (it is left to the update gradient's clipping).
+        """
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+        if scale is None:
+            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+            return
+        inv = scale.double().reciprocal()
+        for dtype in {g.dtype for g in grads}:
+            same = [g for g in grads if g.dtype == dtype]
+            if dtype in (torch.float32, torch.float64):
+                torch._foreach_mul_(same, inv.to(device=same[0].device, dtype=dtype))
+            else:  # half-precision gradients (GradScaler itself refuses them): 1/scale may underflow there
+                torch._foreach_mul_(same, 1.0 / scaler.get_scale())
+
+    def gradient_passes(self, scaler: Any = None) -> Iterator[int]:
+        """Yield once per gradient pass of the method (``0``, then ``1`` for a two-pass method).
+
+        The loop body runs forward and backward (all micro-batches of the step). Two-pass methods: pass 0 at
+        ``w``; then (pass-1 gradients divided by ``scaler``'s scale when given) :meth:`first_step` perturbs and
+        zeroes the gradients, the global random state is set back to where pass 0 started (same dropout masks)
+        and pass 1 runs at ``w + e``; afterwards the random state is where pass 0 left it. Single-pass methods:
+        :meth:`first_step` (perturb, zero stale gradients), then one pass. The weights stay perturbed after the
+        loop: finish with :meth:`second_step` (or :meth:`restore` + ``scaler.step(opt)``). If the loop body
+        raises, the weights are restored when the loop is left.
+        """
+        if self.passes == 1:
+            self.first_step()
+            try:
+                yield 0
+            except BaseException:
+                self.restore()
+                raise
+            return
+        start = RNGState.capture() if self.replay_rng else None
+        yield 0
+        after_pass1 = RNGState.capture() if self.replay_rng else None
+        self.unscale_grads_(scaler)
+        self.first_step()
+        try:
+            if start is not None:
+                start.restore()
+            yield 1
+        except BaseException:
+            self.restore()
+            raise
+        finally:
+            if after_pass1 is not None:
+                after_pass1.restore()
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step.
 
         With a closure (which runs forward and backward and returns the loss) the closure is called once or
-        twice as the method needs, gradients are zeroed between passes, pass 2 replays pass 1's random state
-        (``replay_rng``), the weights are restored even if the closure raises, and the loss at the unperturbed
-        point is returned. Without a closure this finishes a step begun by :meth:`first_step` (what
+        twice as the method needs (:meth:`gradient_passes`), the weights are restored even if the closure raises,
+        and the loss of the first pass is returned (at the unperturbed point for two-pass methods). Without a
+        closure this finishes a step begun by :meth:`first_step` / :meth:`gradient_passes` (what
         ``GradScaler.step`` and ``transformers.Trainer`` call); methods that perturb nothing (``base``,
         ``spider``, ``nbar``, ``obar``) may also be stepped without a closure like any torch optimizer.
         """
@@ -230,41 +301,26 @@ class SharpnessAware(torch.optim.Optimizer):
             if not self._awaiting_update and self._needs_first_step():
                 raise RuntimeError(
                     f"step() without a closure: method {self.method!r} must perturb the weights before the "
-                    "gradient is taken. Use opt.step(closure), or opt.first_step() / forward+backward / "
+                    "gradient is taken. Use opt.step(closure), or the gradient_passes() loop followed by "
                     "opt.second_step()."
                 )
             self.restore()
             self._update()
             return None
         closure = torch.enable_grad()(closure)
-        if self.passes == 1:
-            self.first_step()
-            try:
-                loss = closure()
-            finally:
-                self.restore()
-            self._update()
-            if isinstance(loss, torch.Tensor):
-                self.metrics["loss"] = loss.detach()
-            return loss
-        start = RNGState.capture() if self.replay_rng else None
-        loss = closure()
-        after_pass1 = RNGState.capture() if self.replay_rng else None
-        self.first_step()
+        losses = []
+        passes = self.gradient_passes()
         try:
-            if start is not None:
-                start.restore()
-            loss_perturbed = closure()
+            for _ in passes:
+                losses.append(closure())
         finally:
+            passes.close()
             self.restore()
-            if after_pass1 is not None:
-                after_pass1.restore()
         self._update()
-        if isinstance(loss, torch.Tensor):
-            self.metrics["loss"] = loss.detach()
-        if isinstance(loss_perturbed, torch.Tensor):
-            self.metrics["loss_perturbed"] = loss_perturbed.detach()
-        return loss
+        for key, value in zip(("loss", "loss_perturbed") if self.passes == 2 else ("loss",), losses):
+            if isinstance(value, torch.Tensor):
+                self.metrics[key] = value.detach()
+        return losses[0]
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict[str, Any]:
@@ -275,7 +331,11 @@ class SharpnessAware(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; flatpeft's buffers are copied, not cast to param dtypes."""
+        """Load a state dict from :meth:`state_dict`; flatpeft's buffers are copied, not cast to param dtypes.
+
+        Checkpoints of flatpeft 0.1.0 kept EFlat-LoRA's perturbation under ``"ema"`` only; it is also the
+        lagged perturbation, so it is copied to ``"lagged"`` when that is missing.
+        """
         state_dict = dict(state_dict)
         inner = dict(state_dict["state"])
         own = inner.pop(_KEY, None)
@@ -288,7 +348,10 @@ class SharpnessAware(torch.optim.Optimizer):
                 key: {int(i): t.detach().clone().to(self.trainable[int(i)].device) for i, t in store.items()}
                 for key, store in own.get("buffers", {}).items()
             }
+            if "ema" in buffers and "lagged" not in buffers and any(isinstance(r, LaggedAscent) for r in self.rules):
+                buffers["lagged"] = {i: t.clone() for i, t in buffers["ema"].items()}
             self.state[_KEY] = {"step": int(own.get("step", 0)), "buffers": buffers}
+        self._step_state = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer (shared), and track its tensors."""
@@ -299,6 +362,8 @@ class SharpnessAware(torch.optim.Optimizer):
             self._index[id(p)] = len(self.trainable)
             self.trainable.append(p)
             self.names.append(f"param{len(self.names)}")
+            self.adapters.append(False)
+        self._step_state = None
 
     def __repr__(self) -> str:
         return f"SharpnessAware(method={self.method!r}, passes={self.passes}, base={self.base_optimizer.__class__.__name__})"

@@ -1,4 +1,4 @@
-"""Radius schedules ``rho_t`` (shared/spec/algorithms.md section 4, "rho schedule").
+"""Radius schedules ``rho_t`` (docs/algorithms.md, "Flat-LoRA", rho schedule).
 
 ``cosine``: ``rho_t = rho_min + (rho - rho_min) * (1 + cos(pi t / T)) / 2`` (the only public Flat-LoRA
 (Deng et al.) code decays 0.05 -> 0.02 this way); ``linear``: ``rho + (rho_min - rho) t / T``;

@@ -18,6 +18,7 @@ __all__ = [
     "select_top_fraction",
     "lora_full_space",
     "full_space_lora_perturbation",
+    "ema",
     "EPS",
 ]
 
@@ -78,13 +79,29 @@ def scale_by_param_abs(eta: float) -> Transform:
     return scale_by_param_abs_
 
 
+def ema(beta: float) -> Transform:
+    """Stateful: ``m <- beta * m + (1 - beta) * d``, returns ``m`` (``beta`` = weight of the past; ``m_0 = 0``).
+
+    The state ``m`` is one persistent buffer per target tensor (``ctx.buffers("ema")``, at least float32),
+    saved with the optimizer. EFlat-LoRA's EMA of past perturbations (Deng et al., arXiv 2508.00522, eq. 18).
+    """
+
+    def ema_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
+        state = ctx.buffers("ema", lambda p: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)))
+        torch._foreach_lerp_(state, [d.to(m.dtype) for d, m in zip(dirs, state)], 1.0 - beta)
+        return list(state)
+
+    return ema_
+
+
 def _count(fraction: float, n: int) -> int:
-    """FlatPO's ``k = max(1, floor(fraction * n))`` (the floor of 1 fixes reference bug 2)."""
+    """FlatPO's ``k = max(1, floor(fraction * n))`` (at least one unit: the reference's plain floor selects
+    nothing for fewer than 20 tensors, e.g. prompt tuning's single tensor)."""
     return max(1, math.floor(fraction * n + 1e-9))
 
 
 def select_top_fraction(fraction: float, selection: str = "topk", granularity: str = "tensor") -> Transform:
-    """Keep only a fraction of the directions (FlatPO, shared/spec/algorithms.md section 7); zero the rest.
+    """Keep only a fraction of the directions (FlatPO, docs/algorithms.md "FlatPO"); zero the rest.
 
     ``granularity="tensor"``: the unit is a whole tensor scored by ``||d_p||``; ``k = max(1, floor(f n))`` of the
     ``n`` targets are kept. ``granularity="element"``: the unit is one entry, scored by ``|d|``, ``k`` counted over
@@ -104,7 +121,7 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
             if selection == "topk":
                 idx = torch.topk(sq_norms(dirs), k).indices
             else:
-                idx = torch.randperm(n, generator=ctx.generator())[:k].to(device)
+                idx = torch.randperm(n, generator=ctx.generator(device), device=device)[:k]
             mask = torch.zeros(n, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
             ctx.stats["selected"] = mask
             return torch._foreach_mul(dirs, [m.to(d.dtype) for m, d in zip(mask.unbind(), dirs)])
@@ -115,7 +132,7 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
             flat = torch.cat([d.detach().reshape(-1).abs().to(device, torch.float32) for d in dirs])
             idx = torch.topk(flat, k, sorted=False).indices
         else:
-            idx = torch.randperm(total, generator=ctx.generator())[:k].to(device)
+            idx = torch.randperm(total, generator=ctx.generator(device), device=device)[:k]
         mask = torch.zeros(total, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
         ctx.stats["selected"] = mask
         masks = [m.view_as(d).to(d.dtype) for m, d in zip(mask.split(sizes), dirs)]
@@ -159,7 +176,7 @@ def full_space_lora_perturbation(
     ``U = g_B K_A^-1 / s`` and ``G_2 = (B^T)^+ g_A / s = B V`` with ``V = K_B^-1 g_A / s``. Its squared norm is
     ``||G_hat||^2 = [tr(U^T U K_A) + tr(K_B V V^T) + 2 tr(U^T B V A^T)] / 4``, and moving a W-space step
     ``E_W = G_hat / ||G_hat||`` into B by least squares, ``E_B = E_W A^+ / s``, gives
-    ``E_B * ||G_hat|| = (U + B V A^T K_A^-1) / (2 s)`` (shared/spec/algorithms.md section 4).
+    ``E_B * ||G_hat|| = (U + B V A^T K_A^-1) / (2 s)`` (docs/algorithms.md, "Flat-LoRA").
 
     Args: ``a`` (L, r, m), ``b`` (L, n, r), their gradients, ``scale`` (L,), all in the compute dtype.
     Returns: ``(E_B * ||G_hat||, ||G_hat||^2)`` with shapes (L, n, r) and (L,).
@@ -196,8 +213,17 @@ def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: floa
     shape), normalises by ``N = sqrt(sum_l ||G_hat_l||^2)`` (``norm_scope="global"``, the recommended default) or
     per layer (``"layer"``, the third-party behaviour: each layer gets radius rho), and returns ``E_B`` with
     W-space norm 1 before :func:`scale_by_rho`. The algebra runs in float32 (float64 for float64 weights); the
-    result is all zeros when ``N`` is not finite. ``ctx.stats["grad_norm"]`` is ``N``.
+    result is all zeros when ``N`` is not finite. ``ctx.stats["grad_norm"]`` is ``N``. The per-layer scales are
+    put on the device once (cached), never copied from the host inside a step.
     """
+    scales: dict[tuple, torch.Tensor] = {}
+
+    def scale_tensor(layers: Sequence[LoRAFactors], idx: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (tuple(id(layers[i].A) for i in idx), tuple(layers[i].scale for i in idx), dtype, device)
+        if key not in scales:
+            # filled on the device from host scalars (a fill kernel, not a host-to-device copy)
+            scales[key] = torch.stack([torch.full((), layers[i].scale, dtype=dtype, device=device) for i in idx])
+        return scales[key]
 
     def lora_full_space_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
         layers = ctx.lora
@@ -216,7 +242,7 @@ def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: floa
             b = stack(lambda f: f.b_matrix())
             ga = stack(lambda f: grad_of(f.A, f.a_matrix().shape))
             gb = stack(lambda f: grad_of(f.B, f.b_matrix().shape))
-            scale = torch.tensor([layers[i].scale for i in idx], dtype=cdtype, device=a.device)
+            scale = scale_tensor(layers, idx, cdtype, a.device)
             e_b, nsq = full_space_lora_perturbation(a, b, ga, gb, scale, damping)
             for j, i in enumerate(idx):
                 out[i] = e_b[j]
