@@ -610,3 +610,151 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, dataset, method):
     assert resumed.state.global_step == 4
     assert resumed.flatpeft_optimizer.step_count == 4
     assert_same_weights(resumed.model, full.model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm statistics, custom methods, the mixin, the accelerate-wrapped optimizer
+
+
+class BNLossMLP(LossMLP):
+    """``lin0 -> BatchNorm1d -> tanh -> lin1``: running statistics that a second pass could move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(D_HIDDEN)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.lin1(torch.tanh(self.bn(self.lin0(x))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def make_bn_model(seed: int = 0) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(BNLossMLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["lin0", "lin1"])).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_batchnorm_statistics_move_once_per_micro_batch(tmp_path, dataset):
+    """One sam step over 2 micro-batches: the running statistics are those of pass 1 (at w), as in a base run
+    (``num_batches_tracked == 2``, same running mean and variance); pass 2 at w + e does not move them."""
+    runs = {}
+    for method in ("base", "sam"):
+        trainer = train_with_trainer(make_bn_model(), dataset, tmp_path / method, method, {"rho": 0.5},
+                                     per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+        runs[method] = trainer.model.get_base_model().bn
+    base, sam = runs["base"], runs["sam"]
+    assert int(base.num_batches_tracked) == 2
+    assert int(sam.num_batches_tracked) == int(base.num_batches_tracked)
+    torch.testing.assert_close(sam.running_mean, base.running_mean, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(sam.running_var, base.running_var, atol=1e-12, rtol=1e-10)
+    assert sam.track_running_stats  # switched back on after the step
+
+
+def test_registered_custom_method_is_accepted(tmp_path, dataset):
+    """A method added with ``flatpeft.register_method`` after import is usable by name in the Trainer."""
+    import dataclasses
+
+    from flatpeft.optim import registry
+
+    name = "trainer-test-custom-sam"
+    assert name not in flatpeft.METHODS
+    flatpeft.register_method(dataclasses.replace(flatpeft.get_method("sam"), name=name))
+    try:
+        init = make_model()
+        custom = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "c", name, {"rho": 0.05})
+        assert custom.flatpeft_optimizer.method == name
+        sam = train_with_trainer(copy.deepcopy(init), dataset, tmp_path / "s", "sam", {"rho": 0.05})
+        assert_same_weights(custom.model, sam.model)
+    finally:
+        registry._REGISTRY.pop(name, None)  # keep the registry as other tests expect it
+
+
+class RecordingTrainer(Trainer):
+    """A Trainer subclass that records metrics inside ``compute_loss``, the way trl's trainers do."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics = {"train": {"accuracy": [], "examples": []}}
+        self._total_train_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        acc = (out["logits"].argmax(-1) == inputs["labels"]).double().mean().item()
+        self._metrics["train"]["accuracy"].append(acc)
+        self._total_train_tokens += len(inputs["labels"])
+        self._metrics["train"]["examples"] = [self._total_train_tokens]
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+
+class SharpnessAwareRecordingTrainer(SharpnessAwareMixin, RecordingTrainer):
+    pass
+
+
+@pytest.mark.parametrize("method", ["sam", "eflat-lora"])
+def test_mixin_keeps_pass1_metrics_of_the_subclass(tmp_path, dataset, method):
+    """The mixin composes with a Trainer subclass; what the subclass records in ``compute_loss`` during pass 2 is
+    dropped: each example counted once, accuracy of pass 1 (the unperturbed weights for a two-pass method)."""
+    init = make_model()
+    trainer = SharpnessAwareRecordingTrainer(
+        model=copy.deepcopy(init), args=make_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                                  max_steps=1),
+        train_dataset=dataset, flatpeft_method=method, flatpeft_kwargs={"rho": 0.5})
+    assert isinstance(trainer, RecordingTrainer)
+    calls = {"n": 0}
+    trainer.model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    trainer.train()
+    passes = trainer.flatpeft_optimizer.passes
+    assert calls["n"] == 2 * passes  # the passes did run
+    assert trainer._total_train_tokens == 4
+    acc = trainer._metrics["train"]["accuracy"]
+    assert len(acc) == 2
+    if passes == 2:
+        with torch.no_grad():
+            expected = [(init(**batch_of(dataset, i, 2))["logits"].argmax(-1) == dataset.y[i:i + 2]).double().mean().item()
+                        for i in (0, 2)]
+        assert acc == expected
+
+
+def test_mixin_control_without_metric_snapshot_counts_twice(tmp_path, dataset):
+    """Control for the test above: with ``flatpeft_metric_attributes = ()`` pass 2 is recorded too."""
+
+    class NoSnapshot(SharpnessAwareRecordingTrainer):
+        flatpeft_metric_attributes = ()
+
+    trainer = NoSnapshot(model=make_model(), args=make_args(tmp_path, per_device_train_batch_size=2,
+                                                            gradient_accumulation_steps=2, max_steps=1),
+                         train_dataset=dataset, flatpeft_method="sam", flatpeft_kwargs={"rho": 0.5})
+    trainer.train()
+    assert trainer._total_train_tokens == 8
+    assert len(trainer._metrics["train"]["accuracy"]) == 4
+
+
+def test_mixin_needs_a_trainer():
+    class NotATrainer(SharpnessAwareMixin):
+        pass
+
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        NotATrainer(flatpeft_method="sam")
+
+
+def test_accelerate_wrapped_optimizer_is_unwrapped(tmp_path, dataset):
+    """During ``train()`` accelerate wraps ``trainer.optimizer``; ``trainer.flatpeft_optimizer`` (or
+    ``unwrap_optimizer``) is the flatpeft optimizer with ``passes``, ``first_step``, ``metrics``."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer = train_with_trainer(make_model(), dataset, tmp_path, "sam", {"rho": 0.05})
+    assert isinstance(trainer.optimizer, AcceleratedOptimizer)
+    assert unwrap_optimizer(trainer.optimizer) is trainer.flatpeft_optimizer
+    assert isinstance(trainer.flatpeft_optimizer, flatpeft.SharpnessAware)
+    assert trainer.flatpeft_optimizer.passes == 2 and trainer.flatpeft_optimizer.step_count == 3
+    with pytest.raises(ValueError, match="SharpnessAware"):
+        unwrap_optimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
