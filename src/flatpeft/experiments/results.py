@@ -5,12 +5,15 @@ per-seed values of ``accuracy``; the paired difference to ``base`` over the seed
 Student-t CI and a verdict that calls a method better / worse only when the CI excludes zero
 (:mod:`flatpeft.experiments.stats`); time per step as a ratio to ``base`` (ratio of the means); and every
 other numeric metric of ``eval.json`` as mean ± std. Writes ``results.csv`` (raw fractions and seconds),
-``results.md`` (accuracy-like metrics in %, differences in percentage points) and ``results.png``.
+``results.md`` (accuracy-like metrics in %, differences in percentage points) and ``results.png``, each
+replaced atomically (a reader, or a process killed mid-write, never leaves half a table). Runs that failed
+(diverged) are listed per method (``n_failed``, ``failed_seeds``) and never enter the statistics.
 """
 from __future__ import annotations
 
 import json
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,8 +26,12 @@ from .stats import mean_std, paired_difference
 __all__ = ["CompareResult", "collect_runs", "summarize", "to_markdown", "plot", "collect_and_write", "REFERENCE"]
 
 REFERENCE = "base"
-#: eval.json entries that are settings, not metrics
+#: eval.json entries that are settings or bookkeeping, not metrics (also every ``*_examples`` count)
 _SETTINGS = ("seed", "steps")
+
+
+def _is_setting(key: str) -> bool:
+    return key in _SETTINGS or key.endswith("_examples")
 
 
 @dataclass
@@ -35,20 +42,28 @@ class CompareResult:
     summary: pd.DataFrame
     markdown: str
     paths: dict[str, Path]
+    failed: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
-def collect_runs(out_dir: str | Path, methods: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per finished run: ``method``, ``seed`` and the numeric entries of its ``eval.json``."""
+def collect_runs(out_dir: str | Path, methods: Sequence[str] | None = None,
+                 runs: Sequence[tuple[str, int, Path]] | None = None) -> pd.DataFrame:
+    """One row per finished run: ``method``, ``seed`` and the numeric entries of its ``eval.json``.
+
+    ``runs``: explicit ``(method, seed, run_dir)`` triples (what ``compare`` planned and checked); default:
+    every ``<out_dir>/<method>/seed<k>/eval.json``.
+    """
     out_dir = Path(out_dir)
+    if runs is None:
+        runs = [(p.parent.parent.name, int(p.parent.name.removeprefix("seed")), p.parent)
+                for p in sorted(out_dir.glob("*/seed*/eval.json"))]
     rows = []
-    for path in sorted(out_dir.glob("*/seed*/eval.json")):
-        method, seed_dir = path.parent.parent.name, path.parent.name
+    for method, seed, run_dir in runs:
         if methods is not None and method not in methods:
             continue
-        data = json.loads(path.read_text())
-        row: dict[str, Any] = {"method": method, "seed": int(data.get("seed", seed_dir.removeprefix("seed")))}
+        data = json.loads((Path(run_dir) / "eval.json").read_text())
+        row: dict[str, Any] = {"method": method, "seed": int(data.get("seed", seed))}
         row.update({k: float(v) for k, v in data.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _SETTINGS})
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and not _is_setting(k)})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -118,14 +133,17 @@ def to_markdown(summary: pd.DataFrame, metric: str = "accuracy", title: str = "f
     unit = " (%)" if pct else ""
     diff_unit = " (pp)" if pct else ""
     other = sorted({c[:-5] for c in summary.columns if c.endswith("_mean")} - {metric, "diff", "time_per_step"})
+    other = [c for c in other if c != "failed"]
+    has_failed = "n_failed" in summary.columns
     head = ["method", "seeds", f"{metric}{unit}", "per seed", f"Δ vs base{diff_unit} [95 % CI]", "verdict",
             "time/step (s)", "× base"] + [f"{c}{' (%)' if _is_percent(c) else ''}" for c in other]
+    head += ["failed runs (seeds)"] if has_failed else []
     lines = [f"# {title}", "", *notes, "" if notes else None, "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     lines = [x for x in lines if x is not None]
     for _, r in summary.iterrows():
         seeds = [c for c in summary.columns if c.startswith(f"{metric}_seed")]
-        per_seed = ", ".join(_fmt(r[c], pct) for c in seeds if not pd.isna(r[c]))
+        per_seed = ", ".join(_fmt(r[c], pct) for c in seeds if not pd.isna(r[c])) or "–"
         if r["verdict"] == "reference":
             diff = "reference"
         elif pd.isna(r["diff_mean"]):
@@ -140,6 +158,8 @@ def to_markdown(summary: pd.DataFrame, metric: str = "accuracy", title: str = "f
                  _pm(r.get("time_per_step_mean", math.nan), r.get("time_per_step_std", math.nan), False),
                  _fmt(r.get("time_ratio_vs_base", math.nan), False, 2)]
         cells += [_pm(r[f"{c}_mean"], r[f"{c}_std"], _is_percent(c)) for c in other]
+        if has_failed:
+            cells.append(f"{int(r['n_failed'])} ({r['failed_seeds']})" if r["n_failed"] else "0")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -178,27 +198,69 @@ def plot(runs: pd.DataFrame, summary: pd.DataFrame, path: str | Path, metric: st
     ax2.set_title("paired difference, 95 % CI")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path
 
 
+def with_failures(summary: pd.DataFrame, failed: dict[str, dict[str, Any]], metric: str = "accuracy",
+                  methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """``summary`` plus ``n_failed`` / ``failed_seeds`` per method (a row for a method whose runs all failed)."""
+    if not failed:
+        return summary
+    per: dict[str, list[int]] = {}
+    for rec in failed.values():
+        per.setdefault(str(rec["method"]), []).append(int(rec["seed"]))
+    rows = summary.to_dict("records") if not summary.empty else []
+    present = {str(r["method"]) for r in rows}
+    rows += [{"method": m, "n_seeds": 0, "seeds": "", "verdict": "all runs failed"} for m in per if m not in present]
+    out = pd.DataFrame(rows)
+    for col in (f"{metric}_mean", f"{metric}_std", "diff_mean", "diff_std", "diff_ci_low", "diff_ci_high", "n_paired"):
+        if col not in out:
+            out[col] = math.nan
+    out["method"] = out["method"].astype(str)
+    out["n_failed"] = [len(per.get(m, [])) for m in out["method"]]
+    out["failed_seeds"] = [" ".join(map(str, sorted(per.get(m, [])))) for m in out["method"]]
+    order = list(methods) if methods is not None else sorted(out["method"], key=lambda m: (m != REFERENCE, m))
+    return out.sort_values("method", key=lambda col: col.map({m: i for i, m in enumerate(order)})).reset_index(drop=True)
+
+
+def _write_table_files(out_dir: Path, markdown: str, summary: pd.DataFrame) -> dict[str, Path]:
+    """``results.md`` and ``results.csv``, each through a temporary file and a rename."""
+    from .rundir import write_atomic
+
+    paths = {"md": out_dir / "results.md", "csv": out_dir / "results.csv"}
+    write_atomic(paths["md"], markdown)
+    write_atomic(paths["csv"], summary.to_csv(index=False))
+    return paths
+
+
 def collect_and_write(out_dir: str | Path, methods: Sequence[str] | None = None, metric: str = "accuracy",
-                      notes: Sequence[str] = ()) -> CompareResult:
-    """Collect finished runs under ``out_dir`` and write ``results.csv``, ``results.md``, ``results.png``."""
+                      notes: Sequence[str] = (), runs: Sequence[tuple[str, int, Path]] | None = None,
+                      failed: dict[str, dict[str, Any]] | None = None) -> CompareResult:
+    """Collect finished runs under ``out_dir`` (or the given ``runs``) and write ``results.csv``, ``results.md``
+    and ``results.png``; ``failed`` (``{"sam/seed0": {"method", "seed", "step", "error"}}``) marks failed runs."""
+    import os
+
     out_dir = Path(out_dir)
-    runs = collect_runs(out_dir, methods)
-    summary = summarize(runs, metric)
-    n_runs = len(runs)
+    failed = dict(failed or {})
+    table = collect_runs(out_dir, methods, runs)
+    summary = with_failures(summarize(table, metric), failed, metric, methods)
     notes = list(notes) or [
-        f"{n_runs} finished run(s) in `{out_dir}`. Mean ± std over seeds; Δ: paired difference to `base` over "
+        f"{len(table)} finished run(s) in `{out_dir}`. Mean ± std over seeds; Δ: paired difference to `base` over "
         "the seeds both have, with its 95 % Student-t confidence interval. A method is called better or worse "
         "only when the interval excludes zero. Accuracy-like metrics in %, differences in percentage points; "
         "time per step excludes evaluation, × base is the ratio of mean step times."]
+    if failed:
+        notes.append("")
+        notes.append("**Failed runs** (not in the statistics): " + "; ".join(
+            f"{rec['method']} seed {rec['seed']}: {rec.get('error', 'failed')}" for rec in failed.values()))
     markdown = to_markdown(summary, metric, notes=notes)
-    paths = {"md": out_dir / "results.md", "csv": out_dir / "results.csv"}
-    paths["md"].write_text(markdown)
-    summary.to_csv(paths["csv"], index=False)
-    if not summary.empty:
-        paths["png"] = plot(runs, summary, out_dir / "results.png", metric)
-    return CompareResult(runs, summary, markdown, paths)
+    paths = _write_table_files(out_dir, markdown, summary)
+    finished = summary[summary["n_seeds"] > 0] if not summary.empty else summary
+    if not finished.empty:
+        tmp = out_dir / "results.png.flatpeft-tmp"
+        plot(table, finished.reset_index(drop=True), tmp, metric)
+        os.replace(tmp, out_dir / "results.png")
+        paths["png"] = out_dir / "results.png"
+    return CompareResult(table, summary, markdown, paths, failed)

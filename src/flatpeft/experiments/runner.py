@@ -1,73 +1,65 @@
 """The runner: one training run (:func:`train_run`), re-evaluation (:func:`evaluate_run`) and a paired
 multi-method, multi-seed comparison (:func:`compare`).
 
-Fairness of a comparison (``shared/spec/reference-results.md``): for one seed every method starts from the
+Fairness of a comparison (see ``docs/algorithms.md``): for one seed every method starts from the
 same initialisation, sees the same examples in the same batch order and the same dropout stream. The
 runner seeds all generators (``transformers.set_seed``) before building the task *and again after*, so the
 optimizer construction cannot shift the stream; the task draws its batch order from its own generator; the
 engine replays the random state in pass 2 of two-pass methods, so a two-pass step consumes exactly the
 stream of one pass.
 
-A run directory holds ``config.yaml`` (the resolved config, absolute paths, ``train.seed`` = the run
-seed), ``metrics.jsonl`` and ``tb/`` (TensorBoard) with the training log, ``adapter/`` (peft
-``save_pretrained``), and ``eval.json`` (written last, atomically: its presence marks a finished run).
+A run directory holds ``.flatpeft-run.json`` (its manifest, written first), ``config.yaml`` (the resolved
+config, absolute paths, ``train.seed`` = the run seed), ``metrics.jsonl`` and ``tb/`` (TensorBoard) with the
+training log, ``adapter/`` (peft ``save_pretrained``), and ``eval.json``. A run is built aside and renamed
+into place only when it finished (:mod:`flatpeft.experiments.rundir`), so a run directory always holds a
+whole run; a run whose loss (either pass of a two-pass method) or trainable weights become non-finite stops
+with :class:`RunDivergedError` and leaves nothing behind.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
-import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import ExperimentConfig, absolutize_paths, load_config, save_config
+from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
+                     read_config_mapping, save_config)
+from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
+                     check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
+                     staging_dir, write_json, write_manifest)
 from .tasks import Task, get_task
 
-__all__ = ["RUN_FILES", "RunExistsError", "train_run", "evaluate_run", "compare", "method_kwargs_for",
-           "run_dir_for", "is_finished", "check_method_name"]
+__all__ = ["RUN_FILES", "RunExistsError", "RunDivergedError", "DirectoryLockedError", "train_run", "evaluate_run",
+           "compare", "method_kwargs_for", "run_dir_for", "is_finished", "check_method_name", "validate_config",
+           "load_run_config", "run_settings", "settings_diff"]
 
 #: Files and folders a run writes (``--overwrite`` removes exactly these, nothing else).
-RUN_FILES = ("config.yaml", "eval.json", "metrics.jsonl", "tb", "adapter")
+RUN_FILES = (RUN_MANIFEST, *RUN_ENTRIES)
 
 
-class RunExistsError(ValueError):
-    """An output directory already holds results and ``overwrite`` was not given."""
+class RunDivergedError(ValueError):
+    """Training produced a non-finite loss (either pass) or non-finite trainable weights."""
+
+    def __init__(self, method: str, seed: int, step: int, what: str) -> None:
+        self.method, self.seed, self.step, self.what = method, seed, step, what
+        super().__init__(f"method {method!r}, seed {seed}: training diverged at step {step} ({what} not finite); "
+                         "no results written: lower train.lr or method.rho")
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file + rename), so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def is_finished(run_dir: str | Path) -> bool:
-    """A run is finished when its ``eval.json`` exists."""
-    return (Path(run_dir) / "eval.json").is_file()
-
-
-def _refuse_existing(out_dir: Path, overwrite: bool) -> list[str]:
-    """Raise :class:`RunExistsError` when ``out_dir`` holds run files and not ``overwrite``; return them."""
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise RunExistsError(f"output directory {str(out_dir)!r} already holds a run ({', '.join(existing)}); "
-                             "pass --overwrite (overwrite=True) to replace it, or choose another --output-dir")
-    return existing
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``; refuse one that holds run files unless ``overwrite`` (then remove only those)."""
-    existing = _refuse_existing(out_dir, overwrite)
-    import shutil
-
-    for name in existing:
-        path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_method_name(name: str) -> None:
@@ -85,23 +77,55 @@ def _set_seed(seed: int) -> None:
     set_seed(seed)
 
 
-def build_optimizer(task: Task, cfg: ExperimentConfig, seed: int):
-    """``flatpeft.create_optimizer`` over the task's model with the config's method and loop settings.
-
-    Keywords: ``cfg.method`` minus ``name`` (passed through), ``lr``, ``total_steps`` (for rho schedules),
-    the engine's ``seed`` (the run seed unless the method sets one) and ``weight_decay`` when set.
-    """
-    import flatpeft
-
+def _optimizer_kwargs(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    """Keywords of ``create_optimizer``: ``cfg.method`` minus ``name``, ``lr``, ``total_steps``, the engine's
+    ``seed`` (the run seed unless the method sets one) and ``weight_decay`` when set."""
     kwargs = {k: v for k, v in cfg.method.items() if k != "name"}
     kwargs.setdefault("seed", seed)
     if cfg.train.weight_decay is not None:
         kwargs.setdefault("weight_decay", cfg.train.weight_decay)
+    return {"base_optimizer": cfg.train.base_optimizer, "lr": cfg.train.lr, "total_steps": cfg.train.steps, **kwargs}
+
+
+def build_optimizer(task: Task, cfg: ExperimentConfig, seed: int):
+    """``flatpeft.create_optimizer`` over the task's model with the config's method and loop settings."""
+    import flatpeft
+
     try:
-        return flatpeft.create_optimizer(task.model, cfg.method["name"], base_optimizer=cfg.train.base_optimizer,
-                                         lr=cfg.train.lr, total_steps=cfg.train.steps, **kwargs)
+        return flatpeft.create_optimizer(task.model, cfg.method["name"], **_optimizer_kwargs(cfg, seed))
     except (ValueError, TypeError) as err:
         raise ValueError(f"method: {err}") from None
+
+
+def _probe_model() -> torch.nn.Module:
+    """A two-layer LoRA model (peft) on which method keywords are checked without building the task."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)),
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+
+
+def validate_config(cfg: ExperimentConfig, methods: Sequence[str] | None = None) -> None:
+    """Every check that needs no model or data load: what ``train``, ``compare`` and ``config`` refuse alike.
+
+    Method names and keywords (each of ``methods``, default ``cfg.method["name"]``; keywords are checked by
+    ``create_optimizer`` on a tiny LoRA model), the task name, ``task_args`` and the task's own config checks
+    (data files, the test set) and the device. Raises ``ValueError`` naming the key.
+    """
+    import flatpeft
+
+    names = [cfg.method["name"]] if methods is None else list(methods)
+    for name in names:
+        check_method_name(name)
+    probe = _probe_model()
+    for name in names:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.method = method_kwargs_for(name, cfg.method)
+        try:
+            flatpeft.create_optimizer(probe, name, **_optimizer_kwargs(run_cfg, cfg.train.seed))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"method: {err}") from None
+    get_task(cfg.task).check_config(cfg)
 
 
 def _log_record(step: int, window: int, sums: dict[str, torch.Tensor], opt, elapsed: float) -> dict[str, float]:
@@ -127,11 +151,51 @@ def _validation_record(task: Task, step: int) -> dict[str, float]:
     return {"step": step, **{f"val_{k}": float(v) for k, v in metrics.items()}}
 
 
+_WATCHED = ("loss", "loss_perturbed", "trainable weights")
+
+
+class _DivergenceWatch:
+    """Device-side record of the first step whose loss, perturbed loss or trainable weights are non-finite.
+
+    :meth:`update` runs one fused check per step without a host sync (``_foreach_norm`` with ``ord=inf`` is
+    finite exactly when every entry is); :meth:`check` reads the record (one sync) at log steps and raises
+    :class:`RunDivergedError` naming method, seed, step and what was non-finite.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device, method: str, seed: int) -> None:
+        self.params, self.method, self.seed = params, method, seed
+        self.first = torch.zeros((), dtype=torch.long, device=device)
+        self.code = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, step: int, stats: dict[str, torch.Tensor]) -> None:
+        """Fold step ``step`` (its metrics ``stats`` and the current weights) into the record."""
+        finite = [torch.isfinite(stats["loss"].float()).all()]
+        lp = stats.get("loss_perturbed")
+        finite.append(torch.isfinite(lp.float()).all() if lp is not None else finite[0].new_ones(()))
+        norms = torch._foreach_norm(self.params, float("inf")) if self.params else []
+        finite.append(torch.isfinite(torch.stack(norms)).all() if norms else finite[0].new_ones(()))
+        flags = torch.stack(finite).to(self.first.device)
+        code = ((~flags).long() * torch.tensor([1, 2, 4], device=flags.device)).sum()
+        new = (self.first == 0) & (code > 0)
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        self.code = torch.where(new, code, self.code)
+
+    def check(self) -> None:
+        """Raise :class:`RunDivergedError` if any step so far was non-finite."""
+        step = int(self.first)
+        if step:
+            code = int(self.code)
+            what = ", ".join(name for bit, name in enumerate(_WATCHED) if code & (1 << bit))
+            raise RunDivergedError(self.method, self.seed, step, what)
+
+
 def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress: bool) -> dict[str, float]:
     """Run ``cfg.train.steps`` optimizer steps; log every ``train.log_every`` steps; return timing and last loss.
 
-    The per-step metrics stay on the device (summed into running tensors); they are read only at log steps.
-    Time per step counts everything of the loop (batch assembly, passes, update, logging) and no evaluation.
+    The per-step metrics stay on the device (summed into running tensors); they are read only at log steps,
+    where divergence (:class:`_DivergenceWatch`) is checked before anything is written, so ``metrics.jsonl``
+    never holds a non-finite number. Time per step counts everything of the loop (batch assembly, passes,
+    update, logging) and no evaluation.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -139,6 +203,8 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
     model, steps, every = task.model, cfg.train.steps, cfg.train.log_every
     model.train()
     batches = task.train_batches()
+    watch = _DivergenceWatch([p for p in model.parameters() if p.requires_grad], task.device,
+                             cfg.method["name"], cfg.train.seed)
     writer = SummaryWriter(log_dir=str(out_dir / "tb"))
     log_file = (out_dir / "metrics.jsonl").open("w")
     sums: dict[str, torch.Tensor] = {}
@@ -162,18 +228,17 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
             opt.zero_grad(set_to_none=True)
             loss = opt.step(closure)
             stats = dict(opt.metrics)
-            stats.setdefault("loss", loss.detach())
+            stats.setdefault("loss", torch.as_tensor(loss).detach())
+            watch.update(step, stats)
             for key in ("loss", "loss_perturbed", "perturbation_norm"):
                 if key in stats:
                     value = stats[key].detach().float()
                     sums[key] = sums[key] + value if key in sums else value.clone()
             window += 1
             if step % every == 0 or step == steps:
+                watch.check()
                 last = _log_record(step, window, sums, opt, time.perf_counter() - start)
-                if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"training loss is {last['loss']} at step {step}; "
-                                             "lower train.lr or method.rho")
-                log_file.write(json.dumps(last) + "\n")
+                log_file.write(json.dumps(last, allow_nan=False) + "\n")
                 log_file.flush()
                 for key, value in last.items():
                     if key not in ("step", "time_s"):
@@ -181,6 +246,7 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 sums, window = {}, 0
             if step in val_steps:
+                watch.check()
                 paused = time.perf_counter()
                 val = _validation_record(task, step)
                 log_file.write(json.dumps(val) + "\n")
@@ -207,6 +273,60 @@ def evaluate_task(task: Task, splits: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def _data_record(task: Task, splits: Sequence[str]) -> dict[str, Any]:
+    """How many examples each evaluated split had (``<split>_examples``) and the sha256 of the task's data files
+    (``data_sha256``: ``{"train": ..., "test": ...}``), when the task exposes them."""
+    rec: dict[str, Any] = {}
+    count = getattr(task, "num_examples", None)
+    if callable(count):
+        rec.update({f"{split}_examples": int(count(split)) for split in splits})
+    files = getattr(task, "data_files", None) or {}
+    if files:
+        rec["data_sha256"] = {name: _sha256(path) for name, path in files.items()}
+    return rec
+
+
+def _finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with non-finite floats replaced by ``None`` (strict JSON; tables skip them)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+def run_settings(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change a run: its resolved config without ``output_dir`` (JSON-normalised)."""
+    return json.loads(json.dumps({k: v for k, v in cfg_dict.items() if k != "output_dir"}, sort_keys=True))
+
+
+def _fingerprint(cfg: ExperimentConfig) -> str:
+    """sha256 of :func:`run_settings` of ``cfg`` (recorded in the run's manifest)."""
+    return hashlib.sha256(json.dumps(run_settings(config_to_dict(cfg)), sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (free sections like ``method`` are flattened too)."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["train.lr (0.001 -> 0.5)", ...]``: the dotted keys whose values differ between two settings dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})" for k in sorted(set(a) | set(b))
+            if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def _run_config(cfg: ExperimentConfig, seed: int, out: Path, warn: bool = False) -> ExperimentConfig:
+    """The resolved config a run records: absolute paths, the test set named, ``train.seed`` = the run seed,
+    ``output_dir`` = the run directory and the method section as used."""
+    run = absolutize_paths(copy.deepcopy(cfg))
+    run.train.seed, run.output_dir = seed, str(out.resolve())
+    run.method = method_kwargs_for(run.method["name"], run.method, warn=warn)
+    return run
+
+
 def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | Path | None = None,
               overwrite: bool = False, extra_eval: Callable[[Task], dict[str, float]] | None = None,
               progress: bool = True) -> dict[str, Any]:
@@ -215,61 +335,100 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
     Args:
         cfg: the experiment config (``cfg.method`` picks the method).
         seed: run seed (default ``cfg.train.seed``); written into the saved config as ``train.seed``.
-        out_dir: run directory (default ``cfg.output_dir``); an existing run there raises
-            :class:`RunExistsError` unless ``overwrite``.
+        out_dir: run directory (default ``cfg.output_dir``; ``~`` is expanded). An existing run there raises
+            :class:`RunExistsError` unless ``overwrite``; a directory holding files flatpeft did not write is
+            always refused. The run is built aside and replaces the old one only once it finished.
         extra_eval: ``extra_eval(task) -> dict`` of more metrics, merged into ``eval.json``.
         progress: show a tqdm bar.
 
+    Raises :class:`RunDivergedError` (nothing written, an old run kept) when the loss of either pass or the
+    trainable weights become non-finite, and :class:`DirectoryLockedError` when another process uses ``out_dir``.
+
     ``eval.json`` holds ``accuracy``, ``macro_f1`` (test split), ``<split>_accuracy`` / ``<split>_macro_f1``
-    for the other ``train.eval_splits``, ``time_per_step`` (s, no evaluation), ``train_time_s``,
-    ``eval_time_s``, ``final_loss``, ``steps``, ``seed``, ``method``, ``task`` and what ``extra_eval`` returns.
+    for the other ``train.eval_splits``, ``<split>_examples``, ``data_sha256``, ``time_per_step`` (s, no
+    evaluation), ``train_time_s``, ``eval_time_s``, ``final_loss``, ``steps``, ``seed``, ``method``, ``task``
+    and what ``extra_eval`` returns.
     """
     seed = cfg.train.seed if seed is None else int(seed)
-    out = Path(cfg.output_dir if out_dir is None else out_dir)
-    cfg = absolutize_paths(copy.deepcopy(cfg))
-    cfg.train.seed, cfg.output_dir = seed, str(out.resolve())
-    cfg.method = method_kwargs_for(cfg.method["name"], cfg.method, warn=True)
+    out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
+    cfg = _run_config(cfg, seed, out, warn=True)
+    validate_config(cfg)
     task_cls = get_task(cfg.task)
-    _refuse_existing(out, overwrite)  # before the (slow) build; files are touched only once it succeeded
-
-    _set_seed(seed)
-    task = task_cls(cfg, seed)
-    opt = build_optimizer(task, cfg, seed)
-    _prepare_out_dir(out, overwrite)
-    save_config(cfg, out / "config.yaml")
-    _set_seed(seed)  # every method of one seed starts the training loop from the same random state
-    timing = _train_loop(task, opt, cfg, out, progress)
-
-    start = time.perf_counter()
-    metrics: dict[str, Any] = evaluate_task(task, cfg.train.eval_splits)
-    if extra_eval is not None:
-        metrics.update(extra_eval(task))
-    metrics.update(timing, eval_time_s=time.perf_counter() - start, steps=cfg.train.steps, seed=seed,
-                   method=cfg.method["name"], task=cfg.task)
-    task.save(out)
-    _write_json(out / "eval.json", metrics)
+    with run_lock(out):
+        recover(out)
+        check_replaceable(out, overwrite)  # before the (slow) build; the old run stays until the new one finished
+        _set_seed(seed)
+        task = task_cls(cfg, seed)
+        opt = build_optimizer(task, cfg, seed)
+        staging = staging_dir(out)
+        staging.mkdir(parents=True)
+        ident = {"method": cfg.method["name"], "seed": seed, "task": cfg.task, "settings": _fingerprint(cfg)}
+        try:
+            write_manifest(staging, state="running", **ident)
+            save_config(cfg, staging / "config.yaml")
+            _set_seed(seed)  # every method of one seed starts the training loop from the same random state
+            timing = _train_loop(task, opt, cfg, staging, progress)
+            start = time.perf_counter()
+            metrics: dict[str, Any] = evaluate_task(task, cfg.train.eval_splits)
+            if extra_eval is not None:
+                metrics.update(extra_eval(task))
+            metrics.update(timing, eval_time_s=time.perf_counter() - start, steps=cfg.train.steps, seed=seed,
+                           method=cfg.method["name"], task=cfg.task)
+            metrics.update(_data_record(task, cfg.train.eval_splits))
+            metrics = _finite_or_none(metrics)
+            task.save(staging)
+            write_json(staging / "eval.json", metrics)
+            write_manifest(staging, state="finished", **ident)
+            install_run(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return metrics
 
 
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config recorded in ``run_dir/config.yaml``; refuse one that lacks keys (cut, or not flatpeft's).
+
+    A recorded config holds every key, so a missing one is never filled with a default.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"run directory {str(run_dir)!r} has no config.yaml (not a flatpeft run directory)")
+    raw = read_config_mapping(path)
+    missing = missing_keys(raw)
+    if missing:
+        shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+        raise ValueError(f"{path}: the recorded config is incomplete (missing {shown}); it was cut or not written "
+                         "by flatpeft, and flatpeft will not guess defaults for a finished run")
+    try:
+        return config_from_dict(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
-                 splits: Sequence[str] = ("test",)) -> dict[str, float]:
+                 splits: Sequence[str] = ("test",)) -> dict[str, Any]:
     """Reload a finished run (``Task.load``) and evaluate it; ``data`` replaces the test file.
 
-    Returns the metrics (``accuracy``, ``macro_f1`` for the test split; ``<split>_...`` for others).
+    Returns the metrics (``accuracy``, ``macro_f1`` for the test split; ``<split>_...`` for others),
+    ``<split>_examples`` and ``data_sha256``.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"run directory {str(run_dir)!r} has no config.yaml (not a flatpeft run directory)")
-    cfg = load_config(run_dir / "config.yaml")
+    run_dir = Path(run_dir).expanduser()
+    cfg = load_run_config(run_dir)
     if data is not None:
-        path = Path(data)
+        path = Path(data).expanduser()
         if not path.is_file():
             raise ValueError(f"--data: file {str(data)!r} does not exist")
         cfg.data.test = str(path.resolve())
+    bad = [s for s in splits if s not in ("test", "train", "val")]
+    if bad or not splits:
+        raise ValueError(f"--splits: entries must be test, train or val, got {list(splits)}")
+    cfg.train.eval_splits = list(splits)
     task_cls = get_task(cfg.task)
+    task_cls.check_config(cfg)
     _set_seed(cfg.train.seed)
     task = task_cls.load(run_dir, cfg)
-    return evaluate_task(task, splits)
+    return {**evaluate_task(task, splits), **_data_record(task, splits)}
 
 
 def method_kwargs_for(method: str, shared: dict[str, Any], warn: bool = False) -> dict[str, Any]:
@@ -301,6 +460,65 @@ def run_dir_for(out_dir: str | Path, method: str, seed: int) -> Path:
     return Path(out_dir) / method / f"seed{seed}"
 
 
+#: Files a compare directory holds besides the method folders.
+COMPARE_FILES = ("results.md", "results.csv", "results.png", "compare_config.yaml", "compare_plan.json")
+_COMPARE_LOCK = ".flatpeft-lock"
+
+
+def _foreign_in_compare_dir(out: Path) -> list[str]:
+    """Paths (relative to ``out``) in a compare directory that flatpeft did not write; all of them when it has
+    no compare manifest. Empty for an absent or empty directory."""
+    import re
+
+    if not out.is_dir():
+        return [] if not out.exists() else [out.name]
+    entries = sorted(out.iterdir())
+    manifest = read_manifest(out, COMPARE_MANIFEST)
+    if manifest is None:
+        return [p.name for p in entries]
+    own = {COMPARE_MANIFEST, _COMPARE_LOCK, *COMPARE_FILES}
+    own |= {f"{n}.flatpeft-tmp" for n in own}
+    foreign = []
+    for p in entries:
+        if p.name in own:
+            continue
+        if not (p.is_dir() and p.name in manifest.get("methods", [])):
+            foreign.append(p.name)
+            continue
+        for q in sorted(p.iterdir()):
+            if q.is_dir() and re.fullmatch(r"seed-?\d+", q.name):
+                from .rundir import foreign_entries
+
+                foreign += [f"{p.name}/{q.name}/{n}" for n in foreign_entries(q)]
+            elif not re.fullmatch(r"\.seed-?\d+\.flatpeft-(lock|new|old)", q.name):
+                foreign.append(f"{p.name}/{q.name}")
+    return foreign
+
+
+def _resume_conflicts(plan: dict[tuple[str, int], ExperimentConfig], out: Path) -> list[str]:
+    """For every finished run of ``plan`` in ``out``: the settings that differ from the recorded ones."""
+    conflicts: dict[str, list[str]] = {}
+    for (method, seed), run_cfg in plan.items():
+        run = run_dir_for(out, method, seed)
+        if not is_finished(run):
+            continue
+        recorded = run_settings(config_to_dict(load_run_config(run)))
+        for item in settings_diff(recorded, run_settings(config_to_dict(run_cfg))):
+            conflicts.setdefault(item, []).append(f"{method}/seed{seed}")
+    return [f"{item} in {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}" for item, runs in conflicts.items()]
+
+
+def _valid_runs(plan: dict[tuple[str, int], ExperimentConfig], out: Path) -> list[tuple[str, int, Path]]:
+    """Finished runs of ``plan`` whose recorded settings are the planned ones (a table never mixes settings)."""
+    rows = []
+    for (method, seed), run_cfg in plan.items():
+        run = run_dir_for(out, method, seed)
+        manifest = read_manifest(run)
+        if is_finished(run) and manifest is not None and manifest.get("settings") == _fingerprint(run_cfg):
+            rows.append((method, seed, run))
+    return rows
+
+
 def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] | int, out_dir: str | Path | None = None,
             overwrite: bool = False, resume: bool = False, extra_eval: Callable[[Task], dict[str, float]] | None = None,
             progress: bool = True) -> "Any":
@@ -309,52 +527,95 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
     Args:
         methods: method names; ``base`` is the reference of the paired differences (needed for them).
         seeds: a count ``n`` (seeds ``train.seed .. train.seed+n-1``) or explicit seeds.
-        out_dir: default ``cfg.output_dir``; runs go to ``<out_dir>/<method>/seed<k>``.
-        overwrite: replace existing runs. resume: keep finished runs (``eval.json`` present) and redo
-            unfinished ones. Without either, an output directory that already holds runs is refused.
+        out_dir: default ``cfg.output_dir`` (``~`` expanded); runs go to ``<out_dir>/<method>/seed<k>``. It must
+            be absent, empty, or a compare directory flatpeft wrote holding nothing else.
+        overwrite: replace existing runs (each one only once its new run finished). resume: keep finished runs
+            and train the missing ones; refused (naming the keys) when a setting that changes a run differs
+            from a finished run's recorded config. Without either, an output directory that already holds
+            runs is refused.
+
+    A run that diverges (:class:`RunDivergedError`) is recorded as failed (``compare_plan.json`` and the
+    tables) and the comparison carries on; ``result.failed`` lists such runs.
 
     Returns the :class:`~flatpeft.experiments.results.CompareResult` (also written as ``results.md``,
-    ``results.csv`` and ``results.png``, rewritten after every finished run, so they always show the finished
-    runs even if the comparison is killed). A ``KeyboardInterrupt`` writes the tables and is re-raised.
+    ``results.csv`` and ``results.png``, each replaced atomically after every finished run, so they always show
+    the finished runs even if the comparison is killed). A ``KeyboardInterrupt`` writes the tables and is re-raised.
     """
     from tqdm.auto import tqdm
 
     from . import results as tables
 
-    out = Path(cfg.output_dir if out_dir is None else out_dir)
+    out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("--methods: give at least one method")
     seed_list = list(range(cfg.train.seed, cfg.train.seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("--seeds: give at least one seed")
-    per_method = {m: method_kwargs_for(m, cfg.method) for m in methods}
-    get_task(cfg.task)
-    existing = sorted(str(p.parent.relative_to(out)) for p in out.glob("*/seed*/config.yaml")) if out.is_dir() else []
-    if existing and not (overwrite or resume):
-        raise RunExistsError(f"output directory {str(out)!r} already holds runs ({', '.join(existing[:4])}"
-                             f"{', ...' if len(existing) > 4 else ''}); pass --overwrite to replace them or "
-                             "--resume to keep finished runs and redo the rest")
+    validate_config(cfg, methods)
+    if "test" not in cfg.train.eval_splits:
+        raise ValueError(f"train.eval_splits: compare tabulates test accuracy, so it must include test "
+                         f"(got {cfg.train.eval_splits})")
+    plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(out, m, s)) for s in seed_list for m in methods}
+    foreign = _foreign_in_compare_dir(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RunExistsError(f"output directory {str(out)!r} holds files flatpeft did not write ({shown}); compare "
+                             "writes only into a new or empty directory or one it wrote itself: choose another "
+                             "--output-dir")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(absolutize_paths(cfg), out / "compare_config.yaml")  # the shared config, for the record
-    (out / "compare_plan.json").write_text(json.dumps({"methods": methods, "seeds": seed_list}) + "\n")
-    jobs = [(s, m) for s in seed_list for m in methods]
-    outer = tqdm(jobs, desc="compare", unit="run", disable=not progress)
-    try:
-        for seed, method in outer:
-            outer.set_postfix_str(f"{method} seed {seed}")
-            run = run_dir_for(out, method, seed)
-            if resume and not overwrite and is_finished(run):
-                continue
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.method = per_method[method]
-            train_run(run_cfg, seed=seed, out_dir=run, overwrite=True if resume else overwrite,
-                      extra_eval=extra_eval, progress=progress)
-            tables.collect_and_write(out, methods=methods)  # tables always reflect the finished runs
-    except KeyboardInterrupt:
+    with dir_lock(out / _COMPARE_LOCK, f"compare directory {str(out)!r}"):
+        existing = sorted(str(p.parent.relative_to(out)) for p in out.glob(f"*/seed*/{RUN_MANIFEST}"))
+        if existing and not (overwrite or resume):
+            raise RunExistsError(f"output directory {str(out)!r} already holds runs ({', '.join(existing[:4])}"
+                                 f"{', ...' if len(existing) > 4 else ''}); pass --overwrite to replace them or "
+                                 "--resume to keep finished runs and redo the rest")
+        if resume and not overwrite:
+            conflicts = _resume_conflicts(plan, out)
+            if conflicts:
+                raise ValueError(f"compare --resume: settings differ from the finished runs in {str(out)!r}: "
+                                 + "; ".join(conflicts[:6]) + ("; ..." if len(conflicts) > 6 else "")
+                                 + ". A table never mixes settings: use another --output-dir, or --overwrite to "
+                                 "redo every run with the new settings")
+        old = read_manifest(out, COMPARE_MANIFEST) or {}
+        write_manifest(out, COMPARE_MANIFEST, entries=list(COMPARE_FILES),
+                       methods=sorted(set(old.get("methods", [])) | set(methods)))
+        save_config(absolutize_paths(cfg), out / "compare_config.yaml")  # the shared config, for the record
+        failed: dict[str, dict[str, Any]] = {}
+        state = {"methods": methods, "seeds": seed_list, "failed": failed}
+        write_json(out / "compare_plan.json", state)
+
+        def write_tables():
+            return tables.collect_and_write(out, methods=methods, runs=_valid_runs(plan, out), failed=failed)
+
+        jobs = [(s, m) for s in seed_list for m in methods]
+        outer = tqdm(jobs, desc="compare", unit="run", disable=not progress)
+        try:
+            for seed, method in outer:
+                outer.set_postfix_str(f"{method} seed {seed}")
+                run = run_dir_for(out, method, seed)
+                if not overwrite and (method, seed, run) in _valid_runs({(method, seed): plan[method, seed]}, out):
+                    continue
+                try:
+                    train_run(_with_method(cfg, method), seed=seed, out_dir=run, overwrite=True,
+                              extra_eval=extra_eval, progress=progress)
+                except RunDivergedError as err:
+                    failed[f"{method}/seed{seed}"] = {"method": method, "seed": seed, "step": err.step,
+                                                      "error": str(err)}
+                    write_json(out / "compare_plan.json", state)
+                    print(f"flatpeft: run failed: {err}", file=sys.stderr)
+                write_tables()  # tables always reflect the finished (and failed) runs
+        except KeyboardInterrupt:
+            outer.close()
+            write_tables()
+            print(f"\ninterrupted: tables of the finished runs written to {out}")
+            raise
         outer.close()
-        tables.collect_and_write(out, methods=methods)
-        print(f"\ninterrupted: tables of the finished runs written to {out}")
-        raise
-    outer.close()
-    return tables.collect_and_write(out, methods=methods)
+        return write_tables()
+
+
+def _with_method(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    """Copy of ``cfg`` running ``method`` (the shared method section as that method uses it)."""
+    run = copy.deepcopy(cfg)
+    run.method = method_kwargs_for(method, cfg.method)
+    return run

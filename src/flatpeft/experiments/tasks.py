@@ -52,13 +52,24 @@ class NoArgs:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else -> ``torch.device(name)``."""
+    """``"auto"`` -> cuda if available else cpu; anything else -> ``torch.device(name)``, refused (naming
+    ``train.device``) when that device is not available on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError as err:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
         raise ValueError(f"train.device: invalid device {name!r}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device: {name!r} asked for, but torch finds no CUDA GPU on this machine "
+                             "(torch.cuda.is_available() is False); use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"train.device: {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"train.device: {name!r} asked for, but MPS is not available on this machine; use auto or cpu")
+    return device
 
 
 class Task(abc.ABC):
@@ -77,6 +88,13 @@ class Task(abc.ABC):
         self.seed = int(seed)
         self.args = parse_dataclass(self.args_cls, cfg.task_args, "task_args.")
         self.device = resolve_device(cfg.train.device)
+
+    @classmethod
+    def check_config(cls, cfg: ExperimentConfig) -> None:
+        """Checks of ``cfg`` that need no model or data load (``flatpeft config`` runs them too): ``task_args``
+        and the device. Subclasses add theirs (data files, the test set) and call this."""
+        parse_dataclass(cls.args_cls, cfg.task_args, "task_args.")
+        resolve_device(cfg.train.device)
 
     # ---- required -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -108,30 +126,38 @@ class Task(abc.ABC):
 
     def load_weights(self, run_dir: str | Path) -> None:
         """Load what :meth:`save` wrote into ``self.model`` (peft adapter, full model, or trainable tensors)."""
-        from safetensors.torch import load_file
-
         src = Path(run_dir) / "adapter"
         if (src / "adapter_model.safetensors").is_file():
             from peft.utils import set_peft_model_state_dict
 
-            state = load_file(str(src / "adapter_model.safetensors"), device=str(self.device))
+            state = self._load_tensors(src / "adapter_model.safetensors")
             result = set_peft_model_state_dict(self.model, state)
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
             if unexpected:
                 raise ValueError(f"{src}: adapter keys do not match the model: {unexpected[:5]}")
         elif (src / "model.safetensors").is_file():
-            state = load_file(str(src / "model.safetensors"), device=str(self.device))
+            state = self._load_tensors(src / "model.safetensors")
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected:
                 raise ValueError(f"{src}/model.safetensors: unexpected keys {unexpected[:5]}")
         elif (src / "trainable.safetensors").is_file():
-            state = load_file(str(src / "trainable.safetensors"), device=str(self.device))
+            state = self._load_tensors(src / "trainable.safetensors")
             _, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected:
                 raise ValueError(f"{src}/trainable.safetensors: unexpected keys {unexpected[:5]}")
         else:
             raise ValueError(f"run directory {str(run_dir)!r} has no saved weights under adapter/ "
                              "(expected adapter_model.safetensors, model.safetensors or trainable.safetensors)")
+
+    def _load_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """Read a safetensors file; a corrupt one raises ``ValueError`` naming the file."""
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(self.device))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+            raise ValueError(f"{path}: cannot read the saved weights ({type(err).__name__}: {err}); the file is "
+                             "corrupt or not a safetensors file: retrain the run") from None
 
     @classmethod
     def load(cls, run_dir: str | Path, cfg: ExperimentConfig) -> "Task":

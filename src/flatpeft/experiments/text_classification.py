@@ -1,10 +1,14 @@
 """``text_classification``: few-shot sequence classification with any Hugging Face encoder or decoder.
 
-Pipeline (the protocol of ``shared/spec/reference-results.md``):
+Pipeline (the protocol of ``docs/algorithms.md``):
 
-1. Read the train pool and the test file (CSV / JSONL / JSON / Parquet, via pandas); check that
-   ``data.text_column`` and ``data.label_column`` exist (the error names the column, the file and the
-   columns that do exist). Classes are the sorted unique labels of the train pool.
+1. Read the train pool and the test file (CSV / JSONL / JSON / Parquet, via pandas; text files must be UTF-8,
+   a broken JSONL line is named by file and line); check that ``data.text_column`` and ``data.label_column``
+   exist (the error names the column, the file and the columns that do exist) and that no row has an empty
+   text or label (named by file, row and column; ``data.drop_missing: true`` drops such rows and says how
+   many). Classes are the sorted unique labels of the train pool. Without ``data.test`` (and no built-in
+   ``data.train`` whose test split it would be) there is no test set: ``train.eval_splits`` must then name
+   only train / val.
 2. Carve a fixed validation split of ``data.val_size`` rows off the pool with ``data.val_seed``
    (independent of the run seed, so every run and method shares it).
 3. Draw ``data.shots`` examples per class from the rest with the run seed (numpy ``default_rng``).
@@ -29,10 +33,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import ExperimentConfig, resolve_data_path, resolve_model_path
+from .config import ExperimentConfig, resolve_data_path, resolve_model_path, resolve_test_ref
 from .tasks import Task, register_task
 
-__all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "carve_validation", "sample_shots",
+__all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "check_missing", "carve_validation",
+           "sample_shots",
            "classification_metrics"]
 
 
@@ -49,36 +54,99 @@ class TextClassificationArgs:
             raise ValueError(f"task_args.model_dropout must be in [0, 1) or null, got {self.model_dropout!r}")
 
 
-def read_table(path: str | Path, columns: tuple[str, ...] = (), field_name: str = "data") -> pd.DataFrame:
-    """Read a CSV / JSONL / JSON / Parquet file into a DataFrame and check that ``columns`` exist.
+def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
+    """Parse JSON Lines: one object per non-blank line; a broken line raises ``ValueError`` naming file and line."""
+    import json
 
-    Raises ``ValueError`` naming the field, the file and (for a missing column) the columns that exist.
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def read_table(path: str | Path, columns: tuple[str, ...] = (), field_name: str = "data") -> pd.DataFrame:
+    """Read a CSV / TSV / JSONL / JSON / Parquet file into a DataFrame and check that ``columns`` exist.
+
+    Raises ``ValueError`` naming the field, the file and (for a missing column) the columns that exist; text
+    formats must be UTF-8 (the error names file, line and column of the first bad byte), and a broken JSONL
+    line is named by file and line.
     """
+    import io
+
+    from .config import read_utf8
+
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"):
+        raise ValueError(f"{field_name}: unsupported file type {suffix!r} for {str(path)!r} "
+                         "(use .csv, .tsv, .jsonl, .json or .parquet)")
     try:
-        if suffix == ".csv":
-            df = pd.read_csv(path)
-        elif suffix == ".tsv":
-            df = pd.read_csv(path, sep="\t")
-        elif suffix in (".jsonl", ".ndjson"):
-            df = pd.read_json(path, lines=True)
-        elif suffix == ".json":
-            try:
-                df = pd.read_json(path)
-            except ValueError:
-                df = pd.read_json(path, lines=True)
-        elif suffix in (".parquet", ".pq"):
+        if suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         else:
-            raise ValueError(f"{field_name}: unsupported file type {suffix!r} for {str(path)!r} "
-                             "(use .csv, .tsv, .jsonl, .json or .parquet)")
+            text = read_utf8(path)
+            if suffix in (".csv", ".tsv"):
+                df = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",")
+            elif suffix in (".jsonl", ".ndjson") or not text.lstrip().startswith(("[", "{")):
+                df = _read_jsonl(text, path)
+            else:
+                try:
+                    df = pd.read_json(io.StringIO(text))
+                except ValueError:
+                    df = _read_jsonl(text, path)
+    except ValueError as err:
+        raise ValueError(f"{field_name}: {err}") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"{field_name}: cannot read {str(path)!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - pyarrow raises its own errors for a corrupt Parquet file
+        raise ValueError(f"{field_name}: cannot read {str(path)!r}: {type(err).__name__}: {err}") from None
     for col in columns:
         if col not in df.columns:
             raise ValueError(f"{field_name}: column {col!r} not found in {str(path)!r} "
                              f"(columns: {', '.join(map(str, df.columns))})")
+    return df
+
+
+def check_missing(df: pd.DataFrame, columns: tuple[str, ...], path: Path, field_name: str,
+                  drop: bool) -> pd.DataFrame:
+    """Refuse (or, with ``drop``, drop and report) rows whose value in any of ``columns`` is missing or blank.
+
+    The error names the file, the first such row (1-based, header not counted) and its column, and how many
+    rows are affected. An integer label column that pandas read as float because of the gaps becomes integer
+    again after dropping.
+    """
+    import sys
+
+    bad = pd.Series(False, index=df.index)
+    first: tuple[int, str] | None = None
+    for col in columns:
+        values = df[col]
+        blank = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
+        if blank.any():
+            row = int(np.flatnonzero(blank.to_numpy())[0])
+            first = min(first, (row, col)) if first else (row, col)
+        bad |= blank
+    if not bad.any():
+        return df
+    if not drop:
+        row, col = first
+        raise ValueError(f"{field_name}: {path}: row {row + 1} has an empty or missing value in column {col!r} "
+                         f"({int(bad.sum())} such row(s) of {len(df)}); fix the file, or set data.drop_missing: "
+                         "true to drop such rows")
+    print(f"flatpeft: note: {field_name}: dropped {int(bad.sum())} of {len(df)} row(s) with an empty or missing "
+          f"{' / '.join(columns)} in {path}", file=sys.stderr)
+    df = df[~bad].reset_index(drop=True)
+    for col in columns:
+        if df[col].dtype.kind == "f" and np.all(np.mod(df[col].to_numpy(), 1) == 0):
+            df[col] = df[col].astype(np.int64)
     return df
 
 
@@ -169,14 +237,37 @@ class TextClassificationTask(Task):
 
     args_cls = TextClassificationArgs
 
+    @classmethod
+    def check_config(cls, cfg: ExperimentConfig) -> None:
+        """Also: the data files exist, and a test set is named whenever ``train.eval_splits`` asks for it."""
+        super().check_config(cfg)
+        resolve_data_path(cfg.data.train, "data.train")
+        test = resolve_test_ref(cfg.data)
+        if test is None and "test" in cfg.train.eval_splits:
+            raise ValueError(f"data.test: not set, and data.train ({cfg.data.train!r}) is your own file, so there is "
+                             "no test set (flatpeft never evaluates on another dataset's): set data.test, or set "
+                             "train.eval_splits to [val] / [train, val] to evaluate only on those")
+        if test is not None:
+            resolve_data_path(test, "data.test")
+
     def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
         super().__init__(cfg, seed)
+        self.check_config(cfg)
         d = cfg.data
         cols = (d.text_column, d.label_column)
         train_path = resolve_data_path(d.train, "data.train")
-        test_path = resolve_data_path(d.test, "data.test")
-        pool = read_table(train_path, cols, "data.train")
-        test = read_table(test_path, cols, "data.test")
+        test_ref = resolve_test_ref(d)
+        test_path = resolve_data_path(test_ref, "data.test") if test_ref is not None else None
+        if test_path is None:
+            import sys
+
+            print(f"flatpeft: note: no test set (data.test is not set): evaluating only on "
+                  f"{', '.join(cfg.train.eval_splits)}", file=sys.stderr)
+        #: the files the examples come from (their sha256 goes into eval.json)
+        self.data_files: dict[str, Path] = {"train": train_path, **({"test": test_path} if test_path else {})}
+        pool = check_missing(read_table(train_path, cols, "data.train"), cols, train_path, "data.train", d.drop_missing)
+        test = (check_missing(read_table(test_path, cols, "data.test"), cols, test_path, "data.test", d.drop_missing)
+                if test_path is not None else pool.iloc[:0])
         self.classes = sorted(pool[d.label_column].unique().tolist(), key=lambda v: (str(type(v)), v))
         if len(self.classes) < 2:
             raise ValueError(f"data.label_column={d.label_column!r}: {train_path} has fewer than 2 classes "
@@ -196,7 +287,13 @@ class TextClassificationTask(Task):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model_path = resolve_model_path(cfg.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        hint = ("; run `flatpeft data prepare --force`" if cfg.model.startswith("builtin:") else
+                " (a Hugging Face model name needs the model in the local cache when offline, or a local directory)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception as err:  # noqa: BLE001 - hub, file and parse errors of every kind
+            raise ValueError(f"model: cannot load the tokenizer of {cfg.model!r}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from None
         if self.tokenizer.pad_token is None:  # decoder-only models (Llama, SmolLM2): pad with EOS
             self.tokenizer.pad_token = self.tokenizer.eos_token
         kwargs: dict[str, Any] = {"num_labels": len(self.classes),
@@ -207,8 +304,9 @@ class TextClassificationTask(Task):
                           attention_probs_dropout_prob=self.args.model_dropout)
         try:
             base = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"model: cannot load {cfg.model!r} as a sequence classifier: {err}") from None
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' SafetensorError, ...
+            raise ValueError(f"model: cannot load {cfg.model!r} ({model_path}) as a sequence classifier: "
+                             f"{type(err).__name__}: {err}{hint}") from None
         if base.config.pad_token_id is None:
             base.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = _peft_wrap(base, cfg).to(self.device)
@@ -218,9 +316,10 @@ class TextClassificationTask(Task):
         self.splits: dict[str, dict[str, Any]] = {
             "train": self._encode([texts[i] for i in train_idx], pool_y[train_idx]),
             "val": self._encode([texts[i] for i in val_idx], pool_y[val_idx]),
-            "test": self._encode(test[d.text_column].astype(str).tolist(),
-                                 test[d.label_column].map(index).to_numpy(np.int64)),
         }
+        if test_path is not None:
+            self.splits["test"] = self._encode(test[d.text_column].astype(str).tolist(),
+                                               test[d.label_column].map(index).to_numpy(np.int64))
 
     # ---- data -----------------------------------------------------------------------------------
     def _encode(self, texts: list[str], labels: np.ndarray) -> dict[str, Any]:
