@@ -18,14 +18,21 @@ window (the Trainer has already prefetched them, so this costs no memory) and do
 window's last micro-batch, which the Trainer marks with ``accelerator.sync_gradients``::
 
     micro-batch 1 .. n-1:  cache the inputs, return 0
-    micro-batch n:         two-pass:    snapshot RNG S0; pass 1 over all n (no DDP sync); snapshot S1;
-                                        fp16: grads /= scaler scale; opt.first_step()  (perturb, zero grads);
-                                        snapshot the subclass's metric store; restore S0;
-                                        pass 2 over all n (DDP sync on the last); restore S1 and the metric store
-                           single-pass: opt.first_step() (perturb); one pass over all n
-                           return the summed (already 1/n-scaled) loss of pass 1  (the only pass for single-pass)
-    Trainer:               clip (pass-2 gradient only), optimizer.step() -> SharpnessAware.step() without a
-                           closure = second_step(): restore w exactly, base optimizer step
+    micro-batch n:         for index in opt.gradient_passes(scaler=accelerator.scaler):
+                               (before pass 2: snapshot the subclass's metric store)
+                               forward + backward over all n micro-batches (the Trainer's training_step);
+                               DDP sync on the last micro-batch of the last pass (pass 1 too with
+                               sync_ascent_grad)
+                           (after the loop: put the metric store back; weights are left at w + e)
+                           return the summed (already 1/n-scaled) loss of the first pass
+    Trainer:               clip (update gradient only), optimizer.step() -> SharpnessAware.step() without a
+                           closure: restore w exactly (and BatchNorm tracking), base optimizer step
+
+``SharpnessAware.gradient_passes`` does the rest: for a two-pass method it snapshots the random state, yields
+pass 1 at ``w``, divides the pass-1 gradients by the fp16 GradScaler's scale, calls ``first_step()`` (perturb,
+zero the gradients, stop BatchNorm running statistics), replays the random state, yields pass 2 at ``w + e``
+and leaves the random state where pass 1 left it; for a single-pass method it calls ``first_step()`` and yields
+once.
 
 Each pass uses the Trainer's own ``training_step`` (that of the subclass the mixin is combined with: autocast,
 loss scaling by the number of micro-batches or ``num_items_in_batch``, ``accelerator.backward`` with the fp16
@@ -119,11 +126,14 @@ def base_optimizer_from_args(args, model=None) -> tuple[type[torch.optim.Optimiz
     return cls, kwargs
 
 
-class _RestoreIfStepSkipped(TrainerCallback):
-    """Put the weights back when the optimizer step did not run (fp16 GradScaler found inf/NaN gradients).
+class _AfterOptimizerStep(TrainerCallback):
+    """Right after ``optimizer.step()``: restore the weights if the step did not run, then collect the step's
+    diagnostics.
 
-    ``GradScaler.step`` skips ``optimizer.step()`` entirely on overflow, so ``second_step`` (which restores the
-    weights) never ran; this runs right after, before the Trainer may evaluate or save a checkpoint.
+    ``GradScaler.step`` skips ``optimizer.step()`` entirely on overflow (fp16 inf/NaN gradients), so the
+    restoration that ``SharpnessAware.step()`` does never ran; this runs before the Trainer may evaluate or save a
+    checkpoint. The diagnostics are read here, after the restoration, because some methods complete them there
+    (e.g. the norm of noise applied through forward hooks).
     """
 
     def __init__(self, trainer: "SharpnessAwareMixin") -> None:
@@ -131,8 +141,10 @@ class _RestoreIfStepSkipped(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         opt = self.trainer.flatpeft_optimizer
-        if opt is not None and self.trainer.accelerator.optimizer_step_was_skipped:
-            opt.restore()
+        if opt is not None:
+            if self.trainer.accelerator.optimizer_step_was_skipped:
+                opt.restore()
+            self.trainer._accumulate_metrics(opt.metrics)
         return control
 
 
@@ -211,7 +223,7 @@ class SharpnessAwareMixin:
                 "optimizer at the accumulation boundary and shards gradients, FSDP shards parameters, so the extra "
                 "pass and the global perturbation norm need collectives that are not implemented. Use DDP."
             )
-        self.add_callback(_RestoreIfStepSkipped(self))
+        self.add_callback(_AfterOptimizerStep(self))
 
     # ------------------------------------------------------------------ optimizer
     def flatpeft_optimizer_kwargs(self, model: nn.Module | None = None) -> dict[str, Any]:
@@ -289,43 +301,29 @@ class SharpnessAwareMixin:
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = None
-        if opt.passes == 2:
-            loss = self._two_pass(model, batches, num_items_in_batch)
-        else:
-            opt.first_step()
-            try:
-                loss = self._accumulate(model, batches, num_items_in_batch, sync_last=True)
-            except BaseException:
-                opt.restore()
-                raise
-            opt.metrics["loss_perturbed"] = loss
-        self._accumulate_metrics(opt.metrics)
-        return loss
-
-    def _two_pass(self, model: nn.Module, batches: list[dict[str, Any]], num_items_in_batch) -> torch.Tensor:
-        """Pass 1 over all micro-batches, ``first_step``, pass 2 over all of them at ``w + e`` (same RNG)."""
-        opt = self.flatpeft_optimizer
-        replay = bool(getattr(opt, "replay_rng", True))
-        start = flatpeft.RNGState.capture() if replay else None
-        loss = self._accumulate(model, batches, num_items_in_batch, sync_last=self.sync_ascent_grad)
-        after_pass1 = flatpeft.RNGState.capture() if replay else None
-        self._unscale_pass1_grads(opt)
-        opt.first_step()  # perturbs, and zeroes the pass-1 gradients
-        metric_store = self.flatpeft_metric_snapshot()
+        scaler = getattr(self.accelerator, "scaler", None)
+        losses: list[torch.Tensor] = []
+        metric_store: dict[str, Any] | None = None
+        passes = opt.gradient_passes(scaler=scaler)  # leaves the weights perturbed for optimizer.step()
         try:
-            if start is not None:
-                start.restore()
-            loss_perturbed = self._accumulate(model, batches, num_items_in_batch, sync_last=True)
+            for index in passes:
+                last = index == opt.passes - 1
+                if index > 0:
+                    # what the Trainer subclass records in compute_loss during pass 2 is dropped (see the class doc)
+                    metric_store = self.flatpeft_metric_snapshot()
+                # DDP: the update gradient is all-reduced on the last micro-batch of the last pass; the ascent
+                # gradient (pass 1 of a two-pass method) only with sync_ascent_grad
+                losses.append(self._accumulate(model, batches, num_items_in_batch, sync_last=last or self.sync_ascent_grad))
         except BaseException:
-            opt.restore()
+            passes.close()  # restores the weights (and the random state) before the error propagates
             raise
         finally:
-            if after_pass1 is not None:
-                after_pass1.restore()
-            self.flatpeft_metric_restore(metric_store)
-        opt.metrics["loss"] = loss
-        opt.metrics["loss_perturbed"] = loss_perturbed
-        return loss
+            if metric_store is not None:
+                self.flatpeft_metric_restore(metric_store)
+        opt.metrics["loss"] = losses[0]
+        if len(losses) > 1:
+            opt.metrics["loss_perturbed"] = losses[1]
+        return losses[0]
 
     def _accumulate(self, model: nn.Module, batches: list[dict[str, Any]], num_items_in_batch, *, sync_last: bool) -> torch.Tensor:
         """Forward + backward over ``batches`` with the Trainer's own step; DDP syncs only on the last if ``sync_last``."""
@@ -336,31 +334,6 @@ class SharpnessAwareMixin:
             with ctx:
                 total = total + super().training_step(model, dict(inputs), num_items_in_batch).to(total.device)
         return total
-
-    def _unscale_pass1_grads(self, opt) -> None:
-        """fp16: divide the GradScaler-scaled pass-1 gradients by the scale.
-
-        Not ``scaler.unscale_``: it may run only once per ``update()``, and the Trainer's clipping needs it for the
-        update gradient.
-        """
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        # The scale as a device tensor (no host sync); ``get_scale()`` would call ``.item()`` every step.
-        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
-        if scale is None:
-            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
-            return
-        inv = scale.double().reciprocal()
-        for dtype_group in {g.dtype for g in grads}:
-            same = [g for g in grads if g.dtype == dtype_group]
-            if dtype_group in (torch.float32, torch.float64):
-                torch._foreach_mul_(same, inv.to(device=same[0].device, dtype=dtype_group))
-            else:  # half-precision gradients (GradScaler itself refuses them): 1/scale may underflow there
-                torch._foreach_mul_(same, 1.0 / scaler.get_scale())
 
     # ------------------------------------------------------------------ logging
     def _accumulate_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
