@@ -472,7 +472,7 @@ def _foreign_in_compare_dir(out: Path) -> list[str]:
 
     if not out.is_dir():
         return [] if not out.exists() else [out.name]
-    entries = sorted(out.iterdir())
+    entries = [p for p in sorted(out.iterdir()) if p.name not in (_COMPARE_LOCK, f"{COMPARE_MANIFEST}.flatpeft-tmp")]
     manifest = read_manifest(out, COMPARE_MANIFEST)
     if manifest is None:
         return [p.name for p in entries]
