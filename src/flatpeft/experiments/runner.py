@@ -588,6 +588,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
         def write_tables():
             return tables.collect_and_write(out, methods=methods, runs=_valid_runs(plan, out), failed=failed)
 
+        if existing:
+            write_tables()  # fresh tables of what is there (a killed process may have finished a run after them)
         jobs = [(s, m) for s in seed_list for m in methods]
         outer = tqdm(jobs, desc="compare", unit="run", disable=not progress)
         try:
