@@ -426,15 +426,24 @@ def _doc_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
-def test_docs_plain_loop_examples_run(tmp_path, monkeypatch):
-    """The closure-API and two-call (accumulation + GradScaler) examples of docs/trainer.md run as written."""
+def _doc_block(*needles: str) -> str:
+    found = [b for b in _doc_blocks() if all(n in b for n in needles)]
+    assert len(found) == 1, needles
+    return found[0]
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """Every Python block of docs/trainer.md that needs no real model (the mixin, accelerate, closure and
+    gradient_passes examples) runs as written."""
     monkeypatch.chdir(tmp_path)
-    blocks = _doc_blocks()
-    assert len(blocks) == 3
-    for code in blocks[1:]:
+    blocks = [b for b in _doc_blocks() if "flatpeft.assets" not in b]
+    assert len(blocks) == 4
+    for code in blocks:
         ns: dict = {}
         exec(compile(code, "docs/trainer.md", "exec"), ns)
-        assert torch.isfinite(torch.as_tensor(ns["loss"]).detach())
+        if "loss" in ns:
+            assert torch.isfinite(torch.as_tensor(ns["loss"]).detach())
+    assert sum("loss" in b for b in blocks) >= 3
 
 
 @pytest.mark.slow
@@ -442,7 +451,7 @@ def test_docs_trainer_example_minilm_finefoods(tmp_path, monkeypatch):
     """The Trainer example of docs/trainer.md (real MiniLM + LoRA, 64 Fine Foods reviews, FlatPO, 4 steps)."""
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile(_doc_blocks()[0], "docs/trainer.md", "exec"), ns)
+    exec(compile(_doc_block("flatpeft.assets", "SharpnessAwareTrainer"), "docs/trainer.md", "exec"), ns)
     trainer = ns["trainer"]
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["step"] for h in logs] == [2, 4]
@@ -450,6 +459,21 @@ def test_docs_trainer_example_minilm_finefoods(tmp_path, monkeypatch):
         # normalize_over="all" (default): radius rho * ||g_S|| / ||g|| <= rho
         assert 0 < h["flatpeft/perturbation_norm"] <= 0.05 + 1e-6
         assert "flatpeft/loss_gap" in h and 0 < h["loss"] < 2
+
+
+@pytest.mark.slow
+def test_docs_trl_example_smollm2(tmp_path, monkeypatch):
+    """The trl example of docs/trainer.md (real SmolLM2-135M + LoRA via SFTTrainer's peft_config, sam, 2 steps)."""
+    pytest.importorskip("trl", reason="trl is not installed (pip install 'flatpeft[trl]')")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(_doc_block("flatpeft.assets", "SFTTrainer"), "docs/trainer.md", "exec"), ns)
+    trainer = ns["trainer"]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    assert logs[1]["num_tokens"] == trainer._total_train_tokens
+    for h in logs:
+        assert 0 <= h["mean_token_accuracy"] <= 1 and h["flatpeft/perturbation_norm"] == pytest.approx(0.05, rel=1e-4)
 
 
 @pytest.mark.slow
