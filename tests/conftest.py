@@ -40,36 +40,61 @@ def single_thread_module():
 
 
 class MLP(nn.Module):
-    """peft's test MLP shape: ``lin0 -> tanh -> lin1``."""
+    """``lin0 -> tanh -> lin1 -> tanh -> head``: two LoRA targets and a classifier head."""
 
-    def __init__(self, d_in: int = 6, d_hidden: int = 5, d_out: int = 3, dropout: float = 0.0) -> None:
+    def __init__(self, d_in: int = 6, d_hidden: int = 5, d_mid: int = 4, d_out: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
         self.lin0 = nn.Linear(d_in, d_hidden)
         self.drop = nn.Dropout(dropout)
-        self.lin1 = nn.Linear(d_hidden, d_out)
+        self.lin1 = nn.Linear(d_hidden, d_mid)
+        self.head = nn.Linear(d_mid, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(self.drop(torch.tanh(self.lin0(x))))
+        return self.head(torch.tanh(self.lin1(self.drop(torch.tanh(self.lin0(x))))))
 
 
-def make_lora_mlp(seed: int = 0, r: int = 2, alpha: int = 4, dropout: float = 0.0, nonzero_b: bool = True) -> nn.Module:
-    """A float64 peft LoRA MLP (LoRA on lin0 and lin1); ``B`` made non-zero so every method has work to do."""
+def make_lora_mlp(seed: int = 0, r: int = 2, alpha: int = 4, dropout: float = 0.0, nonzero_b: bool = True,
+                  head_scale: float = 1.0) -> nn.Module:
+    """A float64 peft LoRA MLP: LoRA on ``lin0`` and ``lin1``, the ``head`` trained in full (``modules_to_save``),
+    so every method meets a trainable tensor that is not an adapter. ``B`` is made non-zero so every method has
+    work to do; ``head_scale`` multiplies the head's weights (a small one shrinks the gradients upstream of the head, making the head the sharpest tensor)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(MLP(dropout=dropout), LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin0", "lin1"]))
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin0", "lin1"], modules_to_save=["head"])
+    model = get_peft_model(MLP(dropout=dropout), cfg)
     model = model.double()
-    if nonzero_b:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(0.3 * torch.randn_like(p))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n and nonzero_b:
+                p.copy_(0.3 * torch.randn_like(p))
+            if "modules_to_save" in n and "weight" in n:
+                p.mul_(head_scale)
     return model
 
 
 def make_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return MLP().double()
+
+
+def _register_custom_method() -> None:
+    """A method registered the way users add one (SAM on the top half of the adapters, normalised over them), so the
+    registry-wide contract tests cover user methods without naming them."""
+    import flatpeft
+    from flatpeft.perturb import GradientAscent, chain, from_grad, normalize_global, scale_by_rho, select_top_fraction
+
+    if "test-custom" in flatpeft.method_names():
+        return
+
+    def build(fraction: float = 0.5):
+        return [GradientAscent(chain(from_grad(), select_top_fraction(fraction), normalize_global(), scale_by_rho()),
+                               target="adapters")]
+
+    flatpeft.register_method(flatpeft.MethodInfo("test-custom", build, defaults={"rho": 0.1}, summary="test-only custom method"))
+
+
+_register_custom_method()
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Contract tests of the engine over every registered method: API parity, resume, restore, robustness."""
+"""Contract tests of the engine over every registered method (the live registry, so a method registered with
+``register_method`` -- such as conftest's ``test-custom`` -- is covered without editing this file): API parity,
+resume, restore, robustness."""
 from __future__ import annotations
 
 import io
@@ -36,7 +38,7 @@ def batches(n, seed=5):
     return [(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("method", flatpeft.METHODS)
+@pytest.mark.parametrize("method", flatpeft.method_names())
 def test_closure_equals_two_call_api(method):
     data = batches(4)
     m1, m2 = make_lora_mlp(), make_lora_mlp()
@@ -54,7 +56,7 @@ def test_closure_equals_two_call_api(method):
     assert_same(snapshot(m1), snapshot(m2))
 
 
-@pytest.mark.parametrize("method", flatpeft.METHODS)
+@pytest.mark.parametrize("method", flatpeft.method_names())
 def test_state_dict_resume_equals_uninterrupted(method):
     data = batches(6)
     ref = make_lora_mlp()
@@ -84,7 +86,7 @@ def test_state_dict_resume_equals_uninterrupted(method):
     assert_same(snapshot(ref), snapshot(fresh))
 
 
-@pytest.mark.parametrize("method", flatpeft.METHODS)
+@pytest.mark.parametrize("method", flatpeft.method_names())
 def test_frozen_weights_bit_identical_and_params_clean_after_exception(method):
     x, y = batches(1)[0]
     model = make_lora_mlp()
@@ -115,11 +117,13 @@ def test_frozen_weights_bit_identical_and_params_clean_after_exception(method):
     opt.step(make_closure(model, x, y))
 
 
-TWO_PASS = [m for m in flatpeft.METHODS if flatpeft.create_optimizer(make_lora_mlp(), m).passes == 2]
+TWO_PASS = [m for m in flatpeft.method_names() if flatpeft.get_method(m).passes == 2]
 
 
-def test_two_pass_methods_are_the_expected_ones():
-    assert set(TWO_PASS) == {"sam", "asam", "flat-lora", "flatpo"}
+def test_passes_come_from_the_rules():
+    for m in flatpeft.method_names():
+        assert flatpeft.get_method(m).passes == flatpeft.create_optimizer(make_lora_mlp(), m, total_steps=4).passes
+    assert {m for m in TWO_PASS if m in flatpeft.METHODS} == {"sam", "asam", "flat-lora", "flatpo"}
 
 
 @pytest.mark.parametrize("method", TWO_PASS)
@@ -361,7 +365,7 @@ def test_no_trainable_parameters():
         flatpeft.create_optimizer(model, "sam")
 
 
-@pytest.mark.parametrize("method", [m for m in flatpeft.METHODS if flatpeft.get_method(m).needs_lora])
+@pytest.mark.parametrize("method", [m for m in flatpeft.method_names() if flatpeft.get_method(m).needs_lora])
 def test_lora_only_methods_refuse_models_without_lora(method):
     with pytest.raises(ValueError, match="needs trainable LoRA layers"):
         flatpeft.create_optimizer(make_mlp(), method)

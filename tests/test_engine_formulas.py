@@ -1,8 +1,10 @@
-"""One shared battery over the registry: each method's step with SGD against an independent float64 reference.
+"""One shared battery over the registry: each method's steps with SGD against an independent float64 reference.
 
-The references below re-derive every method from shared/spec/algorithms.md with plain tensor maths on copies
-(explicit pseudo-inverses, boolean indexing, ``torch.func.functional_call`` for gradients at arbitrary points);
-they share no code with the engine. One row per method in ``CASES``.
+The references below re-derive every method from docs/algorithms.md with plain tensor maths on copies (explicit
+pseudo-inverses, boolean indexing, autograd of stated regularisers, ``torch.func.functional_call`` for gradients at
+arbitrary points); they share no code with the engine (the noise seeding formula is restated here, not imported).
+The model has two LoRA layers and a fully trained head (``modules_to_save``), so head handling is covered for every
+method. One or more rows per method in ``CASES``; multi-step rows run with ``total_steps`` so schedules move.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import torch
 from torch.func import functional_call
 
 import flatpeft
-from flatpeft.perturb.base import StepContext
 
 from conftest import make_closure, make_lora_mlp
 
@@ -27,6 +28,13 @@ def names(layer: str) -> tuple[str, str, str]:
     return f"{pre}.lora_A.default.weight", f"{pre}.lora_B.default.weight", f"{pre}.base_layer.weight"
 
 
+HEAD = ("base_model.model.head.modules_to_save.default.weight", "base_model.model.head.modules_to_save.default.bias")
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
 def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -35,20 +43,30 @@ def frozen(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
 
-def grad_at(model, values, x, y, frozen_values=None):
-    """Gradient of the loss w.r.t. the trainable tensors, evaluated at ``values`` (and ``frozen_values``)."""
+def loss_at(model, values, x, y, frozen_values=None):
+    full = {**{n: p.detach() for n, p in model.named_parameters()}, **(frozen_values or {}), **values}
+    return torch.nn.functional.cross_entropy(functional_call(model, full, (x,)), y)
+
+
+def grad_at(model, values, x, y, frozen_values=None, extra=None):
+    """Gradient of the loss (plus ``extra(values)``) w.r.t. the trainable tensors, evaluated at ``values``."""
     vals = {n: v.clone().requires_grad_(True) for n, v in values.items()}
-    full = {**{n: p.detach() for n, p in model.named_parameters()}, **(frozen_values or {}), **vals}
-    loss = torch.nn.functional.cross_entropy(functional_call(model, full, (x,)), y)
+    loss = loss_at(model, vals, x, y, frozen_values)
+    if extra is not None:
+        loss = loss + extra(vals)
     return dict(zip(vals, torch.autograd.grad(loss, list(vals.values()))))
 
 
-def sgd(values, grads):
-    return {n: v - LR * grads[n] for n, v in values.items()}
+def sgd(values, grads, lrs=None):
+    return {n: v - (lrs or {}).get(n, LR) * grads[n] for n, v in values.items()}
 
 
 def gnorm(d):
     return math.sqrt(sum(float(t.square().sum()) for t in d.values()))
+
+
+def cosine(rho, rho_min, t, total):
+    return rho_min + (rho - rho_min) * 0.5 * (1 + math.cos(math.pi * t / total))
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -75,18 +93,20 @@ def ref_asam(model, x, y, kw):
 
 
 def ref_flatpo(model, x, y, kw):
+    """Eligible = adapter tensors (scope 'adapters') or all; N over the eligible; top-k of them by ||g||."""
     th = trainable(model)
     g = grad_at(model, th, x, y)
-    n_all = gnorm(g)
-    keys = list(th)
-    k = max(1, math.floor(kw["fraction"] * len(keys)))
-    chosen = sorted(keys, key=lambda q: float(g[q].norm()), reverse=True)[:k]
-    pert = {q: th[q] + (kw["rho"] * g[q] / n_all if q in chosen else 0.0) for q in keys}
+    no_adapters = not any(map(is_adapter, th))  # full fine-tuning: every tensor is eligible
+    eligible = [q for q in th if kw.get("scope", "adapters") == "all" or no_adapters or is_adapter(q)]
+    n_all = gnorm({q: g[q] for q in eligible})
+    k = max(1, math.floor(kw["fraction"] * len(eligible)))
+    chosen = sorted(eligible, key=lambda q: float(g[q].norm()), reverse=True)[:k]
+    pert = {q: th[q] + (kw["rho"] * g[q] / n_all if q in chosen else 0.0) for q in th}
     return sgd(th, grad_at(model, pert, x, y))
 
 
-def flat_lora_eb(th, g, rho):
-    """Flat-LoRA E_B per layer with explicit pseudo-inverses and one global norm (spec section 4)."""
+def flat_lora_eb(th, g, rho, per_layer=False):
+    """Flat-LoRA E_B per layer with explicit pseudo-inverses; one global norm or one norm per layer."""
     ghat = {}
     for layer in LAYERS:
         a, b, _ = names(layer)
@@ -94,40 +114,62 @@ def flat_lora_eb(th, g, rho):
         g2 = torch.linalg.pinv(th[b].T) @ g[a] / SCALE
         ghat[layer] = 0.5 * (g1 + g2)
     n = math.sqrt(sum(float(v.square().sum()) for v in ghat.values()))
-    return {names(layer)[1]: (rho * ghat[layer] / n) @ torch.linalg.pinv(th[names(layer)[0]]) / SCALE for layer in LAYERS}
+    out = {}
+    for layer in LAYERS:
+        norm = float(ghat[layer].norm()) if per_layer else n
+        out[names(layer)[1]] = (rho * ghat[layer] / norm) @ torch.linalg.pinv(th[names(layer)[0]]) / SCALE
+    return out
 
 
 def ref_flat_lora(model, x, y, kw):
+    """Steps with the cosine decay of rho to 0.4 rho over total_steps."""
     th = trainable(model)
-    g = grad_at(model, th, x, y)
-    eb = flat_lora_eb(th, g, kw["rho"])
-    pert = {k: th[k] + eb.get(k, 0.0) for k in th}
-    return sgd(th, grad_at(model, pert, x, y))
+    for t in range(kw["total_steps"] and 2 or 1):
+        rho_t = cosine(kw["rho"], 0.4 * kw["rho"], t, kw["total_steps"]) if kw.get("total_steps") else kw["rho"]
+        g = grad_at(model, th, x, y)
+        eb = flat_lora_eb(th, g, rho_t, per_layer=kw.get("norm_scope") == "layer")
+        pert = {k: th[k] + eb.get(k, 0.0) for k in th}
+        th = sgd(th, grad_at(model, pert, x, y))
+    return th
 
 
 def ref_eflat_lora(model, x, y, kw):
-    """Two steps: step 1 at E_bar = 0; step 2 at B + (1 - beta) E_new(step 1)."""
+    """Three steps: the gradient at B + lag, E_new from the clean weights, SGD, EMA (beta = weight of the past)."""
     th = trainable(model)
-    g1 = grad_at(model, th, x, y)
-    e_new = flat_lora_eb(th, g1, kw["rho"])
-    th1 = sgd(th, g1)
-    ema = {k: (1 - kw["beta"]) * v for k, v in e_new.items()}
-    pert = {k: th1[k] + ema.get(k, 0.0) for k in th1}
-    return sgd(th1, grad_at(model, pert, x, y))
+    lag = {names(layer)[1]: torch.zeros_like(th[names(layer)[1]]) for layer in LAYERS}
+    ema = dict(lag)
+    for t in range(3):
+        rho_t = cosine(kw["rho"], 0.4 * kw["rho"], t, kw["total_steps"])
+        pert = {k: th[k] + lag.get(k, 0.0) for k in th}
+        g = grad_at(model, pert, x, y)
+        e_new = flat_lora_eb(th, g, rho_t)
+        th = sgd(th, g)
+        ema = {k: kw["beta"] * ema[k] + (1 - kw["beta"]) * e_new[k] for k in ema}
+        lag = dict(ema)
+    return th
+
+
+def noise_seed(seed, step, rank, layer):
+    """The documented seeding of flat-lora-random (docs/algorithms.md), restated."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + layer * 15_485_863 + 12_345) % (2**63 - 1)
 
 
 def ref_flat_lora_random(model, x, y, kw):
+    """Three steps; noise ramp f_t = (1 - cos(pi t / T)) / 2 (0 at step 0), per-layer generators."""
     th = trainable(model)
     w0 = frozen(model)
-    noisy = dict(w0)
-    gen = StepContext([], [], 0.0, 0, kw["seed"]).generator("cpu")  # documented seeding: (seed, step)
-    for layer in LAYERS:
-        a, b, w = names(layer)
-        merged = w0[w] + SCALE * th[b] @ th[a]
-        sigma = kw["rho"] * merged.norm(dim=1) / math.sqrt(merged.shape[1])
-        noise = torch.randn(merged.shape, generator=gen, dtype=torch.float32).double() * sigma[:, None]
-        noisy[w] = w0[w] + noise
-    return sgd(th, grad_at(model, th, x, y, frozen_values=noisy))
+    for t in range(3):
+        ramp = 0.5 * (1 - math.cos(math.pi * t / kw["total_steps"]))
+        noisy = dict(w0)
+        for i, layer in enumerate(LAYERS):
+            a, b, w = names(layer)
+            merged = w0[w] + SCALE * th[b] @ th[a]
+            sigma = ramp * kw["rho"] * merged.norm(dim=1) / math.sqrt(merged.shape[1])
+            gen = torch.Generator().manual_seed(noise_seed(kw["seed"], t, 0, i))
+            noise = torch.randn(merged.shape, generator=gen, dtype=torch.float32).double() * sigma[:, None]
+            noisy[w] = w0[w] + noise
+        th = sgd(th, grad_at(model, th, x, y, frozen_values=noisy))
+    return th
 
 
 def ref_psi(t):
@@ -141,16 +183,17 @@ def ref_psi(t):
 
 
 def ref_spider(model, x, y, kw):
-    """Two steps of SGD + SPIDER's allocation toward theta0."""
+    """Two steps of SGD + SPIDER's allocation toward theta0, on the masked tensors only (the head by default)."""
     th0 = trainable(model)
-    i_pre = {k: ref_psi(v) for k, v in th0.items()}
-    acc = {k: torch.zeros_like(v) for k, v in th0.items()}
+    masked = [k for k in th0 if kw.get("mask_scope", "pretrained") == "all" or not is_adapter(k)]  # no adapters: all
+    i_pre = {k: ref_psi(th0[k]) for k in masked}
+    acc = {k: torch.zeros_like(th0[k]) for k in masked}
     th = dict(th0)
     for _ in range(2):
         g = grad_at(model, th, x, y)
         stepped = sgd(th, g)
-        new = {}
-        for k in th:
+        new = dict(stepped)
+        for k in masked:
             acc[k] = acc[k] + g[k]
             i_ft = ref_psi(acc[k])
             c = torch.where(i_ft > i_pre[k], i_ft / (i_pre[k] + i_ft), torch.zeros_like(i_ft))
@@ -162,67 +205,89 @@ def ref_spider(model, x, y, kw):
     return th
 
 
+LR_A = 0.03  # nbar/obar rows: A factors in their own parameter group
+
+
+def factor_groups(model):
+    ps = dict(model.named_parameters())
+    a = [p for n, p in ps.items() if ".lora_A." in n]
+    rest = [p for n, p in ps.items() if p.requires_grad and ".lora_A." not in n]
+    return [{"params": a, "lr": LR_A}, {"params": rest}]
+
+
 def ref_nbar(model, x, y, kw):
+    """B rescaled with B's learning rate, A with A's (A sits in a group with lr LR_A)."""
     th = trainable(model)
     g = grad_at(model, th, x, y)
     out = dict(th)
+    lrs = {k: LR_A for k in th if ".lora_A." in k}
     for layer in LAYERS:
         a, b, _ = names(layer)
         gb2, ga2 = float(g[b].square().sum()), float(g[a].square().sum())
         d = (gb2 - ga2) / math.sqrt(gb2 + ga2)
         out[b] = (1 + LR * kw["alpha"] * d / (2 * float(th[b].square().sum()))) * th[b]
-        out[a] = (1 - LR * kw["alpha"] * d / (2 * float(th[a].square().sum()))) * th[a]
-    return sgd(out, g)
+        out[a] = (1 - LR_A * kw["alpha"] * d / (2 * float(th[a].square().sum()))) * th[a]
+    return sgd(out, g, lrs)
 
 
 def ref_obar(model, x, y, kw):
+    """Two steps; the update gradient is autograd of loss + (a_t / 4) sum_l (||B||^2 - ||A||^2)^2, a_t linear decay."""
     th = trainable(model)
-    g = dict(grad_at(model, th, x, y))
-    for layer in LAYERS:
-        a, b, _ = names(layer)
-        beta = 0.5 * (float(th[b].square().sum()) - float(th[a].square().sum()))
-        g[b] = g[b] + kw["alpha"] * beta * th[b]
-        g[a] = g[a] - kw["alpha"] * beta * th[a]
-    return sgd(th, g)
+    lrs = {k: LR_A for k in th if ".lora_A." in k}
+    for t in range(2):
+        a_t = kw["alpha"] * (1 - t / kw["total_steps"])
+
+        def reg(v, a_t=a_t):
+            return sum(a_t / 4 * (v[names(l)[1]].square().sum() - v[names(l)[0]].square().sum()) ** 2 for l in LAYERS)
+
+        th = sgd(th, grad_at(model, th, x, y, extra=reg), lrs)
+    return th
 
 
-# name -> (method kwargs, reference, number of steps)
+# id -> (method, method kwargs, reference, number of steps, parameter groups or None)
 CASES = {
-    "base": ({}, ref_base, 1),
-    "sam": ({"rho": 0.07}, ref_sam, 1),
-    "asam": ({"rho": 0.5, "eta": 0.01}, ref_asam, 1),
-    "flat-lora": ({"rho": 0.07, "damping": 1e-13}, ref_flat_lora, 1),
-    "eflat-lora": ({"rho": 0.07, "beta": 0.3, "damping": 1e-13}, ref_eflat_lora, 2),
-    "flat-lora-random": ({"rho": 0.2, "seed": 7}, ref_flat_lora_random, 1),
-    "flatpo": ({"rho": 0.07, "fraction": 0.5}, ref_flatpo, 1),
-    "spider": ({}, ref_spider, 2),
-    "nbar": ({"alpha": 0.5}, ref_nbar, 1),
-    "obar": ({"alpha": 0.5}, ref_obar, 1),
+    "base": ("base", {}, ref_base, 1, None),
+    "sam": ("sam", {"rho": 0.07}, ref_sam, 1, None),
+    "asam": ("asam", {"rho": 0.5, "eta": 0.01}, ref_asam, 1, None),
+    "flat-lora": ("flat-lora", {"rho": 0.07, "damping": 1e-13, "total_steps": 3}, ref_flat_lora, 2, None),
+    "flat-lora[layer]": ("flat-lora", {"rho": 0.07, "damping": 1e-13, "norm_scope": "layer", "total_steps": 3}, ref_flat_lora, 2, None),
+    "eflat-lora": ("eflat-lora", {"rho": 0.07, "beta": 0.3, "damping": 1e-13, "total_steps": 4}, ref_eflat_lora, 3, None),
+    "flat-lora-random": ("flat-lora-random", {"rho": 0.2, "seed": 7, "total_steps": 4}, ref_flat_lora_random, 3, None),
+    "flatpo": ("flatpo", {"rho": 0.07, "fraction": 0.5}, ref_flatpo, 1, None),
+    "flatpo[all]": ("flatpo", {"rho": 0.07, "fraction": 0.34, "scope": "all"}, ref_flatpo, 1, None),
+    "spider": ("spider", {}, ref_spider, 2, None),
+    "spider[all]": ("spider", {"mask_scope": "all"}, ref_spider, 2, None),
+    "nbar": ("nbar", {"alpha": 0.5}, ref_nbar, 1, factor_groups),
+    "obar": ("obar", {"alpha": 0.5, "total_steps": 4}, ref_obar, 2, factor_groups),
 }
 
 
-def test_every_registered_method_has_a_row():
-    assert set(CASES) == set(flatpeft.METHODS)
+def test_every_built_in_method_has_a_row():
+    assert {c[0] for c in CASES.values()} == set(flatpeft.METHODS)
 
 
-@pytest.mark.parametrize("method", list(CASES))
-def test_step_matches_reference(method, data):
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_matches_reference(case, data):
     x, y = data
-    kw, ref, steps = CASES[method]
+    method, kw, ref, steps, groups = CASES[case]
     model = make_lora_mlp()
     expected = ref(model, x, y, kw)
-    opt = flatpeft.create_optimizer(model, method, base_optimizer="sgd", lr=LR, **kw)
+    params = groups(model) if groups else None
+    opt = flatpeft.create_optimizer(model, method, base_optimizer="sgd", lr=LR, params=params, **kw)
     for _ in range(steps):
         opt.zero_grad()
         opt.step(make_closure(model, x, y))
     got = trainable(model)
     assert set(got) == set(expected)
     for k in got:
-        torch.testing.assert_close(got[k], expected[k], rtol=1e-9, atol=1e-11, msg=f"{method}: {k}")
-    # and the method really did something different from the base step (the test can fail)
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-9, atol=1e-11, msg=f"{case}: {k}")
+    # and the method really did something different from the base steps (the test can fail)
     if method != "base":
-        plain = ref_base(make_lora_mlp(), x, y, {})
-        assert any(not torch.allclose(got[k], plain[k], rtol=0, atol=1e-10) for k in got), method
+        plain_model = make_lora_mlp()
+        plain = trainable(plain_model)
+        for _ in range(steps):
+            plain = sgd(plain, grad_at(plain_model, plain, x, y), {k: LR_A for k in plain if ".lora_A." in k} if groups else None)
+        assert any(not torch.allclose(got[k], plain[k], rtol=0, atol=1e-10) for k in got), case
 
 
 def test_sam_on_plain_mlp_matches_reference(data):
@@ -232,7 +297,7 @@ def test_sam_on_plain_mlp_matches_reference(data):
     x, y = data
     for method in ("sam", "asam", "flatpo", "spider"):
         model = make_mlp()
-        kw, ref, steps = CASES[method]
+        _, kw, ref, steps, _ = CASES[method]
         expected = ref(model, x, y, kw)
         opt = flatpeft.create_optimizer(model, method, base_optimizer="sgd", lr=LR, **kw)
         for _ in range(steps):

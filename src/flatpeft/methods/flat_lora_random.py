@@ -159,7 +159,7 @@ def build(per_rank_noise: bool = True) -> list[Rule]:
 
 
 register_method(
-    MethodInfo("flat-lora-random", build, needs_lora=True, schedule="cosine noise ramp",
+    MethodInfo("flat-lora-random", build, defaults={"rho": 0.05}, needs_lora=True, schedule="cosine noise ramp",
                summary="random filter-wise noise on the frozen weights of LoRA layers (Li et al.)",
                reference="arXiv 2409.14396",
                sources={"rho": "nblt/Flat-LoRA README (0.05)", "per_rank_noise": "flatpeft decision (independent noise per rank)"},

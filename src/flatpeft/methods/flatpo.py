@@ -42,7 +42,7 @@ def build(fraction: float = 0.05, selection: str = "topk", granularity: str = "t
 
 
 register_method(
-    MethodInfo("flatpo", build,
+    MethodInfo("flatpo", build, defaults={"rho": 0.05},
                summary="FlatPO: SAM on the sharpest fraction of PEFT adapter tensors",
                reference="arXiv 2606.10488",
                sources={"rho": "FlatPO VLM configs", "fraction": "FlatPO (5 %)", "selection": "FlatPO",

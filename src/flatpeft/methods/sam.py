@@ -14,7 +14,7 @@ def build() -> list[Rule]:
     return [GradientAscent(chain(from_grad(), normalize_global(), scale_by_rho()))]
 
 
-register_method(MethodInfo("sam", build, summary="SAM / LoRA-SAM: e = rho g / ||g||", reference="Foret et al. 2021",
+register_method(MethodInfo("sam", build, defaults={"rho": 0.05}, summary="SAM / LoRA-SAM: e = rho g / ||g||", reference="Foret et al. 2021",
                            sources={"rho": "davda54/sam default; FlatPO VLM configs"},
                            perturbs="every trainable tensor with a gradient",
                            memory="transient: one copy of the trainable tensors during pass 2"))

@@ -22,7 +22,7 @@ from flatpeft.optim.sharpness_aware import SharpnessAware
 from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import SCHEDULES
 
-__all__ = ["MethodInfo", "register_method", "get_method", "create_optimizer", "method_names", "COMMON_KEYWORDS"]
+__all__ = ["MethodInfo", "register_method", "get_method", "create_optimizer", "method_names", "methods_table", "COMMON_KEYWORDS"]
 
 COMMON_KEYWORDS: dict[str, Any] = {
     "rho": 0.05,
@@ -313,3 +313,28 @@ def create_optimizer(
         pass2_norm_stats=cfg["pass2_norm_stats"],
         method=method,
     )
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def methods_table(names: Iterable[str] | None = None) -> str:
+    """A Markdown table of the registered methods: passes, default keywords with their sources, what is perturbed,
+    what is ranked, and the extra memory held (docs/methods.md embeds the built-in rows; a test keeps it true)."""
+    rows = [
+        "| method | passes | defaults (source) | perturbs | ranks | extra memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names if names is not None else method_names():
+        info = get_method(name)
+        kws = []
+        for key, value in info.method_defaults().items():
+            if key == "rho_min" and value is None:
+                value = f"{info.rho_min_fraction:g} x rho"
+            source = info.sources.get(key)
+            kws.append(f"`{key}`={_fmt(value)}" + (f" ({source})" if source else ""))
+        rows.append(
+            f"| `{name}` | {info.passes} | {'; '.join(kws) or '-'} | {info.perturbs} | {info.ranks} | {info.memory} |"
+        )
+    return "\n".join(rows)
