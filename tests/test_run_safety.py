@@ -421,3 +421,26 @@ def test_tilde_in_output_dir_is_expanded(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     train_run(with_(tiny, output_dir="~/runs/x"), progress=False)
     assert (tmp_path / "home" / "runs" / "x" / "eval.json").is_file() and not Path("~").exists()
+
+
+def test_corrupt_cached_multimodal_safetensors_names_file_and_prepare_force(tmp_path):
+    from safetensors.torch import save_file
+
+    import flatpeft.assets as assets
+
+    path = tmp_path / "features_x.safetensors"
+    save_file({"features": torch.zeros(3, 2)}, str(path))
+    assert assets.load_cached_safetensors(path)["features"].shape == (3, 2)
+    path.write_bytes(b"\x00" * 8 + path.read_bytes()[8:])
+    with pytest.raises(assets.AssetCorruptError) as err:
+        assets.load_cached_safetensors(path)
+    assert "features_x.safetensors" in str(err.value) and "data prepare --force --only multimodal" in str(err.value)
+
+
+def test_vqa_jsonl_non_utf8_names_file_and_line(tmp_path):
+    from flatpeft.multimodal.hf_vlm import read_vqa_jsonl
+
+    path = tmp_path / "vqa.jsonl"
+    path.write_bytes(b'\n{"image": "a.png", "question": "caf\xe9?", "answer": "x"}\n')
+    with pytest.raises(ValueError, match=r"vqa.jsonl:2:\d+: byte"):
+        read_vqa_jsonl(path)

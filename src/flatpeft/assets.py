@@ -62,6 +62,7 @@ __all__ = [
     "fashion_mnist_dir",
     "finefoods_splits",
     "janeausten_path",
+    "load_cached_safetensors",
     "load_efficientnet_lite0",
     "load_fashion_mnist",
     "load_janeausten",
@@ -233,6 +234,18 @@ def verify(names: Iterable[str] | None = None) -> dict[str, str]:
     if problems:
         raise AssetCorruptError("; ".join(problems))
     return report
+
+
+def load_cached_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file`` for a file flatpeft cached; a corrupt one raises :class:`AssetCorruptError`
+    naming the file and ``flatpeft data prepare --force --only multimodal``."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise AssetCorruptError(f"cached file {path} is corrupt ({type(err).__name__}: {err}); run "
+                                "`flatpeft data prepare --force --only multimodal` to rebuild it") from None
 
 
 def _package_dir(module: str, asset: str, install: str) -> Path:

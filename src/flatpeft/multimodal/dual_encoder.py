@@ -251,13 +251,15 @@ def pretrained_dual_encoder(settings: ClipPrealignSettings | None = None, *, for
     ``settings.per_class`` Fashion-MNIST training images of each seen class (drawn with ``settings.seed``)
     and saves them (safetensors, settings in the metadata).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     settings = settings or ClipPrealignSettings()
     model = build_dual_encoder(settings.text_model, embed_dim=settings.embed_dim, logit_scale=settings.logit_scale)
     path = clip_prealign_path(settings)
     if path.is_file() and not force:
-        state = load_file(str(path))
+        from flatpeft import assets
+
+        state = assets.load_cached_safetensors(path)
         model.image_proj.weight.data.copy_(state["image_proj.weight"])
         model.text_proj.weight.data.copy_(state["text_proj.weight"])
         return model

@@ -55,26 +55,27 @@ def read_vqa_jsonl(path: str | Path) -> list[VQAExample]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"VQA data file {str(path)!r} does not exist")
+    from flatpeft.experiments.config import read_utf8
+
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON line ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for key in ("image", "question", "answer"):
-                if not isinstance(rec.get(key), str) or not rec[key]:
-                    raise ValueError(f"{where}: missing or non-string {key!r} (keys: {sorted(rec)})")
-            image = Path(rec["image"])
-            image = image if image.is_absolute() else path.parent / image
-            if not image.is_file():
-                raise ValueError(f"{where}: image file not found: {str(image)!r}")
-            out.append(VQAExample(image, rec["question"], rec["answer"], where))
+    for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):  # UTF-8 or an error naming the line
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: malformed JSON line ({err.msg} at column {err.colno})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for key in ("image", "question", "answer"):
+            if not isinstance(rec.get(key), str) or not rec[key]:
+                raise ValueError(f"{where}: missing or non-string {key!r} (keys: {sorted(rec)})")
+        image = Path(rec["image"])
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise ValueError(f"{where}: image file not found: {str(image)!r}")
+        out.append(VQAExample(image, rec["question"], rec["answer"], where))
     if not out:
         raise ValueError(f"VQA data file {str(path)!r} has no records")
     return out
@@ -225,6 +226,8 @@ class HFVLMTask(Task):
         if cfg.peft.type != "lora":
             raise ValueError(f"peft.type: hf_vlm supports lora, got {cfg.peft.type!r}")
         self.train_examples = read_vqa_jsonl(cfg.data.train)
+        if cfg.data.test is None:
+            raise ValueError("data.test: hf_vlm needs a VQA JSONL test file (data.test is not set)")
         self.test_examples = read_vqa_jsonl(cfg.data.test)
         if a.max_eval_examples is not None:
             self.test_examples = self.test_examples[: a.max_eval_examples]

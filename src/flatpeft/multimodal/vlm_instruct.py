@@ -92,14 +92,14 @@ def build_small_vlm(language_model: str = "builtin:smollm2", *, num_visual_token
 
 def frozen_image_features(model: SmallVLM, images: np.ndarray, size: int, batch: int = 128) -> torch.Tensor:
     """Features of uint8 images from the frozen encoder, cached on disk by a hash of (pixels, size)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from flatpeft import assets
 
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes() + str(size).encode()).hexdigest()[:16]
     path = Path(assets.cache_dir()) / "multimodal" / f"features_{digest}.safetensors"
     if path.is_file():
-        return load_file(str(path))["features"]
+        return assets.load_cached_safetensors(path)["features"]
     out = [model.image_features(to_pixels(images[i:i + batch], size).to(model.device)).cpu()
            for i in tqdm(range(0, len(images), batch), desc="image features", leave=False)]
     feats = torch.cat(out).contiguous()
@@ -138,13 +138,15 @@ def pretrained_small_vlm(settings: VLMPrealignSettings | None = None, *, force: 
     ``settings.steps`` steps of ``settings.batch_size`` examples from ``settings.per_class`` images per seen
     class) and saved.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     settings = settings or VLMPrealignSettings()
     model = build_small_vlm(settings.language_model, num_visual_tokens=settings.num_visual_tokens)
     path = vlm_prealign_path(settings)
     if path.is_file() and not force:
-        model.projector.load_state_dict(load_file(str(path)))
+        from flatpeft import assets
+
+        model.projector.load_state_dict(assets.load_cached_safetensors(path))
         return model
     xtr, ytr, _, _ = load_fashion_mnist()
     idx = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
@@ -388,15 +390,13 @@ class VLMInstructTask(Task):
     def load_weights(self, run_dir: str | Path) -> None:
         """Load what :meth:`save` wrote (adapter into the LM, projector)."""
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         src = Path(run_dir) / "adapter"
         for name in ("adapter_model.safetensors", "projector.safetensors"):
             if not (src / name).is_file():
                 raise ValueError(f"run directory {str(run_dir)!r}: missing adapter/{name}")
-        set_peft_model_state_dict(self.model.language_model,
-                                  load_file(str(src / "adapter_model.safetensors"), device=str(self.device)))
-        self.model.projector.load_state_dict(load_file(str(src / "projector.safetensors"), device=str(self.device)))
+        set_peft_model_state_dict(self.model.language_model, self._load_tensors(src / "adapter_model.safetensors"))
+        self.model.projector.load_state_dict(self._load_tensors(src / "projector.safetensors"))
 
     def describe(self) -> dict[str, Any]:
         """Settings worth recording next to the metrics."""
