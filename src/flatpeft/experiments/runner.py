@@ -375,9 +375,8 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
             metrics.update(timing, eval_time_s=time.perf_counter() - start, steps=cfg.train.steps, seed=seed,
                            method=cfg.method["name"], task=cfg.task)
             metrics.update(_data_record(task, cfg.train.eval_splits))
-            metrics = _finite_or_none(metrics)
             task.save(staging)
-            write_json(staging / "eval.json", metrics)
+            write_json(staging / "eval.json", _finite_or_none(metrics))  # strict JSON: a NaN metric is null
             write_manifest(staging, state="finished", **ident)
             install_run(staging, out)
         except BaseException:
