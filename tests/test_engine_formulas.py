@@ -105,6 +105,39 @@ def ref_flatpo(model, x, y, kw):
     return sgd(th, grad_at(model, pert, x, y))
 
 
+def ref_sam_every(model, x, y, kw):
+    """Three steps, ascent every 2: step 0 SAM (e stored), step 1 one pass at w + e_0, step 2 SAM again."""
+    th = trainable(model)
+    e = None
+    for t in range(3):
+        if t % kw["ascent_every"] == 0:
+            g = grad_at(model, th, x, y)
+            n = gnorm(g)
+            e = {k: kw["rho"] * g[k] / (n + 1e-12) for k in th}
+        th = sgd(th, grad_at(model, {k: th[k] + e[k] for k in th}, x, y))
+    return th
+
+
+def ref_flatpo_lagged(model, x, y, kw):
+    """Three steps: gradient at w + lag; FlatPO's sparse e from it (selection refreshed every T steps); SGD; EMA."""
+    th = trainable(model)
+    eligible = [q for q in th if is_adapter(q)]
+    lag = {q: torch.zeros_like(th[q]) for q in eligible}
+    ema = dict(lag)
+    chosen = []
+    for t in range(3):
+        g = grad_at(model, {k: th[k] + lag.get(k, 0.0) for k in th}, x, y)
+        n = gnorm({q: g[q] for q in eligible})
+        if t % kw.get("refresh_every", 1) == 0:
+            k = max(1, math.floor(kw["fraction"] * len(eligible)))
+            chosen = sorted(eligible, key=lambda q: float(g[q].norm()), reverse=True)[:k]
+        e = {q: (kw["rho"] * g[q] / (n + 1e-12) if q in chosen else torch.zeros_like(g[q])) for q in eligible}
+        th = sgd(th, g)
+        ema = {q: kw["beta"] * ema[q] + (1 - kw["beta"]) * e[q] for q in eligible}
+        lag = dict(ema)
+    return th
+
+
 def flat_lora_eb(th, g, rho, per_layer=False):
     """Flat-LoRA E_B per layer with explicit pseudo-inverses; one global norm or one norm per layer."""
     ghat = {}
@@ -255,6 +288,10 @@ CASES = {
     "flat-lora-random": ("flat-lora-random", {"rho": 0.2, "seed": 7, "total_steps": 4}, ref_flat_lora_random, 3, None),
     "flatpo": ("flatpo", {"rho": 0.07, "fraction": 0.5}, ref_flatpo, 1, None),
     "flatpo[all]": ("flatpo", {"rho": 0.07, "fraction": 0.34, "scope": "all"}, ref_flatpo, 1, None),
+    "sam[ascent_every=2]": ("sam", {"rho": 0.07, "ascent_every": 2}, ref_sam_every, 3, None),
+    "flatpo-lagged": ("flatpo-lagged", {"rho": 0.07, "fraction": 0.5, "beta": 0.4}, ref_flatpo_lagged, 3, None),
+    "flatpo-lagged[refresh=2]": ("flatpo-lagged", {"rho": 0.07, "fraction": 0.25, "beta": 0.4, "refresh_every": 2},
+                                 ref_flatpo_lagged, 3, None),
     "spider": ("spider", {}, ref_spider, 2, None),
     "spider[all]": ("spider", {"mask_scope": "all"}, ref_spider, 2, None),
     "nbar": ("nbar", {"alpha": 0.5}, ref_nbar, 1, factor_groups),

@@ -218,7 +218,8 @@ def test_methods_listing_says_which_scope_is_default():
 def test_docs_methods_table_is_the_registry():
     text = DOCS.read_text(encoding="utf-8")
     start, end = text.index("<!-- methods-table: begin -->"), text.index("<!-- methods-table: end -->")
-    assert text[start:end].split("\n", 1)[1].strip() == flatpeft.optim.registry.methods_table(flatpeft.METHODS).strip()
+    assert text[start:end].split("\n", 1)[1].strip() == flatpeft.optim.registry.methods_table(flatpeft.METHODS).strip(), (
+        "docs/methods.md is out of date: run python scripts/methods_table.py")
 
 
 # ------------------------------------------------------------------------------------------- rho floor
@@ -360,7 +361,8 @@ def test_extra_memory_is_what_the_table_says(method):
     trainable = sum(p.numel() * 8 for p in opt.trainable)
     b_bytes = sum(f.B.numel() * 8 for f in opt.lora)
     head = sum(p.numel() * 8 for p, a in zip(opt.trainable, opt.adapters) if not a)
-    expected_persistent = {"eflat-lora": 2 * b_bytes, "spider": 3 * head}.get(method, 0)
+    adapters = sum(p.numel() * 8 for p, a in zip(opt.trainable, opt.adapters) if a)
+    expected_persistent = {"eflat-lora": 2 * b_bytes, "spider": 3 * head, "flatpo-lagged": 2 * adapters}.get(method, 0)
     assert rep["persistent"] == expected_persistent
     if flatpeft.get_method(method).passes == 2:
         assert 0 < rep["transient"] <= trainable

@@ -26,3 +26,8 @@ def optional(check, name: str, value: Any, *args: Any) -> None:
     """Run ``check(name, value, *args)`` unless ``value`` is None."""
     if value is not None:
         check(name, value, *args)
+
+
+def positive_int(name: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")

@@ -10,6 +10,7 @@ from flatpeft.methods import (  # noqa: F401  (imported for registration)
     eflat_lora,
     flat_lora_random,
     flatpo,
+    flatpo_lagged,
     spider,
     bar,
 )

@@ -10,7 +10,7 @@ absolute radius and may not exceed ``rho``); ``norm_scope = "global"`` (one ``N`
 the third-party behaviour); ``damping = 1e-6`` (relative Tikhonov damping of ``A A^T`` and ``B^T B``). Non-LoRA
 trainable tensors (heads, biases) are not perturbed.
 """
-from flatpeft._checks import non_negative, one_of
+from flatpeft._checks import non_negative, one_of, positive_int
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule
@@ -35,8 +35,9 @@ def full_space_direction(norm_scope: str, damping: float):
     return chain(lora_full_space(norm_scope, damping), scale_by_rho())
 
 
-def build(norm_scope: str = "global", damping: float = 1e-6) -> list[Rule]:
-    return [GradientAscent(full_space_direction(norm_scope, damping), target="lora_B")]
+def build(norm_scope: str = "global", damping: float = 1e-6, ascent_every: int = 1) -> list[Rule]:
+    positive_int("ascent_every", ascent_every)
+    return [GradientAscent(full_space_direction(norm_scope, damping), target="lora_B", every=ascent_every)]
 
 
 register_method(

@@ -15,30 +15,33 @@ paper's unit) or entries by ``|g|`` (``"element"``), recomputed every step, or `
 "FlatPO"). Defaults: ``rho = 0.05`` (FlatPO VLM configs), ``fraction = 0.05``, ``selection = "topk"``,
 ``granularity = "tensor"``, ``normalize_over = "all"``, ``scope = "adapters"``.
 """
-from flatpeft._checks import in_range, one_of
+from flatpeft._checks import in_range, one_of, positive_int
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule
 from flatpeft.perturb.transforms import from_grad, normalize_global, scale_by_rho, select_top_fraction
 
 
-def sparse_direction(fraction: float, selection: str, granularity: str, normalize_over: str):
-    """FlatPO's perturbation of the eligible tensors: top (or random) fraction of ``rho g / N``."""
+def sparse_direction(fraction: float, selection: str, granularity: str, normalize_over: str, refresh_every: int = 1):
+    """FlatPO's perturbation of the eligible tensors: top (or random) fraction of ``rho g / N`` (selection made
+    every ``refresh_every`` steps)."""
     in_range("fraction", fraction, 0.0, 1.0, low_open=True, high_open=False)
     one_of("selection", selection, ("topk", "random"))
     one_of("granularity", granularity, ("tensor", "element"))
     one_of("normalize_over", normalize_over, ("all", "selected"))
-    select = select_top_fraction(fraction, selection, granularity)
+    positive_int("refresh_every", refresh_every)
+    select = select_top_fraction(fraction, selection, granularity, refresh_every)
     if normalize_over == "all":
         return chain(from_grad(), normalize_global(), select, scale_by_rho())
     return chain(from_grad(), select, normalize_global(), scale_by_rho())
 
 
 def build(fraction: float = 0.05, selection: str = "topk", granularity: str = "tensor", normalize_over: str = "all",
-          scope: str = "adapters") -> list[Rule]:
+          scope: str = "adapters", ascent_every: int = 1) -> list[Rule]:
     one_of("scope", scope, ("adapters", "all"))
+    positive_int("ascent_every", ascent_every)
     transform = sparse_direction(fraction, selection, granularity, normalize_over)
-    return [GradientAscent(transform, target="adapters" if scope == "adapters" else "trainable")]
+    return [GradientAscent(transform, target="adapters" if scope == "adapters" else "trainable", every=ascent_every)]
 
 
 register_method(

@@ -105,7 +105,6 @@ class SharpnessAware(torch.optim.Optimizer):
         self.rank = int(rank)
         self.replay_rng = bool(replay_rng)
         self.pass2_norm_stats = bool(pass2_norm_stats)
-        self.passes = max([r.passes for r in self.rules], default=1)
         self.metrics: dict[str, torch.Tensor] = {}
         self._perturbed = False
         self._awaiting_update = False
@@ -120,6 +119,12 @@ class SharpnessAware(torch.optim.Optimizer):
             own = {"step": 0, "buffers": {}}
             self.state[_KEY] = own
         return own
+
+    @property
+    def passes(self) -> int:
+        """Forward+backward passes of the current step (1 or 2; may vary by step, e.g. ``ascent_every``)."""
+        step = self.step_count
+        return max([r.passes_at(step) for r in self.rules], default=1)
 
     @property
     def step_count(self) -> int:
@@ -308,6 +313,7 @@ class SharpnessAware(torch.optim.Optimizer):
             self._update()
             return None
         closure = torch.enable_grad()(closure)
+        two_pass = self.passes == 2
         losses = []
         passes = self.gradient_passes()
         try:
@@ -317,7 +323,7 @@ class SharpnessAware(torch.optim.Optimizer):
             passes.close()
             self.restore()
         self._update()
-        for key, value in zip(("loss", "loss_perturbed") if self.passes == 2 else ("loss",), losses):
+        for key, value in zip(("loss", "loss_perturbed") if two_pass else ("loss",), losses):
             if isinstance(value, torch.Tensor):
                 self.metrics[key] = value.detach()
         return losses[0]

@@ -33,11 +33,16 @@ class Rule:
     ``passes`` is 2 for rules that need a fresh ascent gradient at ``w`` before the update pass; ``perturbs`` is
     True when ``perturb`` moves the weights (then ``step()`` without a closure needs ``first_step()`` first).
     ``transient_bytes`` is the size of the copies the rule holds between ``perturb`` and ``restore``.
+    ``passes_at(step)`` may vary the number of passes from step to step (``GradientAscent(every=k)``).
     """
 
     passes: int = 1
     perturbs: bool = False
     transient_bytes: int = 0
+
+    def passes_at(self, step: int) -> int:
+        """Forward+backward passes this rule needs on step ``step`` (completed steps so far)."""
+        return self.passes
 
     def perturb(self, state: StepState) -> None:  # noqa: D102
         pass
@@ -82,18 +87,34 @@ class GradientAscent(_CopyRestore):
     ``"adapters"`` only the PEFT adapter tensors (FlatPO's default scope; every trainable tensor when the model
     has no adapter); ``"lora_B"`` the LoRA ``B`` factors (Flat-LoRA of Deng et al.). Tensors outside the target
     are updated normally and never perturbed.
+
+    ``every = k > 1`` (LookSAM-style reuse, Liu et al., CVPR 2022, simplified): the ascent step is computed on steps
+    ``0, k, 2k, ...`` only (two passes) and stored; the steps in between take the update gradient at ``w + e`` with
+    the stored ``e`` in a single pass. Costs one persistent copy of the targets.
     """
 
     passes = 2
 
-    def __init__(self, transform: Transform, target: str = "trainable") -> None:
+    def __init__(self, transform: Transform, target: str = "trainable", every: int = 1) -> None:
         super().__init__()
         self.transform = transform
         self.target = target
+        self.every = every
+
+    def passes_at(self, step: int) -> int:
+        return 2 if step % self.every == 0 else 1
 
     def perturb(self, state: StepState) -> None:
-        ctx = state.context(self.target)
-        deltas = self.transform([], ctx)
+        if self.every == 1:
+            ctx = state.context(self.target)
+            deltas = self.transform([], ctx)
+        else:
+            ctx = state.context(self.target, with_grad_only=False)
+            stored = state.buffers("ascent", ctx.params, lambda p: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)))
+            if self.passes_at(state.step) == 2:
+                fresh = self.transform([], ctx)
+                torch._foreach_copy_(stored, [f.to(d.dtype) for f, d in zip(fresh, stored)])
+            deltas = stored
         state.metrics["perturbation_norm"] = global_norm(deltas)
         self._apply(ctx.params, deltas)
 

@@ -100,43 +100,57 @@ def _count(fraction: float, n: int) -> int:
     return max(1, math.floor(fraction * n + 1e-9))
 
 
-def select_top_fraction(fraction: float, selection: str = "topk", granularity: str = "tensor") -> Transform:
+def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float, selection: str, granularity: str) -> list[torch.Tensor]:
+    """Fresh 0/1 masks (float32, on the device): one scalar per tensor, or one entry per element."""
+    device = dirs[0].device
+    if granularity == "tensor":
+        n = len(dirs)
+        k = _count(fraction, n)
+        if selection == "topk":
+            idx = torch.topk(sq_norms(dirs), k).indices
+        else:
+            idx = torch.randperm(n, generator=ctx.generator(device), device=device)[:k]
+        mask = torch.zeros(n, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
+        ctx.stats["selected"] = mask
+        return list(mask.unbind())
+    sizes = [d.numel() for d in dirs]
+    total = sum(sizes)
+    k = _count(fraction, total)
+    if selection == "topk":
+        flat = torch.cat([d.detach().reshape(-1).abs().to(device, torch.float32) for d in dirs])
+        idx = torch.topk(flat, k, sorted=False).indices
+    else:
+        idx = torch.randperm(total, generator=ctx.generator(device), device=device)[:k]
+    mask = torch.zeros(total, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
+    ctx.stats["selected"] = mask
+    return [m.view_as(d) for m, d in zip(mask.split(sizes), dirs)]
+
+
+def select_top_fraction(fraction: float, selection: str = "topk", granularity: str = "tensor", refresh_every: int = 1) -> Transform:
     """Keep only a fraction of the directions (FlatPO, docs/algorithms.md "FlatPO"); zero the rest.
 
     ``granularity="tensor"``: the unit is a whole tensor scored by ``||d_p||``; ``k = max(1, floor(f n))`` of the
     ``n`` targets are kept. ``granularity="element"``: the unit is one entry, scored by ``|d|``, ``k`` counted over
     all entries. ``selection="topk"`` keeps the ``k`` largest scores (on device, ``torch.topk``);
-    ``selection="random"`` keeps ``k`` units drawn uniformly without replacement from a generator seeded by
-    ``(seed, step)`` (the paper's random ablation; reproducible and identical on every rank). Exactly ``k`` units
-    are kept (ties do not add units). The kept set is exposed as ``ctx.stats["selected"]``.
+    ``selection="random"`` keeps ``k`` units drawn uniformly without replacement from a generator on the targets'
+    device seeded by ``(seed, step)`` (the paper's random ablation; reproducible and identical on every rank).
+    Exactly ``k`` units are kept (ties do not add units). The kept set is exposed as ``ctx.stats["selected"]``.
+    ``refresh_every = T > 1`` makes the transform stateful: the selection is made on steps ``0, T, 2T, ...`` and
+    kept (as persistent masks, ``ctx.buffers("selection")``) in between.
     """
 
     def select_top_fraction_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
         if not dirs:
             return dirs
-        device = dirs[0].device
-        if granularity == "tensor":
-            n = len(dirs)
-            k = _count(fraction, n)
-            if selection == "topk":
-                idx = torch.topk(sq_norms(dirs), k).indices
-            else:
-                idx = torch.randperm(n, generator=ctx.generator(device), device=device)[:k]
-            mask = torch.zeros(n, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
-            ctx.stats["selected"] = mask
-            return torch._foreach_mul(dirs, [m.to(d.dtype) for m, d in zip(mask.unbind(), dirs)])
-        sizes = [d.numel() for d in dirs]
-        total = sum(sizes)
-        k = _count(fraction, total)
-        if selection == "topk":
-            flat = torch.cat([d.detach().reshape(-1).abs().to(device, torch.float32) for d in dirs])
-            idx = torch.topk(flat, k, sorted=False).indices
+        if refresh_every > 1:
+            shape = (lambda p: ()) if granularity == "tensor" else (lambda p: p.shape)
+            kept = ctx.buffers("selection", lambda p: torch.zeros(shape(p), dtype=torch.float32, device=p.device))
+            if ctx.step % refresh_every == 0:
+                torch._foreach_copy_(kept, _selection_masks(dirs, ctx, fraction, selection, granularity))
+            masks = kept
         else:
-            idx = torch.randperm(total, generator=ctx.generator(device), device=device)[:k]
-        mask = torch.zeros(total, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
-        ctx.stats["selected"] = mask
-        masks = [m.view_as(d).to(d.dtype) for m, d in zip(mask.split(sizes), dirs)]
-        return torch._foreach_mul(dirs, masks)
+            masks = _selection_masks(dirs, ctx, fraction, selection, granularity)
+        return torch._foreach_mul(dirs, [m.to(d.dtype) for m, d in zip(masks, dirs)])
 
     return select_top_fraction_
 
