@@ -106,6 +106,76 @@ print("REFUSED", ",".join(refused))
 """
 
 
+LORA_RUN = """
+import torch
+from torch import nn
+import flatpeft
+
+torch.set_num_threads(1)
+
+
+class LoRALinear(nn.Module):
+    # a hand-written LoRA layer: y = x W0^T + b + s x A^T B^T, W0 and b frozen
+    def __init__(self, d_in, d_out, r=2, alpha=4.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in ** 0.5, requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(d_out), requires_grad=False)
+        self.lora_A = nn.Parameter(torch.randn(r, d_in) / d_in ** 0.5)
+        self.lora_B = nn.Parameter(0.1 * torch.randn(d_out, r))
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias) + self.scaling * (x @ self.lora_A.t() @ self.lora_B.t())
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = LoRALinear(6, 8)
+        self.lin1 = LoRALinear(8, 3)
+
+    def forward(self, x):
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+ran = []
+for name in flatpeft.METHODS:
+    torch.manual_seed(0)
+    model = Net()
+    frozen = [p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad]
+    lora = [p.detach().clone() for n, p in model.named_parameters() if p.requires_grad]
+    opt = flatpeft.create_optimizer(model, name, base_optimizer="sgd", lr=0.1, rho=0.05, total_steps=3)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.zero_grad()
+        loss = opt.step(closure)
+        assert torch.isfinite(torch.as_tensor(loss)).all(), name
+    now_frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, now_frozen)), f"{name} changed frozen weights"
+    now_lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(lora, now_lora)), f"{name} did not update"
+    ran.append(name)
+
+leaked = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
+assert not leaked, leaked
+print("RAN", ",".join(ran))
+"""
+
+
+def test_core_runs_every_method_on_a_hand_written_lora_model():
+    res = run_blocked(LORA_RUN)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ran = next(line for line in res.stdout.splitlines() if line.startswith("RAN ")).split(" ", 1)[1].split(",")
+    assert {"flat-lora", "eflat-lora", "flat-lora-random", "nbar", "obar", "flatpo", "sam"} <= set(ran), ran
+
+
 def test_core_runs_every_non_peft_method_with_torch_only():
     res = run_blocked(CORE_RUN)
     assert res.returncode == 0, res.stdout + res.stderr
