@@ -4,7 +4,7 @@ An *operator* answers oracle questions about the loss ``L(theta)`` at the curren
 ``theta`` (the tensors with ``requires_grad=True``: LoRA ``A``/``B``, heads, prompts; frozen backbone weights
 are constants): its value, its gradient, Hessian-vector products ``H v`` and the loss at a shifted point
 ``theta + delta``.  Algorithms (``eigen``, ``trace``, ``sharpness``, ``landscape``) only talk to operators,
-so they can be tested on a :class:`MatrixOperator` with a known ``H`` (style rule 10).
+so they can be tested on a :class:`MatrixOperator` with a known ``H``.
 
 Definitions used throughout:
 

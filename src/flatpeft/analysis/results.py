@@ -1,4 +1,4 @@
-"""Frozen result dataclasses of the analysis tools (style rule 10: operators x algorithms -> frozen results).
+"""Frozen result dataclasses of the analysis tools: operators x algorithms -> frozen results.
 
 Every result is a frozen dataclass with ``to_dict()`` (JSON-ready: numpy arrays become lists, floats stay
 floats), ``to_json()`` and ``save(path)``.  Large per-element arrays (eigenvectors, Hessian diagonals) are kept
