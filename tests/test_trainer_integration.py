@@ -207,6 +207,20 @@ def test_flat_lora_random_ramp_runs_over_trainer_steps(tmp_path, dataset):
     assert 0.0 < trace.pnorm[1] < trace.pnorm[2]
 
 
+def test_passes_varying_by_step_match_plain_closure_loop(tmp_path, dataset):
+    """``ascent_every=2``: sam runs 2 passes on even steps and 1 (re-used ascent) on odd steps; the Trainer follows
+    the step's own pass count (forward count) and equals the closure loop."""
+    init = make_model()
+    calls = {"n": 0}
+    model = copy.deepcopy(init)
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    trainer = train_with_trainer(model, dataset, tmp_path, "sam", {"rho": 0.05, "ascent_every": 2})
+    assert calls["n"] == 2 + 1 + 2
+    reference = copy.deepcopy(init)
+    traced_closure_loop(reference, dataset, "sam", {"rho": 0.05, "ascent_every": 2, "total_steps": 3, "seed": 0})
+    assert_same_weights(trainer.model, reference)
+
+
 def test_seed_follows_training_seed_unless_given(tmp_path, dataset):
     """The method's private seed is ``TrainingArguments.seed``; ``flatpeft_kwargs["seed"]`` wins; so do
     ``total_steps`` (even ``None``: no schedule) and ``rho_schedule``."""
