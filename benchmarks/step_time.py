@@ -9,8 +9,10 @@ Settings:
   --setting gpu   the core issue's GPU setting: hidden 1024, 24 layers, 16 heads, MLP 2816, vocab 32000,
                   bf16, batch 8 x 512, LoRA r=8 on q_proj,v_proj (needs CUDA).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` per method (reset before each); on CPU the peak
-resident set of a fresh subprocess per method (``--memory``; slower, off by default).
+Extra memory: the bytes each method holds beyond the model and the base optimizer (``opt.memory_report()``:
+persistent buffers saved with the optimizer state, plus the largest copy held during a step), also as a percentage
+of the model's parameter bytes. Peak memory (``--memory``): on CUDA ``torch.cuda.max_memory_allocated`` per method
+(reset before each); on CPU the peak resident set of a fresh subprocess per method (slower, off by default).
 
     python benchmarks/step_time.py                      # CPU table
     python benchmarks/step_time.py --setting gpu        # on a GPU machine
@@ -34,7 +36,7 @@ SETTINGS = {
     "cpu": dict(hidden=256, layers=4, heads=4, mlp=704, vocab=4000, batch=4, seq=128, dtype="float32", device="cpu"),
     "gpu": dict(hidden=1024, layers=24, heads=16, mlp=2816, vocab=32000, batch=8, seq=512, dtype="bfloat16", device="cuda"),
 }
-DEFAULT_METHODS = ("base", "sam", "flatpo", "flat-lora", "eflat-lora", "flat-lora-random", "spider", "asam", "nbar", "obar")
+DEFAULT_METHODS = flatpeft.METHODS
 
 
 def build(setting: dict, seed: int = 0):
@@ -73,6 +75,7 @@ def make_step(model, method: str, setting: dict):
         opt.step(closure)
 
     step.passes = opt.passes  # type: ignore[attr-defined]
+    step.opt = opt  # type: ignore[attr-defined]
     return step
 
 
@@ -81,7 +84,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(methods, setting: dict, warmup: int, rounds: int, steps_per_round: int) -> tuple[dict[str, float], dict[str, int]]:
+def extra_bytes(step) -> int:
+    """Bytes the method holds beyond the model and the base optimizer (persistent + largest transient copy)."""
+    rep = step.opt.memory_report()
+    return rep["persistent"] + rep["transient"]
+
+
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def time_methods(methods, setting: dict, warmup: int, rounds: int, steps_per_round: int) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
     models = {m: build(setting) for m in methods}
     steps = {m: make_step(models[m], m, setting) for m in methods}
     for m in methods:
@@ -97,7 +110,8 @@ def time_methods(methods, setting: dict, warmup: int, rounds: int, steps_per_rou
                 steps[m]()
             sync(setting["device"])
             samples[m].append((time.perf_counter() - t0) / steps_per_round)
-    return {m: statistics.median(v) for m, v in samples.items()}, {m: steps[m].passes for m in methods}
+    extra = {m: 100.0 * extra_bytes(steps[m]) / model_bytes(models[m]) for m in methods}
+    return {m: statistics.median(v) for m, v in samples.items()}, {m: steps[m].passes for m in methods}, extra
 
 
 def peak_memory(method: str, setting_name: str, steps: int = 3) -> float:
@@ -147,15 +161,17 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "base" not in methods:
         methods.insert(0, "base")
-    times, passes_of = time_methods(methods, setting, args.warmup, args.rounds, args.steps_per_round)
+    times, passes_of, extra = time_methods(methods, setting, args.warmup, args.rounds, args.steps_per_round)
     mem = {m: peak_memory(m, args.setting) for m in methods} if args.memory else {}
     rows = []
     print(f"setting={args.setting} {setting} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'method':18s} {'passes':>6s} {'ms/step':>9s} {'time/base':>9s}" + (f" {'peak MiB':>9s} {'mem/base':>8s}" if mem else ""))
+    print(f"{'method':18s} {'passes':>6s} {'ms/step':>9s} {'time/base':>9s} {'extra % model':>13s}"
+          + (f" {'peak MiB':>9s} {'mem/base':>8s}" if mem else ""))
     for m in methods:
         passes = passes_of[m]
-        row = {"method": m, "passes": passes, "ms_per_step": 1e3 * times[m], "time_ratio": times[m] / times["base"]}
-        line = f"{m:18s} {passes:6d} {row['ms_per_step']:9.1f} {row['time_ratio']:9.2f}"
+        row = {"method": m, "passes": passes, "ms_per_step": 1e3 * times[m], "time_ratio": times[m] / times["base"],
+               "extra_memory_percent_of_model": extra[m]}
+        line = f"{m:18s} {passes:6d} {row['ms_per_step']:9.1f} {row['time_ratio']:9.2f} {extra[m]:13.3f}"
         if mem:
             row.update(peak_mib=mem[m], memory_ratio=mem[m] / mem["base"])
             line += f" {mem[m]:9.0f} {row['memory_ratio']:8.3f}"

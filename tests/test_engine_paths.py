@@ -428,3 +428,15 @@ def test_hand_written_lora_module_is_found():
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     opt.zero_grad()
     opt.step(lambda: (lambda l: (l.backward(), l)[1])(nn.functional.cross_entropy(model(x), y)))
+
+
+def test_flatpeft_methods_command_says_the_default_scope():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "flatpeft", "methods"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("flatpo "))
+    assert "scope='adapters'" in line and "2 passes" in line
+    assert "ranks: PEFT adapter tensors (scope='adapters', default)" in out.stdout
+    assert "rho_min=0.4*rho" in out.stdout

@@ -133,10 +133,20 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     import flatpeft
 
-    for name in flatpeft.METHODS:
+    from flatpeft.optim.registry import methods_table
+
+    if getattr(args, "markdown", False):
+        print(methods_table())
+        return 0
+    for name in flatpeft.method_names():
         info = flatpeft.get_method(name)
-        kw = ", ".join(f"{k}={v!r}" for k, v in info.defaults.items())
-        print(f"{name:18s} {info.summary}" + (f"  [{kw}]" if kw else ""))
+        defaults = info.method_defaults()
+        if defaults.get("rho_min", 0) is None:
+            defaults["rho_min"] = f"{info.rho_min_fraction:g}*rho"
+        kw = ", ".join(f"{k}={v!r}" if not str(v).endswith("*rho") else f"{k}={v}" for k, v in defaults.items())
+        print(f"{name:18s} {info.passes} pass{'es' if info.passes == 2 else '  '}  {info.summary}" + (f"  [{kw}]" if kw else ""))
+        if info.ranks != "-":
+            print(f"{'':18s}           ranks: {info.ranks}")
     return 0
 
 
@@ -230,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("methods", help="list the registered methods", description="List the registered methods.")
+    p.add_argument("--markdown", action="store_true", help="print the full table (passes, defaults with sources, "
+                   "what is perturbed and ranked, extra memory) as Markdown")
     p.set_defaults(func=_cmd_methods)
     p = sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
     p.set_defaults(func=_cmd_tasks)
