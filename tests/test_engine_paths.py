@@ -440,3 +440,14 @@ def test_flatpeft_methods_command_says_the_default_scope():
     assert "scope='adapters'" in line and "2 passes" in line
     assert "ranks: PEFT adapter tensors (scope='adapters', default)" in out.stdout
     assert "rho_min=0.4*rho" in out.stdout
+
+
+def test_unregister_method():
+    from flatpeft.optim.registry import unregister_method
+
+    flatpeft.register_method(flatpeft.MethodInfo("tmp-method", lambda: []))
+    assert "tmp-method" in flatpeft.method_names()
+    unregister_method("tmp-method")
+    assert "tmp-method" not in flatpeft.method_names()
+    with pytest.raises(ValueError, match="built in"):
+        unregister_method("sam")

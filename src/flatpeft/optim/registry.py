@@ -22,7 +22,7 @@ from flatpeft.optim.sharpness_aware import SharpnessAware
 from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import SCHEDULES
 
-__all__ = ["MethodInfo", "register_method", "get_method", "create_optimizer", "method_names", "methods_table", "COMMON_KEYWORDS"]
+__all__ = ["MethodInfo", "register_method", "get_method", "create_optimizer", "method_names", "methods_table", "unregister_method", "COMMON_KEYWORDS"]
 
 COMMON_KEYWORDS: dict[str, Any] = {
     "rho": 0.05,
@@ -116,6 +116,15 @@ def register_method(info: MethodInfo) -> MethodInfo:
         raise ValueError(f"method {info.name!r} is already registered")
     _REGISTRY[info.name] = info
     return info
+
+
+def unregister_method(name: str) -> MethodInfo:
+    """Remove a method added with :func:`register_method` (built-in methods cannot be removed); returns its info."""
+    from flatpeft import METHODS
+
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is built in and cannot be unregistered")
+    return _REGISTRY.pop(get_method(name).name)
 
 
 def method_names() -> tuple[str, ...]:
