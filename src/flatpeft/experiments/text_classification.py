@@ -37,7 +37,7 @@ from .config import ExperimentConfig, resolve_data_path, resolve_model_path, res
 from .tasks import Task, register_task
 
 __all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "check_missing", "carve_validation",
-           "sample_shots",
+           "sample_shots", "flip_labels", "apply_shift", "is_drink_review", "DRINK_WORDS",
            "classification_metrics"]
 
 
@@ -49,9 +49,70 @@ class TextClassificationArgs:
         "Override the model's hidden / attention dropout (BERT: hidden_dropout_prob, "
         "attention_probs_dropout_prob; 0 turns dropout off); null keeps the model's default.")})
 
+    label_noise: float = field(default=0.0, metadata={"help": (
+        "Symmetric label noise on the drawn training examples: exactly round(label_noise * n) of the n k-shot "
+        "examples (chosen with the run seed) get a label drawn uniformly from the other classes; validation and "
+        "test labels stay clean. 0 turns it off.")})
+    shift: str | None = field(default=None, metadata={"help": (
+        "Distribution shift between training and test: 'drinks' trains (and validates) on the reviews of the "
+        "train pool that mention no drink (coffee, tea, ...) and tests on the drink reviews of both files; null "
+        "keeps the files' own split.")})
+
+    test_size: int | None = field(default=None, metadata={"help": (
+        "Evaluate on a fixed subset of this many test examples (drawn once with a fixed seed, the same for every "
+        "run and method); null uses the whole test set.")})
+
     def __post_init__(self) -> None:
+        if self.test_size is not None and (isinstance(self.test_size, bool) or not isinstance(self.test_size, int)
+                                           or self.test_size < 1):
+            raise ValueError(f"task_args.test_size must be a positive integer or null, got {self.test_size!r}")
         if self.model_dropout is not None and not 0.0 <= float(self.model_dropout) < 1.0:
             raise ValueError(f"task_args.model_dropout must be in [0, 1) or null, got {self.model_dropout!r}")
+        if not 0.0 <= float(self.label_noise) < 1.0:
+            raise ValueError(f"task_args.label_noise must be in [0, 1), got {self.label_noise!r}")
+        if self.shift is not None and self.shift not in SHIFTS:
+            raise ValueError(f"task_args.shift must be one of {', '.join(SHIFTS)} or null, got {self.shift!r}")
+
+
+#: Words that mark a review as being about a drink (whole words, case-insensitive): the ``drinks`` shift.
+DRINK_WORDS = ("coffee", "coffees", "tea", "teas", "espresso", "k-cup", "k-cups", "kcup", "kcups", "drink", "drinks",
+               "juice", "juices", "soda", "sodas", "latte", "cocoa", "brew", "brewed", "beverage", "beverages")
+SHIFTS = ("drinks",)
+
+
+def is_drink_review(texts: "pd.Series") -> np.ndarray:
+    """Boolean mask: the review mentions one of :data:`DRINK_WORDS` as a whole word (case-insensitive)."""
+    import re
+
+    pattern = re.compile(r"(?<![\w-])(?:" + "|".join(map(re.escape, DRINK_WORDS)) + r")(?![\w-])", re.IGNORECASE)
+    return texts.astype(str).map(lambda t: bool(pattern.search(t))).to_numpy(bool)
+
+
+def apply_shift(pool: pd.DataFrame, test: pd.DataFrame, text_column: str, shift: str | None
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The (train pool, test set) of ``shift``: ``drinks`` = non-drink reviews of the pool, drink reviews of both."""
+    if shift is None:
+        return pool, test
+    if shift != "drinks":
+        raise ValueError(f"task_args.shift: unknown shift {shift!r}")
+    in_pool, in_test = is_drink_review(pool[text_column]), is_drink_review(test[text_column])
+    return (pool[~in_pool].reset_index(drop=True),
+            pd.concat([pool[in_pool], test[in_test]], ignore_index=True))
+
+
+def flip_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric label noise: exactly ``round(fraction * n)`` positions (drawn with ``seed``) get a label drawn
+    uniformly from the *other* classes. Returns ``(noisy labels, flipped positions)``."""
+    labels = np.asarray(labels, np.int64)
+    n_flip = int(round(fraction * len(labels)))
+    if n_flip == 0:
+        return labels.copy(), np.array([], np.int64)
+    rng = np.random.default_rng([seed, 0x4E015E])
+    where = np.sort(rng.choice(len(labels), size=n_flip, replace=False))
+    noisy = labels.copy()
+    shift = rng.integers(1, num_classes, size=n_flip)  # 1..C-1: never the true class
+    noisy[where] = (labels[where] + shift) % num_classes
+    return noisy, where
 
 
 def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
@@ -268,6 +329,13 @@ class TextClassificationTask(Task):
         pool = check_missing(read_table(train_path, cols, "data.train"), cols, train_path, "data.train", d.drop_missing)
         test = (check_missing(read_table(test_path, cols, "data.test"), cols, test_path, "data.test", d.drop_missing)
                 if test_path is not None else pool.iloc[:0])
+        if self.args.shift is not None:
+            if test_path is None:
+                raise ValueError("task_args.shift needs a test set (data.test)")
+            pool, test = apply_shift(pool, test, d.text_column, self.args.shift)
+        if self.args.test_size is not None and self.args.test_size < len(test):
+            keep = np.sort(np.random.default_rng(2024).choice(len(test), size=self.args.test_size, replace=False))
+            test = test.iloc[keep].reset_index(drop=True)
         self.classes = sorted(pool[d.label_column].unique().tolist(), key=lambda v: (str(type(v)), v))
         if len(self.classes) < 2:
             raise ValueError(f"data.label_column={d.label_column!r}: {train_path} has fewer than 2 classes "
@@ -313,8 +381,12 @@ class TextClassificationTask(Task):
         self.model.train()  # from_pretrained returns eval mode; training runs with the model's dropout
 
         texts = pool[d.text_column].astype(str).tolist()
+        train_y = pool_y[train_idx]
+        #: the k-shot labels before noise, and the positions whose label was flipped (``task_args.label_noise``)
+        self.clean_train_labels = train_y.copy()
+        train_y, self.flipped = flip_labels(train_y, float(self.args.label_noise), len(self.classes), self.seed)
         self.splits: dict[str, dict[str, Any]] = {
-            "train": self._encode([texts[i] for i in train_idx], pool_y[train_idx]),
+            "train": self._encode([texts[i] for i in train_idx], train_y),
             "val": self._encode([texts[i] for i in val_idx], pool_y[val_idx]),
         }
         if test_path is not None:
