@@ -369,6 +369,23 @@ def test_extra_memory_is_what_the_table_says(method):
 
 
 # --------------------------------------------------------------------------------------- checkpoints
+def legacy_state_dict(sd, keep=None):
+    """``sd`` in the layout of flatpeft <= 0.2 (everything under ``state["flatpeft"]`` keyed by position), keeping
+    only the buffers named in ``keep`` (all by default)."""
+    sd = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": [dict(g) for g in sd["param_groups"]]}
+    step = [g.pop("flatpeft_step") for g in sd["param_groups"]][0]
+    buffers = {}
+    for position, entry in sd["state"].items():
+        for name in [n for n in entry if n.startswith("flatpeft.")]:
+            key = name[len("flatpeft."):]
+            value = entry.pop(name)
+            if keep is None or key in keep:
+                buffers.setdefault(key, {})[position] = value
+    sd["state"] = {k: v for k, v in sd["state"].items() if v}
+    sd["state"]["flatpeft"] = {"step": step, "buffers": buffers}
+    return sd
+
+
 def test_eflat_checkpoint_of_flatpeft_0_1_loads():
     """0.1.0 kept EFlat's perturbation under "ema" only; loading such a state continues exactly."""
     data = batches(4)
@@ -380,9 +397,7 @@ def test_eflat_checkpoint_of_flatpeft_0_1_loads():
         for m, o in ((ref, o_ref), (model, opt)) if i < 2 else ((ref, o_ref),):
             o.zero_grad()
             o.step(lambda m=m: (lambda l: (l.backward(), l)[1])(loss_of(m, x, y)))
-    sd = opt.state_dict()
-    own = sd["state"]["flatpeft"]
-    own["buffers"] = {"ema": own["buffers"]["ema"]}  # the 0.1.0 layout
+    sd = legacy_state_dict(opt.state_dict(), keep=("ema",))  # the 0.1.0 layout
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": sd}, buf)
     buf.seek(0)

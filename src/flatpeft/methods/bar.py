@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from flatpeft._checks import non_negative
+from flatpeft._dist import local
 from flatpeft._foreach import sq_norms
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import StepState
@@ -42,7 +43,8 @@ class Balancedness(Rule):
         a_t = scheduled(self.alpha, state.step, state.total_steps, "linear", 0.0)
         As = [f.A for f in layers]
         Bs = [f.B for f in layers]
-        na, nb = sq_norms(As), sq_norms(Bs)
+        # one reduction for both factors when the factors are sharded (FSDP2)
+        na, nb = sq_norms(As + Bs).split(len(As))
         state.metrics["balancedness"] = 0.5 * (nb - na).sum()
         if self.mode == "obar":
             self._obar(layers, As, Bs, list(((nb - na) * a_t).unbind()))
@@ -53,16 +55,16 @@ class Balancedness(Rule):
     def _obar(layers, As, Bs, coef) -> None:
         """``g_B += c B``, ``g_A -= c A`` with ``c = a_t (||B||^2 - ||A||^2)``: the gradient of ``R``."""
         for f, a, b, c in zip(layers, As, Bs, coef):
-            gb = b * c.to(b.dtype)
-            ga = a * (-c).to(a.dtype)
-            f.B.grad = gb if f.B.grad is None else f.B.grad.add_(gb)
-            f.A.grad = ga if f.A.grad is None else f.A.grad.add_(ga)
+            for p, w, coef_p in ((f.B, b, c), (f.A, a, -c)):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                local(p.grad).add_(local(w) * coef_p.to(w.dtype))
 
     @staticmethod
     def _nbar(state: StepState, layers, As, Bs, na, nb, a_t: float) -> None:
-        ga = [f.A.grad if f.A.grad is not None else torch.zeros_like(f.A) for f in layers]
-        gb = [f.B.grad if f.B.grad is not None else torch.zeros_like(f.B) for f in layers]
-        gna, gnb = sq_norms(ga), sq_norms(gb)
+        ga = [local(f.A.grad) if f.A.grad is not None else torch.zeros_like(local(f.A)) for f in layers]
+        gb = [local(f.B.grad) if f.B.grad is not None else torch.zeros_like(local(f.B)) for f in layers]
+        gna, gnb = sq_norms(ga + gb, like=As + Bs).split(len(ga))
         denom = (gna + gnb).sqrt()
         d = torch.where(denom > 0, (gnb - gna) / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(denom))
         tiny = torch.finfo(nb.dtype).tiny
@@ -70,8 +72,8 @@ class Balancedness(Rule):
         inv_a = torch.where(na > 0, d / na.clamp_min(tiny), torch.zeros_like(na))
         # host learning rates enter as scalar multipliers: no host-to-device copy
         for f, a, b, ib, ia in zip(layers, As, Bs, inv_b.unbind(), inv_a.unbind()):
-            b.mul_((1.0 + ib * (state.lr_of(f.B) * a_t / 2.0)).to(b.dtype))
-            a.mul_((1.0 - ia * (state.lr_of(f.A) * a_t / 2.0)).to(a.dtype))
+            local(b).mul_((1.0 + ib * (state.lr_of(f.B) * a_t / 2.0)).to(b.dtype))
+            local(a).mul_((1.0 - ia * (state.lr_of(f.A) * a_t / 2.0)).to(a.dtype))
 
 
 def _builder(mode: str):

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flatpeft._dist import gather_dim0, is_sharded, local
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import StepState, step_generator
 from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import cosine_ramp
 
-__all__ = ["FilterNoise", "row_sigma", "build"]
+__all__ = ["FilterNoise", "row_sigma", "row_sigmas", "build"]
 
 
 @torch.no_grad()
@@ -52,6 +53,53 @@ def row_sigma(f: LoRAFactors, rho: float) -> torch.Tensor:
     return rho * sq.clamp_min(0.0).sqrt() / (w0.shape[1] ** 0.5)
 
 
+@torch.no_grad()
+def row_sigmas(layers: list[LoRAFactors], rho: float) -> list[torch.Tensor]:
+    """:func:`row_sigma` of every layer, whole (``n`` floats each), also when the weights are sharded (FSDP2).
+
+    Sharded layers: ``W0`` and ``B`` are split by rows the same way, so each rank computes the row norms of its
+    own rows with the whole ``A`` (``r x in``, one all-gather for all layers), and one all-gather of the ``n``
+    scales per layer makes them whole on every rank (the forward hook sees whole activations). ``W0`` itself is
+    never gathered.
+    """
+    sharded = [i for i, f in enumerate(layers) if is_sharded(f.base_weight)]
+    if not sharded:
+        return [row_sigma(f, rho) for f in layers]
+    out: list[torch.Tensor | None] = [row_sigma(f, rho) if i not in sharded else None for i, f in enumerate(layers)]
+    for i in sharded:
+        f = layers[i]
+        if f.fan_in_fan_out or not is_sharded(f.B) or f.base_weight.shape[0] != f.B.shape[0]:
+            raise NotImplementedError(
+                f"flat-lora-random on the sharded layer {f.name}: only LoRA layers whose base weight and B are both "
+                "sharded by output rows (FSDP2 fully_shard of nn.Linear / nn.Conv LoRA) are supported, not "
+                "fan_in_fan_out (GPT-2 Conv1D) storage"
+            )
+    As = [layers[i].A for i in sharded]
+    a_full = gather_dim0([local(a) for a in As], As)
+    local_sigmas = []
+    for i, a_whole in zip(sharded, a_full):
+        f = layers[i]
+        w0 = local(f.base_weight).reshape(local(f.base_weight).shape[0], -1)
+        cd = torch.promote_types(w0.dtype, torch.float32)
+        a = a_whole.reshape(a_whole.shape[0], -1)
+        b = local(f.B).reshape(local(f.B).shape[0], -1).to(cd)
+        w0a = (w0 @ a.to(w0.dtype).t()).to(cd)
+        a32 = a.to(cd)
+        ka = a32 @ a32.t()
+        sq = (
+            torch.linalg.vector_norm(w0, dim=1, dtype=cd).square()
+            + 2.0 * f.scale * (w0a * b).sum(1)
+            + f.scale**2 * ((b @ ka) * b).sum(1)
+        )
+        cols = f.base_weight.numel() // f.base_weight.shape[0]
+        local_sigmas.append(rho * sq.clamp_min(0.0).sqrt() / (cols**0.5))
+    whole = gather_dim0(local_sigmas, [layers[i].base_weight for i in sharded],
+                        [(layers[i].base_weight.shape[0],) for i in sharded])
+    for i, sig in zip(sharded, whole):
+        out[i] = sig.reshape(-1)
+    return out  # type: ignore[return-value]
+
+
 @dataclass(eq=False)
 class _LayerNoise:
     """The noise of one layer for one step: ``eps = N(0, 1) * sigma[:, None]`` from a seeded generator."""
@@ -67,7 +115,8 @@ class _LayerNoise:
     def noise(self) -> torch.Tensor:
         """``eps`` as an ``n x m`` matrix in ``sigma``'s dtype (drawn in float32, regenerated identically)."""
         dev = self.sigma.device
-        shape = (self.sigma.shape[0], self.factors.w0_matrix().shape[1])
+        n = self.sigma.shape[0]
+        shape = (n, self.factors.base_weight.numel() // n)  # whole (n x m) also when W0 is sharded
         g = step_generator(self.seed, self.step, dev, rank=self.rank, stream=self.stream)
         eps = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(self.sigma.dtype)
         return eps.mul_(self.sigma[:, None])
@@ -131,12 +180,11 @@ class FilterNoise(Rule):
                 )
             if f.module is None:
                 raise ValueError(f"flat-lora-random needs the LoRA module of {f.name} to add its noise (LoRAFactors.module)")
-        for i, f in enumerate(state.lora):
-            layer = _LayerNoise(f, row_sigma(f, rho), state.seed, state.step, rank, i)
+        for i, (f, sigma) in enumerate(zip(state.lora, row_sigmas(list(state.lora), rho))):
+            layer = _LayerNoise(f, sigma, state.seed, state.step, rank, i)
             self._layers.append(layer)
             self._hooks.append(f.module.register_forward_hook(self._hook(layer)))
-            n, m = f.w0_matrix().shape
-            self.transient_bytes = max(self.transient_bytes, n * m * layer.sigma.element_size())
+            self.transient_bytes = max(self.transient_bytes, f.base_weight.numel() * layer.sigma.element_size())
 
     @staticmethod
     def _hook(layer: _LayerNoise):

@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 
 from flatpeft._checks import one_of
+from flatpeft._dist import any_sharded, local, locals_, reduce_rows_
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import StepState
 from flatpeft.perturb.rules import Rule
 
-__all__ = ["ImportanceMask", "psi", "build"]
+__all__ = ["ImportanceMask", "psi", "psi_all", "build"]
 
 
 def psi(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,33 @@ def psi(x: torch.Tensor) -> torch.Tensor:
     return torch.where(a.amax() > 0, score, torch.zeros_like(score))
 
 
+def _score(a: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    ok = torch.isfinite(std) & (std > 0)
+    z = torch.where(ok, (a - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(a))
+    score = torch.sigmoid(z)
+    return torch.where(amax > 0, score, torch.zeros_like(score))
+
+
+def psi_all(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`psi` of every tensor; ``xs[i]`` may be the local shard of the sharded ``like[i]`` (FSDP2): the mean,
+    the (two-pass, unbiased) std and the max of the whole tensor then come from three reductions of per-tensor
+    vectors over the mesh. Unsharded tensors take :func:`psi` itself."""
+    if not any_sharded(like):
+        return [psi(x) for x in xs]
+    a = [x.abs().to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
+    n = [t.numel() for t in like]  # the whole tensor's size (host integers)
+    sums = reduce_rows_(torch.stack([t.sum().to(dtype) for t in a]), like)
+    amax = reduce_rows_(torch.stack([(t.amax() if t.numel() else t.new_zeros(())).to(dtype) for t in a]), like, op="max")
+    means = [s / k for s, k in zip(sums.unbind(), n)]
+    css = reduce_rows_(torch.stack([(t - m.to(t.dtype)).square().sum().to(dtype) for t, m in zip(a, means)]), like)
+    out = []
+    for t, m, c, k, mx in zip(a, means, css.unbind(), n, amax.unbind()):
+        std = (c / (k - 1)).sqrt() if k > 1 else torch.zeros((), dtype=dtype, device=t.device)
+        out.append(_score(t, m.to(t.dtype), std.to(t.dtype), mx))
+    return out
+
+
 class ImportanceMask(Rule):
     """SPIDER: update only where fine-tuning importance beats pre-trained importance.
 
@@ -60,25 +88,39 @@ class ImportanceMask(Rule):
             return list(state.trainable)
         return [p for p, is_adapter in zip(state.trainable, state.adapters) if not is_adapter]
 
+    def persistent(self, state: StepState):
+        params = self._masked(state)
+        return [(key, params, _zeros_fp32) for key in ("theta0", "importance_pre", "grad_sum")]
+
     def before_update(self, state: StepState) -> None:
         params = self._masked(state)
         if not params:
             return
-        fp32 = lambda p: torch.promote_types(p.dtype, torch.float32)  # noqa: E731
-        # anchors of the first step (created once, read in after_update)
-        state.buffers("theta0", params, lambda p: p.detach().to(fp32(p)).clone())
-        state.buffers("importance_pre", params, lambda p: psi(p.detach()))
-        acc = state.buffers("grad_sum", params, lambda p: torch.zeros_like(p, dtype=fp32(p)))
-        grads = [p.grad.to(a.dtype) if p.grad is not None else torch.zeros_like(a) for p, a in zip(params, acc)]
+        # anchors of the first step (read in after_update): set on step 0, or when they were never created
+        fresh = state.step == 0 or any(state.position(p) not in state.store.get("theta0", {}) for p in params)
+        theta0 = locals_(state.buffers("theta0", params, _zeros_fp32))
+        i_pre = locals_(state.buffers("importance_pre", params, _zeros_fp32))
+        if fresh:
+            with torch.no_grad():
+                weights = [local(p).detach() for p in params]
+                torch._foreach_copy_(theta0, [w.to(t.dtype) for w, t in zip(weights, theta0)])
+                torch._foreach_copy_(i_pre, [s.to(t.dtype) for s, t in zip(psi_all(weights, params), i_pre)])
+        acc = locals_(state.buffers("grad_sum", params, _zeros_fp32))
+        grads = [local(p.grad).to(a.dtype) if p.grad is not None else torch.zeros_like(a) for p, a in zip(params, acc)]
         grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
         torch._foreach_add_(acc, grads)
 
     @torch.no_grad()
     def after_update(self, state: StepState) -> None:
         params = self._masked(state)
-        theta0 = state.buffers("theta0", params)
-        i_pre = state.buffers("importance_pre", params)
-        acc = state.buffers("grad_sum", params)
+        if not params:
+            return
+        theta0 = locals_(state.buffers("theta0", params))
+        i_pre = locals_(state.buffers("importance_pre", params))
+        acc = locals_(state.buffers("grad_sum", params))
+        if any_sharded(params):
+            self._after_update_sharded(state, params, theta0, i_pre, acc)
+            return
         kept = []
         for p, t0, ip, g in zip(params, theta0, i_pre, acc):
             c = self.coefficients(ip, psi(g))
@@ -87,6 +129,25 @@ class ImportanceMask(Rule):
         if kept:
             state.metrics["update_fraction"] = torch.stack([k.to(kept[0].device) for k in kept]).mean()
 
+    def _after_update_sharded(self, state: StepState, params, theta0, i_pre, acc) -> None:
+        """As :meth:`after_update` on local shards: ``mean(c[c != 0])`` and the kept fraction of each whole tensor
+        come from reductions over the mesh (one per statistic, vectors over the tensors)."""
+        i_ft = psi_all(acc, params)
+        sel = [f > p for f, p in zip(i_ft, i_pre)]
+        c0 = [torch.where(s, f / (p + f).clamp_min(torch.finfo(f.dtype).tiny), torch.zeros_like(f))
+              for s, f, p in zip(sel, i_ft, i_pre)]
+        dtype = c0[0].dtype
+        sums = reduce_rows_(torch.stack([torch.stack([c.sum().to(dtype), s.sum().to(dtype)]) for c, s in zip(c0, sel)]), params)
+        kept_sums = []
+        for p, t0, s, c, (total, count) in zip(params, theta0, sel, c0, sums.unbind()):
+            mean_nz = total / count.clamp_min(1)
+            coef = torch.where(s, (c / mean_nz.clamp_min(torch.finfo(c.dtype).tiny)).clamp_max(1.0), torch.zeros_like(c))
+            kept_sums.append(coef.sum().to(dtype))
+            w = local(p)
+            w.copy_(torch.lerp(t0, w.to(t0.dtype), coef).to(w.dtype))
+        kept = reduce_rows_(torch.stack(kept_sums), params)
+        state.metrics["update_fraction"] = torch.stack([k / p.numel() for k, p in zip(kept.unbind(), params)]).mean()
+
     @staticmethod
     def coefficients(i_pre: torch.Tensor, i_ft: torch.Tensor) -> torch.Tensor:
         """``c = min(1, c0 / mean(c0[c0 != 0]))`` with ``c0 = I_ft / (I_pre + I_ft)`` where ``I_ft > I_pre``."""
@@ -94,6 +155,10 @@ class ImportanceMask(Rule):
         c = torch.where(sel, i_ft / (i_pre + i_ft).clamp_min(torch.finfo(i_ft.dtype).tiny), torch.zeros_like(i_ft))
         mean_nz = c.sum() / sel.sum().clamp_min(1)
         return torch.where(sel, (c / mean_nz.clamp_min(torch.finfo(c.dtype).tiny)).clamp_max(1.0), torch.zeros_like(c))
+
+
+def _zeros_fp32(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 
 def build(mask_scope: str = "pretrained") -> list[Rule]:

@@ -4,8 +4,12 @@ The wrapper follows timm's ``Lookahead`` and davda54/sam: it *shares* ``param_gr
 base optimizer (so LR schedulers and ``state_dict()`` see one optimizer) and drives a list of
 :class:`~flatpeft.perturb.rules.Rule` objects through each step, handing them a narrow
 :class:`~flatpeft.perturb.base.StepState`. Its own persistent state (step counter, EMA buffers, SPIDER anchors)
-lives in ``base.state["flatpeft"]``: a string key, so the base optimizer's lazy per-parameter initialisation is
-never disturbed and ``load_state_dict`` never casts it.
+lives on the wrapper, apart from the base optimizer's per-parameter state (so the base optimizer's lazy
+initialisation, e.g. Adam's ``len(state[p]) == 0``, is never disturbed); ``state_dict()`` writes it into each
+parameter's entry under ``"flatpeft.<buffer>"`` keys and the step counter into every parameter group
+(``"flatpeft_step"``), so ``torch.distributed.checkpoint`` maps every buffer to its parameter's name and shards it
+like the parameter (FSDP2). ``load_state_dict`` takes these keys out again before the base optimizer sees them
+(never cast to the parameter dtype), and still reads the older layout with a ``"flatpeft"`` entry.
 
 Closure API (``step(closure)``)::
 
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatpeft._dist import is_dtensor, local
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.optim.rng import RNGState
 from flatpeft.perturb.base import StepState
@@ -40,6 +45,8 @@ from flatpeft.perturb.schedules import scheduled
 __all__ = ["SharpnessAware"]
 
 _KEY = "flatpeft"
+_PREFIX = "flatpeft."
+_STEP_KEY = "flatpeft_step"
 
 
 class SharpnessAware(torch.optim.Optimizer):
@@ -109,16 +116,15 @@ class SharpnessAware(torch.optim.Optimizer):
         self._perturbed = False
         self._awaiting_update = False
         self._frozen_norms: list[nn.Module] = []
-        self._step_state: StepState | None = None
+        self._store: dict[str, Any] = {"step": 0, "buffers": {}}
 
     # ------------------------------------------------------------------ state shared with the rules
     @property
     def _own(self) -> dict[str, Any]:
-        own = self.state.get(_KEY)
-        if own is None:
-            own = {"step": 0, "buffers": {}}
-            self.state[_KEY] = own
-        return own
+        """``{"step": int, "buffers": {key: {position: tensor}}}``; a dict put at ``state["flatpeft"]`` (the layout
+        of older flatpeft versions) is used instead while it is there."""
+        legacy = self.state.get(_KEY) if _KEY in self.state else None
+        return legacy if legacy is not None else self._store
 
     @property
     def passes(self) -> int:
@@ -139,22 +145,17 @@ class SharpnessAware(torch.optim.Optimizer):
         return [g["lr"] for g in self.param_groups for _ in g["params"]]
 
     def step_state(self) -> StepState:
-        """The :class:`StepState` the rules see during the current step (one per step)."""
-        st = self._step_state
-        if st is None or st.step != self.step_count:
-            st = StepState(
-                trainable=self.trainable, names=self.names, adapters=self.adapters, lrs=self._lrs(), lora=self.lora,
-                rho=self.current_rho(), step=self.step_count, total_steps=self.total_steps, seed=self.seed,
-                rank=self.rank, store=self._own["buffers"], metrics=self.metrics, _index=self._index,
-            )
-            self._step_state = st
-        st.metrics = self.metrics
-        return st
+        """The :class:`StepState` the rules see now (built on each call, so learning rates are current)."""
+        return StepState(
+            trainable=self.trainable, names=self.names, adapters=self.adapters, lrs=self._lrs(), lora=self.lora,
+            rho=self.current_rho(), step=self.step_count, total_steps=self.total_steps, seed=self.seed,
+            rank=self.rank, store=self._own["buffers"], metrics=self.metrics, _index=self._index,
+        )
 
     def memory_report(self) -> dict[str, int]:
         """Bytes the method holds beyond the base optimizer: ``persistent`` (buffers saved with the state) and
         ``transient`` (the largest copy held between ``first_step`` and ``restore`` so far)."""
-        persistent = sum(t.numel() * t.element_size() for slot in self._own["buffers"].values() for t in slot.values())
+        persistent = sum(local(t).numel() * t.element_size() for slot in self._own["buffers"].values() for t in slot.values())
         return {"persistent": int(persistent), "transient": int(sum(r.transient_bytes for r in self.rules))}
 
     # ------------------------------------------------------------------ the step
@@ -241,7 +242,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
             return
-        grads = [p.grad for p in self.trainable if p.grad is not None]
+        grads = [local(p.grad) for p in self.trainable if p.grad is not None]
         if not grads:
             return
         scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
@@ -303,6 +304,9 @@ class SharpnessAware(torch.optim.Optimizer):
         ``spider``, ``nbar``, ``obar``) may also be stepped without a closure like any torch optimizer.
         """
         if closure is None:
+            if not self._awaiting_update and self._is_state_initialisation():
+                self.base_optimizer.step()
+                return None
             if not self._awaiting_update and self._needs_first_step():
                 raise RuntimeError(
                     f"step() without a closure: method {self.method!r} must perturb the weights before the "
@@ -328,36 +332,96 @@ class SharpnessAware(torch.optim.Optimizer):
                 self.metrics[key] = value.detach()
         return losses[0]
 
+    def _is_state_initialisation(self) -> bool:
+        """A closure-less step on an optimizer that has never stepped, with every learning rate 0 and every gradient
+        present: what ``torch.distributed.checkpoint.state_dict`` does (zero gradients, lr 0) to create the base
+        optimizer's state before saving or loading. Only the base optimizer runs then (a no-op on the weights); the
+        method's rules and step counter are left alone."""
+        if self.step_count != 0 or any(isinstance(k, torch.Tensor) for k in self.state):
+            return False
+        if any(p.grad is None for p in self.trainable):
+            return False
+        return all(float(g["lr"]) == 0.0 for g in self.param_groups)
+
     # ------------------------------------------------------------------ state_dict
+    def materialize_state(self) -> None:
+        """Create every persistent buffer the method may use (as it would on first use). ``state_dict()`` calls it,
+        so the state dict of a fresh optimizer is a complete template for ``torch.distributed.checkpoint.load``."""
+        state = self.step_state()
+        for rule in self.rules:
+            for key, params, init in rule.persistent(state):
+                state.buffers(key, params, init)
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict; flatpeft's buffers ride along under ``state["flatpeft"]``."""
+        """The base optimizer's state dict plus flatpeft's state: each persistent buffer of a parameter in that
+        parameter's entry under ``"flatpeft.<key>"`` (a DTensor shaped like the parameter under FSDP2, so
+        ``torch.distributed.checkpoint`` shards it), and the step counter as ``"flatpeft_step"`` in every group."""
         if self._perturbed:
             raise RuntimeError("state_dict() while the weights are perturbed: call it outside first_step()/second_step()")
-        self._own  # noqa: B018 - make sure the entry exists (step counter)
-        return self.base_optimizer.state_dict()
+        self.materialize_state()
+        sd = self.base_optimizer.state_dict()
+        inner = {k: v for k, v in sd["state"].items() if k != _KEY}
+        for key, slot in self._own["buffers"].items():
+            for position, tensor in slot.items():
+                inner[position] = {**inner.get(position, {}), _PREFIX + key: tensor}  # never the live entry
+        sd["state"] = {k: inner[k] for k in sorted(inner)}
+        step = self.step_count
+        sd["param_groups"] = [{**g, _STEP_KEY: step} for g in sd["param_groups"]]
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; flatpeft's buffers are copied, not cast to param dtypes.
+        """Load a state dict from :meth:`state_dict` (parameter keys may be positions or, through
+        ``torch.distributed.checkpoint``, parameter names); flatpeft's buffers are taken as saved, not cast to
+        parameter dtypes.
 
-        Checkpoints of flatpeft 0.1.0 kept EFlat-LoRA's perturbation under ``"ema"`` only; it is also the
-        lagged perturbation, so it is copied to ``"lagged"`` when that is missing.
+        Also reads the older layout (everything under ``state["flatpeft"]``, keyed by position). Checkpoints of
+        flatpeft 0.1.0 kept EFlat-LoRA's perturbation under ``"ema"`` only; it is also the lagged perturbation, so
+        it is copied to ``"lagged"`` when that is missing.
         """
-        state_dict = dict(state_dict)
-        inner = dict(state_dict["state"])
-        own = inner.pop(_KEY, None)
-        state_dict["state"] = inner
-        self.base_optimizer.load_state_dict(state_dict)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        steps = [g.pop(_STEP_KEY) for g in groups if _STEP_KEY in g]
+        position_of = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
+        inner: dict[Any, Any] = {}
+        buffers: dict[str, dict[int, torch.Tensor]] = {}
+        legacy = None
+        for k, entry in state_dict["state"].items():
+            if k == _KEY:
+                legacy = entry
+                continue
+            base_entry = {}
+            for name, value in entry.items():
+                if isinstance(name, str) and name.startswith(_PREFIX):
+                    buffers.setdefault(name[len(_PREFIX):], {})[position_of[k]] = value
+                else:
+                    base_entry[name] = value
+            if base_entry:
+                inner[k] = base_entry
+        self.base_optimizer.load_state_dict({**state_dict, "state": inner, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        if own is not None:
-            buffers = {
-                key: {int(i): t.detach().clone().to(self.trainable[int(i)].device) for i, t in store.items()}
-                for key, store in own.get("buffers", {}).items()
-            }
-            if "ema" in buffers and "lagged" not in buffers and any(isinstance(r, LaggedAscent) for r in self.rules):
-                buffers["lagged"] = {i: t.clone() for i, t in buffers["ema"].items()}
-            self.state[_KEY] = {"step": int(own.get("step", 0)), "buffers": buffers}
-        self._step_state = None
+        step = int(steps[0]) if steps else 0
+        if legacy is not None:
+            step = int(legacy.get("step", 0))
+            buffers = {key: {int(i): t for i, t in store.items()} for key, store in legacy.get("buffers", {}).items()}
+        buffers = {key: {i: self._placed(t, self.trainable[i]) for i, t in store.items()} for key, store in buffers.items()}
+        if "ema" in buffers and "lagged" not in buffers and any(isinstance(r, LaggedAscent) for r in self.rules):
+            buffers["lagged"] = {i: t.clone() for i, t in buffers["ema"].items()}
+        self._store = {"step": step, "buffers": buffers}
+
+    @staticmethod
+    def _placed(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A loaded buffer as a fresh tensor on ``param``'s device, sharded like ``param`` when ``param`` is a
+        DTensor and the buffer was saved whole (one process, or a full state dict); a buffer of another shape (a
+        per-tensor scalar) stays whole."""
+        tensor = tensor.detach()
+        if is_dtensor(param) and not is_dtensor(tensor) and tuple(tensor.shape) == tuple(param.shape):
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(tensor.to(local(param).device).clone(), param.device_mesh, param.placements,
+                                     src_data_rank=None)
+        if is_dtensor(tensor):
+            return tensor.clone()
+        return tensor.clone().to(local(param).device)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer (shared), and track its tensors."""
@@ -369,7 +433,6 @@ class SharpnessAware(torch.optim.Optimizer):
             self.trainable.append(p)
             self.names.append(f"param{len(self.names)}")
             self.adapters.append(False)
-        self._step_state = None
 
     def __repr__(self) -> str:
         return f"SharpnessAware(method={self.method!r}, passes={self.passes}, base={self.base_optimizer.__class__.__name__})"

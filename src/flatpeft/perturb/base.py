@@ -25,7 +25,7 @@ import torch
 
 from flatpeft.adapters.lora import LoRAFactors
 
-__all__ = ["StepContext", "StepState", "Transform", "chain", "step_generator", "seed_of"]
+__all__ = ["StepContext", "StepState", "Transform", "chain", "persistent_buffers", "step_generator", "seed_of"]
 
 
 def seed_of(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
@@ -173,4 +173,12 @@ def chain(*transforms: Transform) -> Transform:
         return dirs
 
     chained.__name__ = "chain(" + ", ".join(getattr(t, "__name__", repr(t)) for t in transforms) + ")"
+    chained.persistent = [b for t in transforms for b in persistent_buffers(t)]  # type: ignore[attr-defined]
     return chained
+
+
+def persistent_buffers(transform: Transform) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The persistent buffers a transform keeps across steps, as ``(key, init)``: a stateful transform lists them
+    in its ``persistent`` attribute (``ctx.buffers(key, init)`` with the same key and init), so the optimizer can
+    create them ahead of a checkpoint load (see :meth:`flatpeft.perturb.rules.Rule.persistent`)."""
+    return list(getattr(transform, "persistent", ()))

@@ -19,10 +19,18 @@ or branches on one.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from flatpeft._dist import locals_
 from flatpeft._foreach import clone_all, global_norm
-from flatpeft.perturb.base import StepState, Transform
+from flatpeft.perturb.base import StepState, Transform, persistent_buffers
+
+
+def zeros_fp32(p: torch.Tensor) -> torch.Tensor:
+    """A zero buffer shaped like ``p`` (a DTensor for a DTensor), at least float32."""
+    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 __all__ = ["Rule", "GradientAscent", "LaggedAscent"]
 
@@ -43,6 +51,12 @@ class Rule:
     def passes_at(self, step: int) -> int:
         """Forward+backward passes this rule needs on step ``step`` (completed steps so far)."""
         return self.passes
+
+    def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
+        """The persistent buffers this rule may create, as ``(key, params, init)`` (as passed to
+        ``state.buffers``). The optimizer creates them before saving a state dict, so a state dict of a fresh
+        optimizer is a complete template to load a checkpoint into (``torch.distributed.checkpoint``)."""
+        return []
 
     def perturb(self, state: StepState) -> None:  # noqa: D102
         pass
@@ -67,6 +81,8 @@ class _CopyRestore(Rule):
         self._saved: list[torch.Tensor] = []
 
     def _apply(self, targets: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
+        # sharded (FSDP2) targets: the shards are moved and restored in place, deltas are aligned local shards
+        targets, deltas = locals_(targets), locals_(deltas)
         self._targets = targets
         self._saved = clone_all(targets)
         self.transient_bytes = max(self.transient_bytes, sum(t.numel() * t.element_size() for t in self._saved))
@@ -104,18 +120,24 @@ class GradientAscent(_CopyRestore):
     def passes_at(self, step: int) -> int:
         return 2 if step % self.every == 0 else 1
 
+    def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
+        params, _ = state.targets(self.target, with_grad_only=False)
+        own = [("ascent", params, zeros_fp32)] if self.every > 1 else []
+        return own + [(k, params, init) for k, init in persistent_buffers(self.transform)]
+
     def perturb(self, state: StepState) -> None:
         if self.every == 1:
             ctx = state.context(self.target)
             deltas = self.transform([], ctx)
         else:
             ctx = state.context(self.target, with_grad_only=False)
-            stored = state.buffers("ascent", ctx.params, lambda p: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)))
+            stored = state.buffers("ascent", ctx.params, zeros_fp32)
+            stored = locals_(stored)
             if self.passes_at(state.step) == 2:
                 fresh = self.transform([], ctx)
                 torch._foreach_copy_(stored, [f.to(d.dtype) for f, d in zip(fresh, stored)])
             deltas = stored
-        state.metrics["perturbation_norm"] = global_norm(deltas)
+        state.metrics["perturbation_norm"] = global_norm(deltas, like=ctx.params)
         self._apply(ctx.params, deltas)
 
 
@@ -134,17 +156,21 @@ class LaggedAscent(_CopyRestore):
         self.target = target
 
     def _lagged(self, state: StepState, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return state.buffers("lagged", params, lambda p: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)))
+        return state.buffers("lagged", params, zeros_fp32)
+
+    def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
+        params, _ = state.targets(self.target, with_grad_only=False)
+        return [("lagged", params, zeros_fp32)] + [(k, params, init) for k, init in persistent_buffers(self.transform)]
 
     def perturb(self, state: StepState) -> None:
         params, _ = state.targets(self.target, with_grad_only=False)
         lagged = self._lagged(state, params)
-        state.metrics["perturbation_norm"] = global_norm(lagged)
+        state.metrics["perturbation_norm"] = global_norm(lagged, like=params)
         self._apply(params, lagged)
 
     def before_update(self, state: StepState) -> None:
         ctx = state.context(self.target, with_grad_only=False)
         fresh = self.transform([], ctx)
-        lagged = self._lagged(state, ctx.params)
+        lagged = locals_(self._lagged(state, ctx.params))
         with torch.no_grad():
             torch._foreach_copy_(lagged, [f.to(d.dtype) for f, d in zip(fresh, lagged)])

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from flatpeft._dist import any_sharded, gather_dim0, local, locals_, reduce_rows_, require_unsharded, shard_key
 from flatpeft._foreach import acc_dtype, finite_or_zero, global_norm, sanitize_, sq_norms
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.perturb.base import StepContext, Transform
@@ -30,7 +31,7 @@ def from_grad() -> Transform:
     """Direction source: the current gradient of each target tensor, ``d_p = g_p`` (zeros where ``g_p`` is None)."""
 
     def from_grad_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in ctx.params]
+        return [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in ctx.params]
 
     return from_grad_
 
@@ -44,7 +45,7 @@ def normalize_global(eps: float = EPS) -> Transform:
     """
 
     def normalize_global_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        norm = global_norm(dirs)
+        norm = global_norm(dirs, like=ctx.params)
         ctx.stats.setdefault("grad_norm", norm)
         factor = finite_or_zero(1.0 / (norm + eps), norm)
         out = torch._foreach_mul(dirs, factor)
@@ -71,7 +72,7 @@ def scale_by_param_abs(eta: float) -> Transform:
     """
 
     def scale_by_param_abs_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        t = torch._foreach_abs([p.detach() for p in ctx.params])
+        t = torch._foreach_abs([local(p).detach() for p in ctx.params])
         if eta:
             torch._foreach_add_(t, eta)
         return torch._foreach_mul(dirs, t)
@@ -87,11 +88,16 @@ def ema(beta: float) -> Transform:
     """
 
     def ema_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        state = ctx.buffers("ema", lambda p: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)))
+        state = locals_(ctx.buffers("ema", _zeros_fp32))
         torch._foreach_lerp_(state, [d.to(m.dtype) for d, m in zip(dirs, state)], 1.0 - beta)
         return list(state)
 
+    ema_.persistent = [("ema", _zeros_fp32)]  # type: ignore[attr-defined]
     return ema_
+
+
+def _zeros_fp32(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
 
 def _count(fraction: float, n: int) -> int:
@@ -107,12 +113,13 @@ def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float
         n = len(dirs)
         k = _count(fraction, n)
         if selection == "topk":
-            idx = torch.topk(sq_norms(dirs), k).indices
+            idx = torch.topk(sq_norms(dirs, like=ctx.params), k).indices
         else:
             idx = torch.randperm(n, generator=ctx.generator(device), device=device)[:k]
         mask = torch.zeros(n, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
         ctx.stats["selected"] = mask
         return list(mask.unbind())
+    require_unsharded(ctx.params, "FlatPO's granularity='element' (a global top-k over entries); use granularity='tensor'")
     sizes = [d.numel() for d in dirs]
     total = sum(sizes)
     k = _count(fraction, total)
@@ -139,12 +146,14 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
     kept (as persistent masks, ``ctx.buffers("selection")``) in between.
     """
 
+    def init(p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=p.device) if granularity == "tensor" else _zeros_fp32(p).float()
+
     def select_top_fraction_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
         if not dirs:
             return dirs
         if refresh_every > 1:
-            shape = (lambda p: ()) if granularity == "tensor" else (lambda p: p.shape)
-            kept = ctx.buffers("selection", lambda p: torch.zeros(shape(p), dtype=torch.float32, device=p.device))
+            kept = locals_(ctx.buffers("selection", init))
             if ctx.step % refresh_every == 0:
                 torch._foreach_copy_(kept, _selection_masks(dirs, ctx, fraction, selection, granularity))
             masks = kept
@@ -152,6 +161,8 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
             masks = _selection_masks(dirs, ctx, fraction, selection, granularity)
         return torch._foreach_mul(dirs, [m.to(d.dtype) for m, d in zip(masks, dirs)])
 
+    if refresh_every > 1:
+        select_top_fraction_.persistent = [("selection", init)]  # type: ignore[attr-defined]
     return select_top_fraction_
 
 
@@ -182,6 +193,7 @@ def full_space_lora_perturbation(
     grad_b: torch.Tensor,
     scale: torch.Tensor,
     damping: float = 1e-6,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed forms of Flat-LoRA's B-perturbation for a batch of L layers (only r x r solves).
 
@@ -193,20 +205,29 @@ def full_space_lora_perturbation(
     ``E_B * ||G_hat|| = (U + B V A^T K_A^-1) / (2 s)`` (docs/algorithms.md, "Flat-LoRA").
 
     Args: ``a`` (L, r, m), ``b`` (L, n, r), their gradients, ``scale`` (L,), all in the compute dtype.
-    Returns: ``(E_B * ||G_hat||, ||G_hat||^2)`` with shapes (L, n, r) and (L,).
+    ``reduce``: with ``b`` / ``grad_b`` holding only some rows of ``B`` (a shard), sums partial results over the
+    shards (in place; an all-reduce): ``K_B`` and the row sums of the norm are completed with it, everything else
+    is row-local (``a`` and ``grad_a`` are whole).
+    Returns: ``(E_B * ||G_hat||, ||G_hat||^2)`` with shapes (L, n, r) (the rows given) and (L,).
     """
     s = scale[:, None, None]
     ka = a @ a.mT
     kb = b.mT @ b
+    if reduce is not None:
+        kb = reduce(kb)
     ka_inv = _damped_inverse(ka, damping)
     kb_inv = _damped_inverse(kb, damping)
     u = (grad_b / s) @ ka_inv
     v = kb_inv @ (grad_a / s)
     v_at = v @ a.mT
     ut_b = u.mT @ b
-    norm_sq = 0.25 * (
-        ((u @ ka) * u).sum((1, 2)) + ((kb @ v) * v).sum((1, 2)) + 2.0 * (ut_b * v_at.mT).sum((1, 2))
-    )
+    if reduce is None:
+        norm_sq = 0.25 * (
+            ((u @ ka) * u).sum((1, 2)) + ((kb @ v) * v).sum((1, 2)) + 2.0 * (ut_b * v_at.mT).sum((1, 2))
+        )
+    else:  # the terms summing over rows of B are partial on each shard
+        rows = reduce(((u @ ka) * u).sum((1, 2)) + 2.0 * (ut_b * v_at.mT).sum((1, 2)))
+        norm_sq = 0.25 * (rows + ((kb @ v) * v).sum((1, 2)))
     e_b = (u + b @ v_at @ ka_inv) / (2.0 * s)
     return e_b, norm_sq.clamp_min(0.0)
 
@@ -214,9 +235,16 @@ def full_space_lora_perturbation(
 def _group_layers(layers: Sequence[LoRAFactors]) -> dict[tuple, list[int]]:
     groups: dict[tuple, list[int]] = {}
     for i, f in enumerate(layers):
-        key = (tuple(f.a_matrix().shape), tuple(f.b_matrix().shape), f.A.dtype, f.A.device)
+        a_shape = (f.A.shape[0], f.A.numel() // max(f.A.shape[0], 1))
+        b_shape = (f.B.shape[0], f.B.numel() // max(f.B.shape[0], 1))
+        key = (a_shape, b_shape, f.A.dtype, f.A.device, shard_key(f.B))
         groups.setdefault(key, []).append(i)
     return groups
+
+
+def _matrix(t: torch.Tensor) -> torch.Tensor:
+    """A (local) factor as a matrix: rows are dim 0."""
+    return t.reshape(t.shape[0], -1)
 
 
 def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: float = EPS) -> Transform:
@@ -245,19 +273,26 @@ def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: floa
         norm_sq: list[torch.Tensor | None] = [None] * len(layers)
         for key, idx in _group_layers(layers).items():
             cdtype = torch.promote_types(key[2], torch.float32)
+            As = [layers[i].A for i in idx]
+            Bs = [layers[i].B for i in idx]
 
-            def stack(get):
-                return torch.stack([get(layers[i]).detach().to(cdtype) for i in idx])
+            def grad_of(p: torch.Tensor) -> torch.Tensor:
+                return local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
 
-            def grad_of(p: torch.Tensor, shape) -> torch.Tensor:
-                return p.grad.reshape(shape) if p.grad is not None else torch.zeros(shape, dtype=p.dtype, device=p.device)
-
-            a = stack(lambda f: f.a_matrix())
-            b = stack(lambda f: f.b_matrix())
-            ga = stack(lambda f: grad_of(f.A, f.a_matrix().shape))
-            gb = stack(lambda f: grad_of(f.B, f.b_matrix().shape))
+            a_loc, ga_loc = locals_(As), [grad_of(p) for p in As]
+            if any_sharded(As):  # A is r x in: gather the small factor and its gradient (one all-gather)
+                full = gather_dim0(a_loc + ga_loc, As + As)
+                a_loc, ga_loc = full[: len(As)], full[len(As):]
+            a = torch.stack([_matrix(t).detach().to(cdtype) for t in a_loc])
+            ga = torch.stack([_matrix(t).to(cdtype) for t in ga_loc])
+            b = torch.stack([_matrix(local(p)).detach().to(cdtype) for p in Bs])
+            gb = torch.stack([_matrix(grad_of(p)).to(cdtype) for p in Bs])
+            reduce = None
+            if key[4] is not None:  # B sharded by rows: complete the row sums over the shards
+                def reduce(x: torch.Tensor, like=Bs[:1]) -> torch.Tensor:
+                    return reduce_rows_(x.unsqueeze(0), like).squeeze(0)
             scale = scale_tensor(layers, idx, cdtype, a.device)
-            e_b, nsq = full_space_lora_perturbation(a, b, ga, gb, scale, damping)
+            e_b, nsq = full_space_lora_perturbation(a, b, ga, gb, scale, damping, reduce)
             for j, i in enumerate(idx):
                 out[i] = e_b[j]
                 norm_sq[i] = nsq[j]
@@ -272,7 +307,7 @@ def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: floa
             factors = finite_or_zero(1.0 / (norms + eps), norms)
             ctx.stats.setdefault("grad_norm", nsq_all.sum().sqrt())
         result = [
-            (e * f.to(e.dtype)).reshape(layers[i].B.shape) for i, (e, f) in enumerate(zip(out, factors.unbind()))
+            (e * f.to(e.dtype)).reshape(local(layers[i].B).shape) for i, (e, f) in enumerate(zip(out, factors.unbind()))
         ]
         sanitize_(result)
         return result
