@@ -27,7 +27,7 @@ from typing import Sequence
 __all__ = ["main", "build_parser", "PLUGIN_MODULES"]
 
 #: Modules that may register more sub-commands (``register_cli(subparsers)``); skipped when absent.
-PLUGIN_MODULES: list[str] = ["flatpeft.analysis.commands"]
+PLUGIN_MODULES: list[str] = ["flatpeft.analysis.commands", "flatpeft.experiments.suite"]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

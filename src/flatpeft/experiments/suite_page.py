@@ -1,0 +1,353 @@
+"""The results page of ``flatpeft suite`` (``docs/results.md``), rebuilt from the runs' ``eval.json`` files.
+
+Every number on the page is read from a run directory of the suite (or its ``suite_log.json`` for wall time
+and load); nothing is typed in. Statistics: :func:`flatpeft.experiments.stats.paired_difference` (paired over
+the seeds both methods have, 95 % Student-t interval).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .results import _is_percent, collect_runs, plot, summarize
+from .stats import mean_std, paired_difference
+
+#: tolerance of the "matches" claims (equivalence): the interval's lower end must be above -MARGIN
+MARGIN = 0.01
+
+
+def _fmt(v: float, pct: bool, digits: int = 1, sign: bool = False) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    s = f"{100 * v:+.{digits}f}" if (pct and sign) else f"{100 * v:.{digits}f}" if pct else (
+        f"{v:+.3g}" if sign else f"{v:.3g}")
+    return s
+
+
+def _pm(m: float, s: float, pct: bool) -> str:
+    return _fmt(m, pct) + ("" if s is None or not np.isfinite(s) else f" ± {_fmt(s, pct)}")
+
+
+def _diff_cell(d, pct: bool) -> str:
+    if d is None or d.n == 0:
+        return "–"
+    if d.n < 2:
+        return f"{_fmt(d.mean, pct, sign=True)} (1 seed)"
+    return f"{_fmt(d.mean, pct, sign=True)} [{_fmt(d.ci_low, pct, sign=True)}, {_fmt(d.ci_high, pct, sign=True)}]"
+
+
+def paired(runs: pd.DataFrame, a: str, b: str, metric: str, other: pd.DataFrame | None = None):
+    """Paired difference ``a - b`` of ``metric`` (``b`` looked up in ``other`` when given) or None."""
+    other = runs if other is None else other
+    if metric not in runs or metric not in other:
+        return None
+    ra = runs[runs["method"] == a].set_index("seed")[metric].dropna()
+    rb = other[other["method"] == b].set_index("seed")[metric].dropna()
+    common = sorted(set(ra.index) & set(rb.index))
+    if not common:
+        return None
+    return paired_difference(ra.loc[common].to_numpy(), rb.loc[common].to_numpy())
+
+
+def _settings_line(cfg: dict[str, Any]) -> str:
+    d, p, t, m = cfg.get("data", {}), cfg.get("peft", {}), cfg.get("train", {}), cfg.get("method", {})
+    parts = [f"task `{cfg.get('task')}`", f"model `{cfg.get('model')}`",
+             f"shots {d.get('shots')} per class" if d.get("shots") is not None else "",
+             f"max length {d.get('max_length')}" if cfg.get("task") == "text_classification" else "",
+             f"{p.get('type')} r={p.get('r')} alpha={p.get('alpha')} on {p.get('target_modules')}",
+             f"{t.get('steps')} steps, batch {t.get('batch_size')}, {t.get('base_optimizer')} lr {t.get('lr')}",
+             ("method keywords " + ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")) if len(m) > 1 else ""]
+    args = cfg.get("task_args") or {}
+    if args:
+        parts.append("task_args " + ", ".join(f"{k}={v}" for k, v in args.items()))
+    return "; ".join(x for x in parts if x)
+
+
+def _verdict(d, kind: str) -> str:
+    if d is None or d.n < 2 or not np.isfinite(d.ci_low):
+        return "cannot resolve (too few seeds)"
+    if kind == "match":
+        if d.ci_high < 0 and d.ci_low < -MARGIN:
+            return "refutes"
+        if d.ci_low > -MARGIN:
+            return "supports"
+        return "cannot resolve"
+    if d.ci_low > 0:
+        return "supports"
+    if d.ci_high < 0:
+        return "refutes"
+    return "cannot resolve"
+
+
+def _task_runs(root: Path, unit: str, methods: list[str]) -> pd.DataFrame:
+    d = root / unit
+    if not d.is_dir():
+        return pd.DataFrame(columns=["method", "seed"])
+    from .runner import _valid_runs  # noqa: F401  (compare writes only valid runs' tables; we read eval.json)
+
+    runs = collect_runs(d, methods)
+    if "seen_classes_accuracy" in runs and "seen_classes_accuracy_before" in runs:
+        before = runs["seen_classes_accuracy_before"].replace(0, np.nan)
+        runs["retained_fraction"] = runs["seen_classes_accuracy"] / before
+    return runs
+
+
+def _failed(root: Path, unit: str) -> dict[str, Any]:
+    path = root / unit / "compare_plan.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("failed", {}) or {}
+
+
+def _unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float], dict[str, Any]]:
+    """Wall seconds per unit (summed over invocations), total suite wall, load samples, last machine."""
+    per: dict[str, float] = {}
+    loads, machine, spans = [], {}, []
+    for inv in log.get("invocations", []):
+        if not inv.get("train") or not inv.get("units"):
+            continue
+        spans.append((float(inv["start"]), float(inv.get("end", inv["start"]))))
+        if "load_mean" in inv:
+            loads += [inv["load_mean"], inv.get("load_max", inv["load_mean"])]
+        machine = inv.get("machine", machine)
+        for r in inv["units"]:
+            per[r["unit"]] = per.get(r["unit"], 0.0) + float(r["wall_s"])
+    total, end = 0.0, -math.inf  # union of the invocations' time spans (parallel invocations count once)
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return per, total, loads, machine
+
+
+def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
+    """Write ``page`` (Markdown) and its plots (``<page stem>/<task>.png``) from the runs under ``root``."""
+    from .config import read_config_mapping
+    from .rundir import write_atomic
+    from .suite import CLAIMS
+
+    page = Path(page)
+    fig_dir = page.parent / page.stem
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    per_unit, total_wall, loads, machine = _unit_wall(log)
+    invocations = [i for i in log.get("invocations", []) if i.get("train") and i.get("units")]
+    L: list[str] = []
+    L.append("# Results: every built-in task x methods x seeds")
+    L.append("")
+    L.append(f"Produced by `flatpeft suite {plan.path or 'PLAN'}` (with `--resume` semantics: finished runs are "
+             f"kept, missing ones trained) from the runs under `{plan.output_dir}`; regenerated "
+             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Every number below is read from "
+             "the runs' `eval.json` files; nothing is typed in.")
+    L.append("")
+    if machine:
+        L.append(f"**Machine.** {machine.get('cores')} CPU cores ({machine.get('cpu')}), no GPU used"
+                 f"{'' if not machine.get('gpu') else ' (a GPU was visible)'}; torch {machine.get('torch')}, "
+                 f"Python {machine.get('python')}. The machine was shared with other jobs.")
+    if invocations:
+        j = invocations[-1]
+        L.append(f"**Wall time.** {total_wall / 60:.1f} min over {len(invocations)} invocation(s) of the suite "
+                 f"({j.get('jobs')} compare director{'y' if j.get('jobs') == 1 else 'ies'} in parallel, "
+                 f"{j.get('threads')} torch thread(s) each); per task below. "
+                 + (f"Load average (1 min) during the runs: mean {np.mean(loads[::2]):.1f}, max "
+                    f"{max(loads[1::2]):.1f} on {machine.get('cores')} cores, so step times and time ratios are only "
+                    "indicative." if loads else ""))
+    L.append("")
+    L.append("**Verdict rule.** For each method the paired difference to `base` (same seed: same initialisation, "
+             "k-shot sample, batch order and dropout stream) is averaged over the seeds both have; the 95 % "
+             "interval is d̄ ± t(0.975, n−1)·s/√n. A method is called better / worse only when the interval "
+             "excludes zero; otherwise *no significant difference*. A claim of a paper is *supported* when the "
+             "interval of the difference it predicts excludes zero in its direction, *refuted* when it excludes "
+             f"zero in the other direction, and *cannot resolve* otherwise. Claims that a method *matches* "
+             f"another are supported when the interval's lower end lies above −{100 * MARGIN:.0f} point. "
+             "Accuracies in %, differences in percentage points (pp).")
+    L.append("")
+    if plan.notes:
+        L.append(plan.notes.strip())
+        L.append("")
+
+    # ---- collect everything --------------------------------------------------------------------
+    data: dict[str, dict[str, Any]] = {}
+    for t in plan.tasks:
+        methods = plan.task_methods(t)
+        runs = _task_runs(root, t.name, methods)
+        abl = {}
+        for a in t.ablations:
+            ar = _task_runs(root, f"{t.name}__{a.name}", [a.method])
+            if not ar.empty:
+                ar = ar.assign(method=f"{a.method} ({a.name})")
+            abl[a.name] = (a, ar)
+        cfg_path = root / t.name / "compare_config.yaml"
+        cfg = read_config_mapping(cfg_path) if cfg_path.is_file() else None
+        data[t.name] = {"task": t, "methods": methods, "runs": runs, "abl": abl, "cfg": cfg,
+                        "failed": _failed(root, t.name)}
+
+    ran = [n for n, d in data.items() if not d["runs"].empty]
+    cut = [d["task"] for d in data.values() if d["runs"].empty]
+
+    # ---- summary table ---------------------------------------------------------------------------
+    L.append("## Summary")
+    L.append("")
+    all_methods = list(dict.fromkeys(m for n in ran for m in data[n]["methods"] if m != "base"))
+    L.append("Paired difference to `base` of each task's primary metric, pp [95 % interval]; `n` = paired seeds.")
+    L.append("")
+    L.append("| task (primary metric) | base | " + " | ".join(all_methods) + " |")
+    L.append("|---|---|" + "---|" * len(all_methods))
+    for n in ran:
+        d = data[n]
+        runs, metric = d["runs"], d["task"].metrics[0]
+        pct = _is_percent(metric)
+        b = runs[runs["method"] == "base"][metric] if metric in runs else pd.Series(dtype=float)
+        cells = [f"{n} ({metric})", f"{_pm(*mean_std(b), pct)} (n={len(b)})" if len(b) else "–"]
+        for m in all_methods:
+            pd_ = paired(runs, m, "base", metric) if m in d["methods"] else None
+            cells.append(_diff_cell(pd_, pct) + (f" n={pd_.n}" if pd_ is not None else ""))
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+
+    # ---- claims ------------------------------------------------------------------------------------
+    L.append("## The seed papers' claims")
+    L.append("")
+    L.append("| paper | claim | task | metric | difference tested | Δ, pp [95 % interval] (n) | verdict |")
+    L.append("|---|---|---|---|---|---|---|")
+    for c in CLAIMS:
+        kind = "match" if "matches" in c["claim"] or "keeps" in c["claim"] else "better"
+        for n in ran:
+            d = data[n]
+            metric = d["task"].metrics[0] if c["metric"] == "primary" else c["metric"]
+            if metric not in d["task"].metrics:
+                continue
+            runs = d["runs"]
+            if c["a"] not in d["methods"] or c["b"] not in d["methods"]:
+                continue
+            pdiff = paired(runs, c["a"], c["b"], metric)
+            if pdiff is None:
+                continue
+            L.append(f"| {c['paper']} | {c['claim']} | {n} | {metric} | {c['a']} − {c['b']} | "
+                     f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, kind)} |")
+        if c["id"] == "flatpo-vs-sam":
+            for n in ran:
+                d = data[n]
+                for aname, (a, ar) in d["abl"].items():
+                    if ar.empty or a.method != "flatpo":
+                        continue
+                    metric = d["task"].metrics[0]
+                    pdiff = paired(d["runs"], "flatpo", f"{a.method} ({a.name})", metric, other=ar)
+                    if pdiff is not None:
+                        L.append(f"| FlatPO (flatpeft ablation) | ranking only the adapters (default) beats ranking adapters and head "
+                                 f"(ablation `{aname}`) | {n} | {metric} | flatpo − flatpo ({aname}) | "
+                                 f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, 'better')} |")
+    L.append("")
+    L.append("In words:")
+    L.append("")
+    for c in CLAIMS:
+        verdicts = []
+        for n in ran:
+            d = data[n]
+            metric = d["task"].metrics[0] if c["metric"] == "primary" else c["metric"]
+            if metric not in d["task"].metrics or c["a"] not in d["methods"] or c["b"] not in d["methods"]:
+                continue
+            pdiff = paired(d["runs"], c["a"], c["b"], metric)
+            if pdiff is not None:
+                verdicts.append(f"{_verdict(pdiff, 'match' if ('matches' in c['claim'] or 'keeps' in c['claim']) else 'better')}"
+                                f" on {n} ({_diff_cell(pdiff, _is_percent(metric))})")
+        if verdicts:
+            L.append(f"* **{c['paper']}: {c['claim']}.** This suite " + "; ".join(verdicts) + ".")
+        else:
+            L.append(f"* **{c['paper']}: {c['claim']}.** Not tested by the tasks that ran.")
+    L.append("")
+
+    # ---- per task -------------------------------------------------------------------------------------
+    for n in ran:
+        d = data[n]
+        t, runs, methods = d["task"], d["runs"], d["methods"]
+        L.append(f"## {n}")
+        L.append("")
+        if t.description:
+            L.append(t.description.strip())
+            L.append("")
+        if d["cfg"] is not None:
+            L.append(f"Settings: {_settings_line(d['cfg'])}. Config `{t.config if not Path(t.config).is_absolute() else Path(t.config).name}`"
+                     + (f" with `{' '.join('--set ' + s for s in t.set)}`" if t.set else "") + ".")
+            L.append("")
+        seeds = sorted(set(runs["seed"].astype(int)))
+        wall = per_unit.get(n, math.nan) + sum(per_unit.get(f"{n}__{a.name}", 0.0) for a in t.ablations)
+        cost = (runs.get("train_time_s", pd.Series(dtype=float)).sum() + runs.get("eval_time_s", pd.Series(dtype=float)).sum())
+        L.append(f"{len(runs)} runs, seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds). Wall time of this task "
+                 f"(ablations included): {wall / 60:.1f} min; training + evaluation time summed over its runs: "
+                 f"{cost / 60:.1f} min.")
+        if d["failed"]:
+            L.append("")
+            L.append("**Failed runs** (kept out of every statistic): " + "; ".join(
+                f"{r['method']} seed {r['seed']}: {r.get('error', '')}" for r in d["failed"].values()))
+        L.append("")
+        metrics = [m for m in t.metrics if m in runs]
+        extra = ["retained_fraction"] if "retained_fraction" in runs and "seen_classes_accuracy" in metrics else []
+        header = ["method", "n"]
+        for m in metrics:
+            header += [f"{m} (%)" if _is_percent(m) else m, f"Δ {m} vs base [95 %]"]
+        header += [*(["retained of before"] if extra else []), "verdict (primary)", "time/step × base"]
+        L.append("| " + " | ".join(header) + " |")
+        L.append("|" + "---|" * len(header))
+        base_time = runs[runs["method"] == "base"]["time_per_step"].mean() if "time_per_step" in runs else math.nan
+        rows_runs = [(m, runs) for m in methods] + [(f"{a.method} ({a.name})", ar) for a, ar in d["abl"].values()
+                                                    if not ar.empty]
+        for m, src in rows_runs:
+            g = src[src["method"] == m]
+            if g.empty:
+                continue
+            cells = [f"`{m}`", str(len(g))]
+            prim = None
+            for k, metric in enumerate(metrics):
+                pct = _is_percent(metric)
+                cells.append(_pm(*mean_std(g[metric].dropna()), pct))
+                if m == "base":
+                    cells.append("reference")
+                    continue
+                pdiff = paired(src, m, "base", metric, other=runs)
+                cells.append(_diff_cell(pdiff, pct))
+                if k == 0:
+                    prim = pdiff
+            if extra:
+                cells.append(_pm(*mean_std(g["retained_fraction"].dropna()), True))
+            cells.append("reference" if m == "base" else (prim.verdict if prim is not None else "–"))
+            cells.append(f"{g['time_per_step'].mean() / base_time:.2f}" if "time_per_step" in g and base_time > 0 else "–")
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+        befores = [c for c in runs.columns if c.endswith("_before") or c == "zero_shot_accuracy"]
+        if befores:
+            L.append("Before fine-tuning (the pre-trained model, the same for every run): " + ", ".join(
+                f"{c} {_fmt(runs[c].mean(), _is_percent(c))}{' %' if _is_percent(c) else ''}" for c in befores) + ".")
+            L.append("")
+        metric = t.metrics[0]
+        summ = summarize(runs, metric)
+        if not summ.empty and metric in runs:
+            png = fig_dir / f"{n}.png"
+            plot(runs, summ, png, metric)
+            L.append(f"![{n}: {metric}]({fig_dir.name}/{png.name})")
+            L.append("")
+        per_seed = runs.pivot_table(index="method", columns="seed", values=metric, observed=True)
+        L.append(f"<details><summary>{metric} per seed (%)</summary>")
+        L.append("")
+        L.append("| method | " + " | ".join(str(s) for s in per_seed.columns) + " |")
+        L.append("|---|" + "---|" * len(per_seed.columns))
+        for m, row in per_seed.iterrows():
+            L.append(f"| {m} | " + " | ".join(_fmt(v, _is_percent(metric)) for v in row.to_numpy()) + " |")
+        L.append("")
+        L.append("</details>")
+        L.append("")
+
+    if cut:
+        L.append("## Not run by this plan")
+        L.append("")
+        for t in cut:
+            L.append(f"* **{t.name}** (`{Path(t.config).name}`): {t.skip_reason or 'no finished runs yet'}. Run it with "
+                     f"`flatpeft suite {plan.path or 'PLAN'} --tasks {t.name}`.")
+        L.append("")
+    write_atomic(page, "\n".join(L).rstrip() + "\n")
+    return page

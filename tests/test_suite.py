@@ -1,0 +1,172 @@
+"""flatpeft suite (tiny plan on the test fixtures, resume, the page) and the task options it relies on:
+label noise applied exactly as stated, the distribution-shift split without overlap, the test subset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from _fixtures import tiny_config
+from flatpeft.experiments.config import config_to_dict
+from flatpeft.experiments.text_classification import (DRINK_WORDS, TextClassificationArgs, apply_shift, flip_labels,
+                                                      is_drink_review)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---- label noise -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,fraction,classes", [(64, 0.3, 2), (32, 0.3, 2), (50, 0.2, 5), (10, 0.0, 3)])
+def test_flip_labels_exact_count_never_true_class(n, fraction, classes):
+    y = np.arange(n) % classes
+    noisy, where = flip_labels(y, fraction, classes, seed=3)
+    assert len(where) == round(fraction * n) == int((noisy != y).sum())
+    assert np.array_equal(np.flatnonzero(noisy != y), where)
+    assert noisy.min() >= 0 and noisy.max() < classes
+    again, _ = flip_labels(y, fraction, classes, seed=3)
+    assert np.array_equal(noisy, again)                       # paired: same seed, same noisy set
+    other, _ = flip_labels(y, fraction, classes, seed=4)
+    assert fraction == 0 or not np.array_equal(noisy, other)
+
+
+def test_flip_labels_symmetric_over_other_classes():
+    y = np.zeros(30000, np.int64)
+    noisy, where = flip_labels(y, 0.5, 4, seed=0)
+    counts = np.bincount(noisy[where], minlength=4)
+    assert counts[0] == 0
+    assert np.allclose(counts[1:] / len(where), 1 / 3, atol=0.02)
+
+
+def test_task_applies_noise_to_train_only(tmp_path):
+    from flatpeft.experiments.tasks import get_task
+
+    cfg = tiny_config(tmp_path, data={"shots": 10, "val_size": 20}, task_args={"label_noise": 0.3})
+    task = get_task(cfg.task)(cfg, 0)
+    train = task.splits["train"]["labels"]
+    assert len(task.flipped) == 6 == int((train != task.clean_train_labels).sum())
+    clean = get_task(cfg.task)(tiny_config(tmp_path / "c", data={"shots": 10, "val_size": 20}), 0)
+    assert np.array_equal(clean.splits["train"]["labels"], task.clean_train_labels)
+    for split in ("val", "test"):                              # clean evaluation labels
+        assert np.array_equal(clean.splits[split]["labels"], task.splits[split]["labels"])
+
+
+def test_task_args_refuse_bad_values():
+    with pytest.raises(ValueError, match="label_noise"):
+        TextClassificationArgs(label_noise=1.0)
+    with pytest.raises(ValueError, match="shift"):
+        TextClassificationArgs(shift="beverages")
+    with pytest.raises(ValueError, match="test_size"):
+        TextClassificationArgs(test_size=0)
+
+
+# ---- distribution shift --------------------------------------------------------------------------------------
+def test_drink_shift_has_no_overlap():
+    pool = pd.DataFrame({"text": ["great coffee", "nice cookie", "Tea was bad", "bland chips", "k-cups ok",
+                                  "my teapot", "steak"], "label": [1, 1, 0, 0, 1, 0, 1], "product": list("abcdefg")})
+    test = pd.DataFrame({"text": ["sweet juice", "crackers", "A DRINK"], "label": [1, 0, 0], "product": list("hij")})
+    tr, te = apply_shift(pool, test, "text", "drinks")
+    assert not is_drink_review(tr["text"]).any() and is_drink_review(te["text"]).all()
+    assert set(tr["text"]) & set(te["text"]) == set()
+    assert set(tr["product"]) & set(te["product"]) == set()
+    assert len(tr) + len(te) == len(pool) + sum(is_drink_review(test["text"]))
+    assert "my teapot" in set(tr["text"])                      # whole words only
+    assert "drink" in DRINK_WORDS
+
+
+def test_task_shift_and_test_subset(tmp_path):
+    from flatpeft.experiments.tasks import get_task
+
+    cfg = tiny_config(tmp_path, data={"shots": 5, "val_size": 10}, task_args={"shift": "drinks", "test_size": 7})
+    task = get_task(cfg.task)(cfg, 0)
+    texts = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in task.splits["test"]["input_ids"]]
+    train = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in task.splits["train"]["input_ids"]]
+    assert len(texts) == 7 and all(("coffee" in t or "tea" in t) for t in texts)
+    assert not any(("coffee" in t.split() or "tea" in t.split()) for t in train)
+
+
+# ---- the suite -----------------------------------------------------------------------------------------------
+def _plan(tmp_path: Path, seeds=2, extra_task=False) -> Path:
+    cfg = tiny_config(tmp_path / "fx", train={"steps": 3, "eval_splits": ["test"], "log_every": 1},
+                      task_args={"label_noise": 0.2})
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    plan = {"output_dir": str(tmp_path / "runs"), "page": str(tmp_path / "results.md"), "seeds": seeds,
+            "methods": ["base", "sam", "flatpo"], "threads": 1, "jobs": 1,
+            "tasks": [{"name": "tiny_noisy", "config": str(cfg_path), "set": ["train.lr=0.01"],
+                       "ablations": [{"name": "scope-all", "method": "flatpo", "set": ["method.scope=all"]}],
+                       "description": "Tiny fixture."},
+                      {"name": "tiny_cut", "config": str(cfg_path), "enabled": False,
+                       "skip_reason": "not in the budget"}]}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_suite_runs_resumes_and_writes_page(tmp_path, capsys):
+    from flatpeft.cli import main
+
+    plan = _plan(tmp_path)
+    assert main(["--quiet", "suite", str(plan)]) == 0
+    runs = tmp_path / "runs"
+    evals = sorted(p.relative_to(runs).as_posix() for p in runs.glob("*/*/seed*/eval.json"))
+    assert evals == ["tiny_noisy/base/seed0/eval.json", "tiny_noisy/base/seed1/eval.json",
+                     "tiny_noisy/flatpo/seed0/eval.json", "tiny_noisy/flatpo/seed1/eval.json",
+                     "tiny_noisy/sam/seed0/eval.json", "tiny_noisy/sam/seed1/eval.json",
+                     "tiny_noisy__scope-all/flatpo/seed0/eval.json", "tiny_noisy__scope-all/flatpo/seed1/eval.json"]
+    cfg = yaml.safe_load((runs / "tiny_noisy__scope-all/flatpo/seed0/config.yaml").read_text())
+    assert cfg["method"]["scope"] == "all" and cfg["train"]["lr"] == 0.01 and cfg["task_args"]["label_noise"] == 0.2
+    page = (tmp_path / "results.md").read_text()
+    assert "## Summary" in page and "## tiny_noisy" in page and "flatpo (scope-all)" in page
+    assert "tiny_cut" in page and "not in the budget" in page
+    assert "cannot resolve" in page or "supports" in page or "refutes" in page
+    assert (tmp_path / "results" / "tiny_noisy.png").is_file()
+    acc = json.loads((runs / "tiny_noisy/sam/seed1/eval.json").read_text())["accuracy"]
+    assert f"{100 * acc:.1f}" in page                          # numbers come from the runs
+    log = json.loads((runs / "suite_log.json").read_text())
+    assert len(log["invocations"]) == 1 and {u["unit"] for u in log["invocations"][0]["units"]} == {
+        "tiny_noisy", "tiny_noisy__scope-all"}
+
+    # resume: nothing retrained, one more seed only adds its runs
+    mtime = (runs / "tiny_noisy/base/seed0/eval.json").stat().st_mtime_ns
+    data = yaml.safe_load(plan.read_text())
+    data["seeds"] = 3
+    plan.write_text(yaml.safe_dump(data))
+    assert main(["--quiet", "suite", str(plan)]) == 0
+    assert (runs / "tiny_noisy/base/seed0/eval.json").stat().st_mtime_ns == mtime
+    assert (runs / "tiny_noisy/sam/seed2/eval.json").is_file()
+    assert (runs / "tiny_noisy__scope-all/flatpo/seed2/eval.json").is_file()
+
+    # changed settings are refused by compare's guard (reported, nothing retrained)
+    data["tasks"][0]["set"] = ["train.lr=0.02"]
+    plan.write_text(yaml.safe_dump(data))
+    main(["--quiet", "suite", str(plan)])
+    assert "settings differ" in capsys.readouterr().out
+    assert (runs / "tiny_noisy/base/seed0/eval.json").stat().st_mtime_ns == mtime
+
+
+def test_suite_list_and_plan_errors(tmp_path, capsys):
+    from flatpeft.cli import main
+
+    plan = _plan(tmp_path)
+    assert main(["suite", str(plan), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_noisy: " in out and "tiny_noisy__scope-all" in out and "not in the default plan" in out
+    assert main(["suite", str(plan), "--tasks", "nope"]) == 2
+    data = yaml.safe_load(plan.read_text())
+    data["bogus"] = 1
+    plan.write_text(yaml.safe_dump(data))
+    assert main(["suite", str(plan)]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_default_plan_loads():
+    from flatpeft.experiments.suite import load_plan, units
+
+    root = Path(__file__).resolve().parents[1]
+    plan = load_plan(root / "configs" / "suite.yaml")
+    assert {t.name for t in plan.tasks} >= {"finefoods_noisy", "finefoods_shift", "vlm_forgetting", "clip_fewshot"}
+    for u in units(plan):
+        assert len(u.seeds) >= 10 and {"base", *u.methods} >= set(u.methods)
