@@ -6,7 +6,7 @@ slow-down of the machine hits every method alike) and the median step time per m
 
 Settings:
   --setting cpu   (default) hidden 256, 4 layers, 4 heads, MLP 704, vocab 4000, fp32, batch 4 x 128.
-  --setting gpu   the core issue's GPU setting: hidden 1024, 24 layers, 16 heads, MLP 2816, vocab 32000,
+  --setting gpu   hidden 1024, 24 layers, 16 heads, MLP 2816, vocab 32000,
                   bf16, batch 8 x 512, LoRA r=8 on q_proj,v_proj (needs CUDA).
 
 Extra memory: the bytes each method holds beyond the model and the base optimizer (``opt.memory_report()``:
