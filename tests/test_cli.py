@@ -14,7 +14,8 @@ from flatpeft import cli
 import _fixtures as F
 from flatpeft.experiments.config import load_config, save_config
 
-SUBCOMMANDS = [["train"], ["eval"], ["compare"], ["data"], ["data", "prepare"], ["config"], ["methods"], ["tasks"]]
+SUBCOMMANDS = [["train"], ["eval"], ["compare"], ["data"], ["data", "prepare"], ["data", "verify"], ["config"], ["methods"],
+               ["tasks"]]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
