@@ -444,3 +444,19 @@ def test_vqa_jsonl_non_utf8_names_file_and_line(tmp_path):
     path.write_bytes(b'\n{"image": "a.png", "question": "caf\xe9?", "answer": "x"}\n')
     with pytest.raises(ValueError, match=r"vqa.jsonl:2:\d+: byte"):
         read_vqa_jsonl(path)
+
+
+def test_case6_manifest_of_another_location_is_recorded_anew(tmp_path, monkeypatch):
+    """A package asset in another environment (a fresh clone with its own venv, same cache) is not 'damaged'."""
+    import flatpeft.assets as assets
+
+    monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
+    for env in ("a", "b"):
+        (tmp_path / env / "model").mkdir(parents=True)
+        (tmp_path / env / "model" / "w.bin").write_bytes(env.encode() * (10 if env == "a" else 20))
+    assets.check_asset("minilm", tmp_path / "a" / "model")
+    assets.check_asset("minilm", tmp_path / "b" / "model")  # other location: recorded anew, no error
+    assert assets.verify(["minilm"])["minilm"].startswith("ok (1 file")
+    (tmp_path / "b" / "model" / "w.bin").write_bytes(b"cut")
+    with pytest.raises(assets.AssetCorruptError, match="w.bin has 3 bytes, 20 were recorded"):
+        assets.check_asset("minilm", tmp_path / "b" / "model")

@@ -162,22 +162,33 @@ def _files_of(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != _DONE)
 
 
-def record_manifest(name: str, files: Iterable[Path]) -> Path:
-    """Write ``<cache>/manifests/<name>.json``: size and sha256 of each of ``files`` (atomically)."""
-    entries = {str(f): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+def _base(root: Path) -> Path:
+    """The folder manifest paths are relative to: ``root`` itself, or its folder when it is a single file."""
+    return root.parent if root.is_file() else root
+
+
+def record_manifest(name: str, root: Path) -> Path:
+    """Write ``<cache>/manifests/<name>.json``: the asset's location and the size and sha256 of each of its files
+    (paths relative to it), atomically (a temporary file per process, then a rename)."""
+    base = _base(root)
+    entries = {str(f.relative_to(base)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in _files_of(root)}
     path = _manifest_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"asset": name, "files": entries}, indent=1, sort_keys=True) + "\n")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"asset": name, "root": str(root), "base": str(base), "files": entries}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def _read_manifest(name: str) -> dict[str, dict] | None:
+def _read_manifest(name: str) -> dict | None:
+    """The manifest of ``name`` (``root``, ``files``), or ``None`` when there is none readable."""
     try:
-        return json.loads(_manifest_path(name).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads(_manifest_path(name).read_text())
+    except (OSError, ValueError):
         return None
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("root", "base")) and \
+        isinstance(data.get("files"), dict)
+    return data if ok else None
 
 
 def _corrupt(name: str, path: str, why: str) -> AssetCorruptError:
@@ -190,24 +201,30 @@ def _corrupt(name: str, path: str, why: str) -> AssetCorruptError:
 
 
 def check_asset(name: str, root: Path, *, full: bool = False) -> Path:
-    """Compare the files of asset ``name`` with its manifest: sizes always, sha256 when ``full`` or a size
-    differs. Raise :class:`AssetCorruptError` naming the file; record a manifest of ``root``'s files when there
-    is none yet (an asset prepared by an older flatpeft). Returns ``root``."""
-    recorded = _read_manifest(name)
-    if recorded is None:
-        record_manifest(name, _files_of(root))
+    """Compare the files of asset ``name`` at ``root`` with its manifest: sizes always, sha256 when ``full`` or a
+    size differs. Raise :class:`AssetCorruptError` naming the file. When there is no manifest yet (an asset
+    prepared by an older flatpeft), or it was recorded for another location (a package asset in another
+    environment), one is recorded for ``root``. Returns ``root``."""
+    manifest = _read_manifest(name)
+    if manifest is None or manifest["root"] != str(root):
+        record_manifest(name, root)
         return root
-    for key, meta in recorded.items():
-        path = Path(key)
+    _compare_files(name, Path(manifest["base"]), manifest["files"], full)
+    return root
+
+
+def _compare_files(name: str, base: Path, files: dict[str, dict], full: bool) -> None:
+    """Raise :class:`AssetCorruptError` for the first of ``files`` (relative to ``base``) that differs."""
+    for key, meta in files.items():
+        path = base / key
         if not path.is_file():
-            raise _corrupt(name, key, "is missing")
+            raise _corrupt(name, str(path), "is missing")
         size = path.stat().st_size
         if size != meta["size"] or full:
             if _sha256(path) != meta["sha256"]:
                 why = (f"has {size} bytes, {meta['size']} were recorded at preparation" if size != meta["size"]
                        else "has a different sha256 than recorded at preparation (changed in place)")
-                raise _corrupt(name, key, why)
-    return root
+                raise _corrupt(name, str(path), why)
 
 
 def verify(names: Iterable[str] | None = None) -> dict[str, str]:
@@ -222,13 +239,13 @@ def verify(names: Iterable[str] | None = None) -> dict[str, str]:
         raise ValueError(f"--only: unknown asset(s) {unknown}; known: {list(ASSET_NAMES)}")
     report, problems = {}, []
     for name in selected:
-        recorded = _read_manifest(name)
-        if recorded is None:
+        manifest = _read_manifest(name)
+        if manifest is None:
             report[name] = "not prepared (no manifest; run `flatpeft data prepare`)"
             continue
         try:
-            check_asset(name, Path(), full=True)
-            report[name] = f"ok ({len(recorded)} file(s), sizes and sha256 match)"
+            _compare_files(name, Path(manifest["base"]), manifest["files"], True)
+            report[name] = f"ok ({len(manifest['files'])} file(s), sizes and sha256 match)"
         except AssetCorruptError as err:
             problems.append(str(err))
     if problems:
@@ -654,7 +671,7 @@ def prepare(names: Iterable[str] | str | None = None, *, force: bool = False, pr
             _manifest_path(name).unlink(missing_ok=True)
         out[name] = _ASSETS[name].prepare(force)
         if force or _read_manifest(name) is None:
-            record_manifest(name, _files_of(out[name]))
+            record_manifest(name, out[name])
         if progress:
             bar.write(f"{name}: {out[name]}")
     bar.close()
