@@ -460,3 +460,33 @@ def test_case6_manifest_of_another_location_is_recorded_anew(tmp_path, monkeypat
     (tmp_path / "b" / "model" / "w.bin").write_bytes(b"cut")
     with pytest.raises(assets.AssetCorruptError, match="w.bin has 3 bytes, 20 were recorded"):
         assets.check_asset("minilm", tmp_path / "b" / "model")
+
+
+def test_case10_two_train_overwrite_at_once_never_mix(tiny_file, tmp_path):
+    """Two real processes on one run directory: one is refused (or they run one after the other); the directory
+    then holds exactly one whole run (one TensorBoard file, config and log of the same settings)."""
+    d = tmp_path / "r"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "flatpeft", "--quiet", "train", str(tiny_file), "--output-dir",
+                               str(d), "--overwrite", "--set", f"train.lr={lr}", "--set", "train.steps=10"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True) for lr in (0.001, 0.002)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(timeout=30)
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    if codes == [0, 2]:
+        assert any("in use by another flatpeft process" in err for code, err in results if code == 2)
+    assert len(list((d / "tb").iterdir())) == 1
+    lr = load_config(d / "config.yaml").train.lr
+    logged = {json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()}
+    assert logged == {lr}
+    assert json.loads((d / ".flatpeft-run.json").read_text())["state"] == "finished"
