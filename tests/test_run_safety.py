@@ -462,6 +462,7 @@ def test_case6_manifest_of_another_location_is_recorded_anew(tmp_path, monkeypat
         assets.check_asset("minilm", tmp_path / "b" / "model")
 
 
+@pytest.mark.slow  # two CLI processes, about 30 s; test_case10_second_process_... covers the lock in the default run
 def test_case10_two_train_overwrite_at_once_never_mix(tiny_file, tmp_path):
     """Two real processes on one run directory: one is refused (or they run one after the other); the directory
     then holds exactly one whole run (one TensorBoard file, config and log of the same settings)."""
