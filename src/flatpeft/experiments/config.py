@@ -432,10 +432,14 @@ def missing_keys(raw: Mapping[str, Any], cls: type = ExperimentConfig, where: st
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML (``load_config`` reads back an equal config)."""
+    """Write ``cfg`` as YAML, atomically (``load_config`` reads back an equal config)."""
+    import os
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.flatpeft-tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)  # a reader (or a process killed mid-write) never sees half a config
     return path
 
 

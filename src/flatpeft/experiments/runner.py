@@ -464,6 +464,23 @@ COMPARE_FILES = ("results.md", "results.csv", "results.png", "compare_config.yam
 _COMPARE_LOCK = ".flatpeft-lock"
 
 
+def _is_own_tmp(name: str, own: Sequence[str] | set[str]) -> bool:
+    """Whether ``name`` is a temporary file flatpeft writes before renaming it to one of ``own``
+    (``results.md.flatpeft-tmp``, ``compare_config.yaml.<pid>.flatpeft-tmp``)."""
+    import re
+
+    m = re.fullmatch(r"(?P<base>.+?)(\.\d+)?\.flatpeft-tmp", name)
+    return m is not None and m.group("base") in own
+
+
+def _remove_own_tmp(out: Path) -> None:
+    """Remove temporary files a killed compare left in ``out`` (flatpeft's own; call under the compare lock)."""
+    own = {COMPARE_MANIFEST, *COMPARE_FILES}
+    for p in out.iterdir():
+        if p.is_file() and _is_own_tmp(p.name, own):
+            p.unlink()
+
+
 def _foreign_in_compare_dir(out: Path) -> list[str]:
     """Paths (relative to ``out``) in a compare directory that flatpeft did not write; all of them when it has
     no compare manifest. Empty for an absent or empty directory."""
@@ -471,15 +488,14 @@ def _foreign_in_compare_dir(out: Path) -> list[str]:
 
     if not out.is_dir():
         return [] if not out.exists() else [out.name]
-    entries = [p for p in sorted(out.iterdir()) if p.name not in (_COMPARE_LOCK, f"{COMPARE_MANIFEST}.flatpeft-tmp")]
+    entries = [p for p in sorted(out.iterdir()) if p.name != _COMPARE_LOCK and not _is_own_tmp(p.name, (COMPARE_MANIFEST,))]
     manifest = read_manifest(out, COMPARE_MANIFEST)
     if manifest is None:
         return [p.name for p in entries]
     own = {COMPARE_MANIFEST, _COMPARE_LOCK, *COMPARE_FILES}
-    own |= {f"{n}.flatpeft-tmp" for n in own}
     foreign = []
     for p in entries:
-        if p.name in own:
+        if p.name in own or _is_own_tmp(p.name, own):
             continue
         if not (p.is_dir() and p.name in manifest.get("methods", [])):
             foreign.append(p.name)
@@ -564,6 +580,7 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
                              "--output-dir")
     out.mkdir(parents=True, exist_ok=True)
     with dir_lock(out / _COMPARE_LOCK, f"compare directory {str(out)!r}"):
+        _remove_own_tmp(out)
         existing = sorted(str(p.parent.relative_to(out)) for p in out.glob(f"*/seed*/{RUN_MANIFEST}"))
         if existing and not (overwrite or resume):
             raise RunExistsError(f"output directory {str(out)!r} already holds runs ({', '.join(existing[:4])}"
