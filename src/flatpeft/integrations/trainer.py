@@ -61,8 +61,12 @@ Design decisions:
   ``flatpeft/loss_gap`` = L(w + e) - L(w) and ``flatpeft/perturbation_norm`` are averaged over the optimizer
   steps since the last log (and over DDP ranks) and added to the Trainer's training logs (so ``report_to`` picks
   them up); they are read from the device only at logging steps.
-* DeepSpeed and FSDP are refused with ``NotImplementedError`` (DeepSpeed's backward steps the optimizer at the
-  accumulation boundary and shards the gradients; FSDP shards the parameters the perturbation acts on).
+* FSDP2 (accelerate's ``fsdp_version: 2``, ``configs/accelerate/fsdp2.yaml``) and DDP are supported
+  (docs/distributed.md). Under FSDP2 the weights are sharded, so there is one perturbation for all ranks: every
+  pass's gradient is reduce-scattered on its last micro-batch (``sync_ascent_grad`` is implied). FSDP1 and
+  DeepSpeed are refused with ``NotImplementedError`` naming the FSDP2 config (DeepSpeed's engine steps the
+  optimizer inside its backward at the accumulation boundary and owns the gradient partitions, so a second pass
+  and an exact restore cannot be placed around it; FSDP1's flat parameters hide the LoRA factors).
 * ``trainer.optimizer`` is wrapped by accelerate (``AcceleratedOptimizer``) during ``train()``; the flatpeft
   optimizer itself (``first_step``, ``passes``, ``metrics``, ``current_rho()``) is ``trainer.flatpeft_optimizer``
   (or :func:`unwrap_optimizer` of any wrapper).
@@ -163,7 +167,8 @@ class SharpnessAwareMixin:
             come from the ``TrainingArguments``; ``total_steps`` defaults to the Trainer's number of optimizer
             steps and ``seed`` to ``args.seed``. Keys given here win.
         sync_ascent_grad: all-reduce the pass-1 gradient across DDP ranks (one global perturbation) instead of
-            perturbing each replica with its local gradient (default, as in Foret et al.).
+            perturbing each replica with its local gradient (default, as in Foret et al.). Under FSDP2 the
+            pass-1 gradient is always reduced (the sharded weights hold one perturbation for all ranks).
         *args, **kwargs: passed to the Trainer class. ``optimizers=(opt, sched)`` is accepted only with a
             flatpeft ``SharpnessAware`` optimizer (then ``flatpeft_method`` may be omitted; it is used as built).
 
@@ -217,13 +222,26 @@ class SharpnessAwareMixin:
         self._fp_sums: dict[str, torch.Tensor] = {}
         self._fp_count = 0
         super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled:
             raise NotImplementedError(
-                f"{type(self).__name__} does not support DeepSpeed or FSDP yet: DeepSpeed's backward steps the "
-                "optimizer at the accumulation boundary and shards gradients, FSDP shards parameters, so the extra "
-                "pass and the global perturbation norm need collectives that are not implemented. Use DDP."
+                f"{type(self).__name__} does not support DeepSpeed: its engine steps the optimizer inside backward at "
+                "the accumulation boundary and owns the gradient partitions, so the second gradient pass and the "
+                "exact restore of the weights cannot be placed around it. Use FSDP2 for sharded training: "
+                "`accelerate launch --config_file configs/accelerate/fsdp2.yaml train.py` (distributed_type: FSDP, "
+                "fsdp_version: 2), or TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2, ...}); "
+                "DDP (configs/accelerate/ddp.yaml) when the model fits on one device (docs/distributed.md)."
+            )
+        if self.is_fsdp_enabled and self._fsdp_version() != 2:
+            raise NotImplementedError(
+                f"{type(self).__name__} supports FSDP2 only (fully_shard, DTensor parameters), not FSDP1's flat "
+                "parameters: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml) or "
+                "fsdp_config={'version': 2} in TrainingArguments (docs/distributed.md)."
             )
         self.add_callback(_AfterOptimizerStep(self))
+
+    def _fsdp_version(self) -> int:
+        plugin = getattr(getattr(self.accelerator, "state", None), "fsdp_plugin", None)
+        return int(getattr(plugin, "fsdp_version", 1) or 1) if plugin is not None else 0
 
     # ------------------------------------------------------------------ optimizer
     def flatpeft_optimizer_kwargs(self, model: nn.Module | None = None) -> dict[str, Any]:
@@ -313,7 +331,9 @@ class SharpnessAwareMixin:
                     metric_store = self.flatpeft_metric_snapshot()
                 # DDP: the update gradient is all-reduced on the last micro-batch of the last pass; the ascent
                 # gradient (pass 1 of a two-pass method) only with sync_ascent_grad
-                losses.append(self._accumulate(model, batches, num_items_in_batch, sync_last=last or self.sync_ascent_grad))
+                # FSDP2: the sharded weights take one perturbation, from the reduced gradient of every pass
+                sync = last or self.sync_ascent_grad or self.is_fsdp_enabled
+                losses.append(self._accumulate(model, batches, num_items_in_batch, sync_last=sync))
         except BaseException:
             passes.close()  # restores the weights (and the random state) before the error propagates
             raise

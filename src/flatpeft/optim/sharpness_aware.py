@@ -29,6 +29,7 @@ With an fp16 ``GradScaler``: ``for _ in opt.gradient_passes(scaler=scaler): scal
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -144,8 +145,36 @@ class SharpnessAware(torch.optim.Optimizer):
     def _lrs(self) -> list[Any]:
         return [g["lr"] for g in self.param_groups for _ in g["params"]]
 
+    def sync_parameters(self) -> None:
+        """Follow parameters swapped inside the shared groups, position by position: accelerate's FSDP2 preparation
+        replaces an optimizer's parameters by their sharded DTensor versions after the optimizer was built. The
+        LoRA factors then point at the new ``A`` / ``B`` and at the module's current (sharded) base weight, so no
+        reference to the replaced full tensors is kept. Called at every step (identity checks on the host)."""
+        flat = [p for g in self.param_groups for p in g["params"]]
+        if len(flat) == len(self.trainable) and all(a is b for a, b in zip(flat, self.trainable)):
+            return
+        if len(flat) != len(self.trainable):
+            raise RuntimeError("the optimizer's parameter groups changed size; build the flatpeft optimizer again")
+        mapping = {id(old): new for old, new in zip(self.trainable, flat)}
+        self.trainable = flat
+        self._index = {id(p): i for i, p in enumerate(flat)}
+        for slot in self._own["buffers"].values():  # buffers made for the replaced tensors: shard them likewise
+            for i, t in list(slot.items()):
+                if is_dtensor(flat[i]) and not is_dtensor(t):
+                    slot[i] = self._placed(t, flat[i])
+        lora = []
+        for f in self.lora:
+            holder = f.base_layer if f.base_layer is not None else f.module
+            weight = getattr(holder, "weight", None) if holder is not None else None
+            lora.append(dataclasses.replace(
+                f, A=mapping.get(id(f.A), f.A), B=mapping.get(id(f.B), f.B),
+                base_weight=weight if isinstance(weight, torch.Tensor) and weight.shape == f.base_weight.shape else f.base_weight,
+            ))
+        self.lora = lora
+
     def step_state(self) -> StepState:
         """The :class:`StepState` the rules see now (built on each call, so learning rates are current)."""
+        self.sync_parameters()
         return StepState(
             trainable=self.trainable, names=self.names, adapters=self.adapters, lrs=self._lrs(), lora=self.lora,
             rho=self.current_rho(), step=self.step_count, total_steps=self.total_steps, seed=self.seed,
@@ -184,6 +213,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if self._perturbed:
             self.restore()
+        self.sync_parameters()
         if self.passes == 2 and all(p.grad is None for p in self.trainable):
             raise RuntimeError(
                 f"first_step() of {self.method!r} needs the gradients of pass 1: run forward and backward at the "
@@ -242,6 +272,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
             return
+        self.sync_parameters()
         grads = [local(p.grad) for p in self.trainable if p.grad is not None]
         if not grads:
             return
@@ -339,6 +370,7 @@ class SharpnessAware(torch.optim.Optimizer):
         method's rules and step counter are left alone."""
         if self.step_count != 0 or any(isinstance(k, torch.Tensor) for k in self.state):
             return False
+        self.sync_parameters()
         if any(p.grad is None for p in self.trainable):
             return False
         return all(float(g["lr"]) == 0.0 for g in self.param_groups)
@@ -403,6 +435,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if legacy is not None:
             step = int(legacy.get("step", 0))
             buffers = {key: {int(i): t for i, t in store.items()} for key, store in legacy.get("buffers", {}).items()}
+        self.sync_parameters()
         buffers = {key: {i: self._placed(t, self.trainable[i]) for i, t in store.items()} for key, store in buffers.items()}
         if "ema" in buffers and "lagged" not in buffers and any(isinstance(r, LaggedAscent) for r in self.rules):
             buffers["lagged"] = {i: t.clone() for i, t in buffers["ema"].items()}
