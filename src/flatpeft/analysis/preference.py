@@ -314,6 +314,11 @@ def write_preference_outputs(result: PreferenceResult, out_dir: str | Path) -> d
     return paths
 
 
+def _number(value) -> float:
+    """A metric from eval.json as a float: strict JSON stores non-finite values (and absent ones) as null."""
+    return float("nan") if value is None else float(value)
+
+
 def run_preference(
     cfg: Any,
     *,
@@ -375,10 +380,10 @@ def run_preference(
             "selection": arm.selection or "",
             "fraction": arm.fraction if arm.fraction is not None else float("nan"),
             "seed": seed,
-            "accuracy": float(metrics["accuracy"]),
-            "train_accuracy": float(metrics["train_accuracy"]),
-            "top_eigenvalue": float(metrics.get("top_eigenvalue", float("nan"))),
-            "top_eigenvalue_residual": float(metrics.get("top_eigenvalue_residual", float("nan"))),
+            "accuracy": _number(metrics["accuracy"]),
+            "train_accuracy": _number(metrics["train_accuracy"]),
+            "top_eigenvalue": _number(metrics.get("top_eigenvalue")),
+            "top_eigenvalue_residual": _number(metrics.get("top_eigenvalue_residual")),
             "seconds": round(time.perf_counter() - t, 2),
         }
         runs.append(record)
