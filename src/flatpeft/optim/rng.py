@@ -3,8 +3,8 @@
 A two-pass method (SAM, FlatPO, Flat-LoRA) runs the model twice per step. Left alone, the second pass
 draws fresh dropout masks, so (a) the ascent gradient and the update gradient see different networks and
 (b) a two-pass method consumes twice the random stream of a one-pass baseline, which makes paired
-comparisons unfair (see ``shared/spec/reference-results.md``: with dropout on, even a near-zero random
-perturbation "won" every seed). :class:`RNGState` snapshots the CPU generator and every initialised
+comparisons unfair (with dropout on, even a near-zero random perturbation "won" every seed of a paired
+comparison). :class:`RNGState` snapshots the CPU generator and every initialised
 CUDA generator; the engine captures it before pass 1, replays it before pass 2, and finally moves the
 generators to where pass 1 left them, so a two-pass step consumes exactly the stream of one pass.
 
