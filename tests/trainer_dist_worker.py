@@ -109,6 +109,11 @@ def main() -> None:
         }
     with open(os.path.join(out_dir, f"{mode}-rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
+    # Tear the process group down before the interpreter exits: left to the atexit order, gloo's threads were seen
+    # to abort the process ("terminate called without an active exception", exit -6) after all work was done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
