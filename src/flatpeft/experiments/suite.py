@@ -54,6 +54,7 @@ class SuiteTask:
     seeds: int | list[int] | None = None      # default: the plan's seeds
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])   # first = primary
     ablations: list[Ablation] = field(default_factory=list)
+    groups: list[list[str]] | None = None     # split the methods over compare directories that run in parallel
     enabled: bool = True
     skip_reason: str = ""
     description: str = ""
@@ -139,10 +140,23 @@ def units(plan: SuitePlan, only: Sequence[str] | None = None) -> list[Unit]:
         if only is None and not t.enabled:
             continue
         seeds = plan.task_seeds(t)
-        out.append(Unit(t, t.name, plan.task_methods(t), seeds, list(t.set)))
+        for name, methods in task_groups(plan, t):
+            out.append(Unit(t, name, methods, seeds, list(t.set)))
         for a in t.ablations:
             out.append(Unit(t, f"{t.name}__{a.name}", [a.method], seeds, [*t.set, *a.set], a))
     return out
+
+
+def task_groups(plan: SuitePlan, task: SuiteTask) -> list[tuple[str, list[str]]]:
+    """``(directory name, methods)`` of a task's main comparison: one directory, or one per method group
+    (``groups``; the first keeps the task's name, the others are ``<name>__g2``, ...). Seeds pair across them."""
+    methods = plan.task_methods(task)
+    if not task.groups:
+        return [(task.name, methods)]
+    grouped = [m for g in task.groups for m in g]
+    if sorted(grouped) != sorted(methods) or len(set(grouped)) != len(grouped):
+        raise ValueError(f"task {task.name!r}: groups must split its methods {methods} exactly, got {task.groups}")
+    return [(task.name if i == 0 else f"{task.name}__g{i + 1}", list(g)) for i, g in enumerate(task.groups)]
 
 
 def unit_dirs(plan: SuitePlan, output_dir: str | Path | None = None) -> dict[str, Path]:
@@ -156,24 +170,34 @@ def _load_unit_config(unit: Unit):
     return load_config(unit.task.config, unit.overrides)
 
 
-def _run_unit(unit: Unit, out: str, threads: int, progress: bool) -> dict[str, Any]:
-    """Run one compare directory with resume; returns a log record (wall time, load, failures)."""
+def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int = 2) -> dict[str, Any]:
+    """Run one compare directory with resume; returns a log record (wall time, load, failures). An error is
+    retried ``retries`` times (resuming), except a settings conflict, which is final."""
     import torch
 
     from .runner import compare
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = _load_unit_config(unit)
     start, load0 = time.time(), os.getloadavg()
-    status, error = "finished", ""
-    try:
-        result = compare(cfg, unit.methods, unit.seeds, out_dir=out, resume=True, progress=progress)
-        failed = sorted(result.failed)
-    except KeyboardInterrupt:
-        raise
-    except ValueError as err:
-        status, error, failed = "error", str(err), []
+    status, error, failed = "finished", "", []
+    for attempt in range(1 + retries):
+        try:
+            cfg = _load_unit_config(unit)
+            result = compare(cfg, unit.methods, unit.seeds, out_dir=out, resume=True, progress=progress)
+            status, error, failed = "finished", "", sorted(result.failed)
+            break
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - one unit's error (a settings conflict, a vanished file) is
+            # recorded and the others carry on; a retry resumes (finished runs are kept)
+            status, error = "error", f"{type(err).__name__}: {err}"
+            if "settings differ" in str(err):
+                break
+            print(f"suite: {unit.name}: {error}" + ("; retrying in 30 s" if attempt < retries else ""),
+                  file=sys.stderr, flush=True)
+            if attempt < retries:
+                time.sleep(30)
     return {"unit": unit.name, "task": unit.task.name, "start": start, "end": time.time(),
             "wall_s": time.time() - start, "load_start": load0[0], "load_end": os.getloadavg()[0],
             "status": status, "error": error, "failed": failed, "pid": os.getpid()}
@@ -301,24 +325,24 @@ def write_page(plan: SuitePlan, output_dir: str | Path | None = None, page: str 
 CLAIMS: list[dict[str, str]] = [
     {"id": "flatpo-vs-sam", "paper": "FlatPO",
      "claim": "perturbing only the sharpest 5 % of the adapter tensors generalises better than perturbing all of "
-              "them (SAM)", "metric": "primary", "a": "flatpo", "b": "sam"},
+              "them (SAM)", "metric": "accuracy", "a": "flatpo", "b": "sam"},
     {"id": "flatpo-vs-base", "paper": "FlatPO",
-     "claim": "FlatPO improves on plain fine-tuning", "metric": "primary", "a": "flatpo", "b": "base"},
+     "claim": "FlatPO improves on plain fine-tuning", "metric": "accuracy", "a": "flatpo", "b": "base"},
     {"id": "eflat-vs-base", "paper": "EFlat-LoRA / Flat-LoRA",
-     "claim": "flatter LoRA (EFlat-LoRA) generalises better than plain LoRA", "metric": "primary",
+     "claim": "flatter LoRA (EFlat-LoRA) generalises better than plain LoRA", "metric": "accuracy",
      "a": "eflat-lora", "b": "base"},
     {"id": "spider-forgetting", "paper": "SPIDER",
      "claim": "SPIDER forgets less of the pre-fine-tuning skill than plain fine-tuning",
      "metric": "seen_classes_accuracy", "a": "spider", "b": "base"},
     {"id": "spider-downstream", "paper": "SPIDER",
      "claim": "SPIDER keeps the downstream accuracy of plain fine-tuning (trade-off, not a loss)",
-     "metric": "primary", "a": "spider", "b": "base"},
+     "metric": "accuracy", "a": "spider", "b": "base"},
     {"id": "flatpo-forgetting", "paper": "FlatPO",
      "claim": "FlatPO forgets less of the pre-fine-tuning skill than plain fine-tuning",
      "metric": "seen_classes_accuracy", "a": "flatpo", "b": "base"},
     {"id": "lagged-vs-flatpo", "paper": "single-pass FlatPO (flatpeft)",
      "claim": "the single-pass lagged FlatPO matches two-pass FlatPO at about the cost of one pass",
-     "metric": "primary", "a": "flatpo-lagged", "b": "flatpo"},
+     "metric": "accuracy", "a": "flatpo-lagged", "b": "flatpo"},
 ]
 
 

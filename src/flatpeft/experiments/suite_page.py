@@ -173,9 +173,16 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
 
     # ---- collect everything --------------------------------------------------------------------
     data: dict[str, dict[str, Any]] = {}
+    from .suite import task_groups
+
     for t in plan.tasks:
         methods = plan.task_methods(t)
-        runs = _task_runs(root, t.name, methods)
+        parts = [_task_runs(root, name, ms) for name, ms in task_groups(plan, t)]
+        parts = [r for r in parts if not r.empty]
+        runs = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["method", "seed"])
+        if not runs.empty:
+            runs["method"] = pd.Categorical(runs["method"].astype(str), categories=methods, ordered=True)
+            runs = runs.sort_values(["method", "seed"]).reset_index(drop=True)
         abl = {}
         for a in t.ablations:
             ar = _task_runs(root, f"{t.name}__{a.name}", [a.method])
@@ -276,11 +283,13 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
                      + (f" with `{' '.join('--set ' + s for s in t.set)}`" if t.set else "") + ".")
             L.append("")
         seeds = sorted(set(runs["seed"].astype(int)))
-        wall = per_unit.get(n, math.nan) + sum(per_unit.get(f"{n}__{a.name}", 0.0) for a in t.ablations)
+        names = [name for name, _ in task_groups(plan, t)] + [f"{n}__{a.name}" for a in t.ablations]
+        wall = sum(per_unit.get(name, 0.0) for name in names)
+        parallel = len(names) > 1
         cost = (runs.get("train_time_s", pd.Series(dtype=float)).sum() + runs.get("eval_time_s", pd.Series(dtype=float)).sum())
-        L.append(f"{len(runs)} runs, seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds). Wall time of this task "
-                 f"(ablations included): {wall / 60:.1f} min; training + evaluation time summed over its runs: "
-                 f"{cost / 60:.1f} min.")
+        L.append(f"{len(runs)} runs, seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds). Wall time of this task's "
+                 f"compare directories{' (run partly in parallel, summed)' if parallel else ''}: {wall / 60:.1f} min; "
+                 f"training + evaluation time summed over its runs: {cost / 60:.1f} min.")
         if d["failed"]:
             L.append("")
             L.append("**Failed runs** (kept out of every statistic): " + "; ".join(

@@ -229,8 +229,21 @@ class VLMInstructArgs:
     max_new_tokens: int = field(default=10, metadata={"help": (
         "Greedy tokens generated per answer (a seen-class caption such as \"a photo of a t-shirt.\" needs 8).")})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generation batch."})
+    caption_fraction: float = field(default=0.0, metadata={"help": (
+        "Fraction of the downstream training examples (exactly round(f * n), drawn with the run seed) that use the "
+        "caption instruction ('Describe the picture briefly.' -> 'a photo of a {downstream class}.') instead of a "
+        "question: instruction data on the new classes only, never a seen-class image or caption.")})
+    val_per_class: int = field(default=0, metadata={"help": (
+        "Validation images per class (0: no val split): a fixed subset of Fashion-MNIST *training* images, "
+        "downstream classes (excluded from the shots) and seen classes (excluded from pre-alignment); split "
+        "'val' reports accuracy, seen_classes_accuracy and seen_classes_accuracy_before on it, for choosing "
+        "settings without the test images.")})
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.caption_fraction) <= 1.0:
+            raise ValueError(f"task_args.caption_fraction must be in [0, 1], got {self.caption_fraction!r}")
+        if not isinstance(self.val_per_class, int) or isinstance(self.val_per_class, bool) or self.val_per_class < 0:
+            raise ValueError(f"task_args.val_per_class must be a non-negative integer, got {self.val_per_class!r}")
         for name in ("image_size", "num_visual_tokens", "prealign_per_class", "prealign_steps", "eval_per_class",
                      "seen_eval_per_class", "ppl_chunks", "ppl_length", "max_new_tokens", "eval_batch_size"):
             v = getattr(self, name)
@@ -264,13 +277,30 @@ class VLMInstructTask(Task):
         def parts(question: str, answer: str | None = None) -> PromptParts:
             return _system_parts(tok, question, answer, a.system_prompt)
 
+        shot_labels = ytr
+        if a.val_per_class:  # validation images: never in the shots, never in pre-alignment
+            pre = sample_shots(ytr, SEEN_CLASSES, self.settings.per_class, self.settings.seed)
+            free = ytr.astype(np.int64)
+            free[pre] = -1
+            val_idx = np.concatenate([eval_subset(free, DOWNSTREAM_CLASSES, a.val_per_class, seed=4321),
+                                      eval_subset(free, SEEN_CLASSES, a.val_per_class, seed=4321)])
+            shot_labels = ytr.astype(np.int64)
+            shot_labels[val_idx] = -1
+            self.val_features = frozen_image_features(vlm, xtr[val_idx], a.image_size)
+            self.val_answers = [CLASS_NAMES[int(c)] for c in ytr[val_idx]]
+            self.val_is_seen = np.isin(ytr[val_idx], SEEN_CLASSES)
         # downstream training pool: question wording drawn per example with the seed
-        idx = sample_shots(ytr, DOWNSTREAM_CLASSES, cfg.data.shots, self.seed)
+        idx = sample_shots(shot_labels, DOWNSTREAM_CLASSES, cfg.data.shots, self.seed)
         rng = np.random.default_rng(self.seed + 7919)
         self.train_features = frozen_image_features(vlm, xtr[idx], a.image_size)
         self.train_answers = [CLASS_NAMES[int(c)] for c in ytr[idx]]
         self.train_parts = [parts(QUESTIONS[int(q)], ans)
                             for q, ans in zip(rng.integers(len(QUESTIONS), size=len(idx)), self.train_answers)]
+        if a.caption_fraction:  # downstream images with the caption instruction (new classes only: no replay)
+            pick = np.random.default_rng(self.seed + 104729).choice(
+                len(idx), size=int(round(a.caption_fraction * len(idx))), replace=False)
+            for i in pick:
+                self.train_parts[int(i)] = parts(CAPTION_INSTRUCTION, caption_answer(int(ytr[idx[int(i)]])))
         te = eval_subset(yte, DOWNSTREAM_CLASSES, a.eval_per_class)
         se = eval_subset(yte, SEEN_CLASSES, a.seen_eval_per_class)
         self.test_features = frozen_image_features(vlm, xte[te], a.image_size)
@@ -283,6 +313,11 @@ class VLMInstructTask(Task):
         self.ppl_ids = heldout_text_ids(tok, a.ppl_chunks, a.ppl_length)
 
         self.before = self._before_metrics(vlm)
+        if a.val_per_class:
+            vlm.eval()
+            self.val_before = {"seen_classes_accuracy_before": self._generate_accuracy(
+                vlm, self.val_features[self.val_is_seen], self.caption,
+                [t for t, s in zip(self.val_answers, self.val_is_seen) if s], "val seen captions")}
         vlm.language_model = self._apply_peft(vlm.language_model)
         for p in vlm.projector.parameters():
             p.requires_grad_(a.train_projector)
@@ -361,8 +396,18 @@ class VLMInstructTask(Task):
                     preds += model.answer(self.train_features[i:i + bs].to(self.device), p,
                                           max_new_tokens=self.args.max_new_tokens)
                 return {"accuracy": answer_accuracy(preds, self.train_answers)}
+            if split == "val":
+                if not self.args.val_per_class:
+                    raise ValueError("vlm_instruct: split 'val' needs task_args.val_per_class > 0")
+                seen, down = self.val_is_seen, ~self.val_is_seen
+                answers = np.asarray(self.val_answers, dtype=object)
+                return {"accuracy": self._generate_accuracy(model, self.val_features[down], self.question,
+                                                            list(answers[down]), "val answers"),
+                        "seen_classes_accuracy": self._generate_accuracy(model, self.val_features[seen], self.caption,
+                                                                         list(answers[seen]), "val seen captions"),
+                        **self.val_before}
             if split != "test":
-                raise ValueError(f"vlm_instruct: split must be 'test' or 'train', got {split!r}")
+                raise ValueError(f"vlm_instruct: split must be 'test', 'train' or 'val', got {split!r}")
             out = {"accuracy": self._generate_accuracy(model, self.test_features, self.question, self.test_answers,
                                                        "downstream answers")}
             if self.args.unseen_question_eval:
