@@ -170,3 +170,30 @@ def test_default_plan_loads():
     assert {t.name for t in plan.tasks} >= {"finefoods_noisy", "finefoods_shift", "vlm_forgetting", "clip_fewshot"}
     for u in units(plan):
         assert len(u.seeds) >= 10 and {"base", *u.methods} >= set(u.methods)
+
+
+# ---- the small-VLM setting's new options -------------------------------------------------------------------------
+def test_vlm_validation_split_is_disjoint_from_prealignment_and_shots():
+    from flatpeft.multimodal.data import DOWNSTREAM_CLASSES, SEEN_CLASSES, sample_shots
+    from flatpeft.multimodal.vlm_instruct import VLMPrealignSettings, validation_split
+
+    ytr = np.random.default_rng(0).integers(0, 10, size=6000).astype(np.uint8)   # labels are uint8 on disk
+    settings = VLMPrealignSettings(per_class=100)
+    val_idx, shot_labels = validation_split(ytr, 20, settings)
+    assert len(val_idx) == 200 and len(set(val_idx.tolist())) == 200
+    assert np.bincount(ytr[val_idx], minlength=10).tolist() == [20] * 10
+    pre = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
+    assert not set(val_idx.tolist()) & set(pre.tolist())
+    for seed in range(5):
+        shots = sample_shots(shot_labels, DOWNSTREAM_CLASSES, 20, seed)
+        assert not set(shots.tolist()) & set(val_idx.tolist())
+
+
+def test_vlm_args_validate_new_options():
+    from flatpeft.multimodal.vlm_instruct import VLMInstructArgs
+
+    assert VLMInstructArgs(caption_fraction=0.3, val_per_class=20).val_per_class == 20
+    with pytest.raises(ValueError, match="caption_fraction"):
+        VLMInstructArgs(caption_fraction=1.5)
+    with pytest.raises(ValueError, match="val_per_class"):
+        VLMInstructArgs(val_per_class=-1)

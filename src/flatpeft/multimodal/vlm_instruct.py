@@ -253,6 +253,20 @@ class VLMInstructArgs:
             raise ValueError("task_args.eval_per_class / seen_eval_per_class must be <= 1000 (Fashion-MNIST test size)")
 
 
+def validation_split(ytr: np.ndarray, per_class: int, settings: VLMPrealignSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Validation images from the Fashion-MNIST *training* set: ``per_class`` per downstream and per seen class
+    (fixed seed), none of them among the pre-alignment images of ``settings``. Returns ``(indices, labels for
+    drawing the shots)``: the labels with the validation images set to -1, so no shot is a validation image."""
+    pre = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
+    free = np.asarray(ytr).astype(np.int64)
+    free[pre] = -1
+    val_idx = np.concatenate([eval_subset(free, DOWNSTREAM_CLASSES, per_class, seed=4321),
+                              eval_subset(free, SEEN_CLASSES, per_class, seed=4321)])
+    shot_labels = np.asarray(ytr).astype(np.int64)
+    shot_labels[val_idx] = -1
+    return val_idx, shot_labels
+
+
 _BEFORE_CACHE: dict[str, dict[str, float]] = {}
 
 
@@ -279,13 +293,7 @@ class VLMInstructTask(Task):
 
         shot_labels = ytr
         if a.val_per_class:  # validation images: never in the shots, never in pre-alignment
-            pre = sample_shots(ytr, SEEN_CLASSES, self.settings.per_class, self.settings.seed)
-            free = ytr.astype(np.int64)
-            free[pre] = -1
-            val_idx = np.concatenate([eval_subset(free, DOWNSTREAM_CLASSES, a.val_per_class, seed=4321),
-                                      eval_subset(free, SEEN_CLASSES, a.val_per_class, seed=4321)])
-            shot_labels = ytr.astype(np.int64)
-            shot_labels[val_idx] = -1
+            val_idx, shot_labels = validation_split(ytr, a.val_per_class, self.settings)
             self.val_features = frozen_image_features(vlm, xtr[val_idx], a.image_size)
             self.val_answers = [CLASS_NAMES[int(c)] for c in ytr[val_idx]]
             self.val_is_seen = np.isin(ytr[val_idx], SEEN_CLASSES)
