@@ -82,6 +82,8 @@ def _verdict(d, kind: str) -> str:
         return "supports"
     if d.ci_high < 0:
         return "refutes"
+    if d.ci_high < MARGIN:
+        return f"refutes a gain of {100 * MARGIN:.0f} pp or more"
     return "cannot resolve"
 
 
@@ -163,7 +165,9 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
              "interval is d̄ ± t(0.975, n−1)·s/√n. A method is called better / worse only when the interval "
              "excludes zero; otherwise *no significant difference*. A claim of a paper is *supported* when the "
              "interval of the difference it predicts excludes zero in its direction, *refuted* when it excludes "
-             f"zero in the other direction, and *cannot resolve* otherwise. Claims that a method *matches* "
+             f"zero in the other direction (or, for a claimed gain, when the whole interval lies below +"
+             f"{100 * MARGIN:.0f} pp: *refutes a gain of {100 * MARGIN:.0f} pp or more*; the papers report gains of "
+             "1-3 points), and *cannot resolve* otherwise. Claims that a method *matches* "
              f"another are supported when the interval's lower end lies above −{100 * MARGIN:.0f} point. "
              "Accuracies in %, differences in percentage points (pp).")
     L.append("")
@@ -349,6 +353,28 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
             L.append(f"| {m} | " + " | ".join(_fmt(v, _is_percent(metric)) for v in row.to_numpy()) + " |")
         L.append("")
         L.append("</details>")
+        L.append("")
+
+    # ---- cost per run ------------------------------------------------------------------------------------
+    if ran:
+        L.append("## Cost per run")
+        L.append("")
+        L.append("Mean over the runs of each task and method (seconds, on the shared machine; training excludes "
+                 "evaluation).")
+        L.append("")
+        L.append("| task | method | runs | time per step (s) | training (s) | evaluation (s) |")
+        L.append("|---|---|---|---|---|---|")
+        for n in ran:
+            d = data[n]
+            frames = [(m, d["runs"]) for m in d["methods"]] + [(f"{a.method} ({a.name})", ar)
+                                                               for a, ar in d["abl"].values() if not ar.empty]
+            for m, src in frames:
+                g = src[src["method"] == m]
+                if g.empty:
+                    continue
+                cell = lambda c: f"{g[c].mean():.2f}" if c in g and g[c].notna().any() else "–"  # noqa: E731
+                L.append(f"| {n} | `{m}` | {len(g)} | {cell('time_per_step')} | {cell('train_time_s')} | "
+                         f"{cell('eval_time_s')} |")
         L.append("")
 
     if cut:
