@@ -87,13 +87,22 @@ def _verdict(d, kind: str) -> str:
     return "cannot resolve"
 
 
-def _task_runs(root: Path, unit: str, methods: list[str]) -> pd.DataFrame:
+def _task_runs(root: Path, unit: str, methods: list[str], config: str | None = None,
+               overrides: list[str] | None = None, seeds: list[int] | None = None) -> pd.DataFrame:
+    """The finished runs of one compare directory. With ``config`` (the plan's settings), only the runs whose
+    recorded settings are the planned ones (compare's check), so the page never mixes settings."""
     d = root / unit
     if not d.is_dir():
         return pd.DataFrame(columns=["method", "seed"])
-    from .runner import _valid_runs  # noqa: F401  (compare writes only valid runs' tables; we read eval.json)
+    runs_list = None
+    if config is not None and seeds is not None:
+        from .config import load_config
+        from .runner import _run_config, _valid_runs, _with_method, run_dir_for
 
-    runs = collect_runs(d, methods)
+        cfg = load_config(config, overrides or [])
+        plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(d, m, s)) for s in seeds for m in methods}
+        runs_list = _valid_runs(plan, d)
+    runs = collect_runs(d, methods, runs_list)
     if "seen_classes_accuracy" in runs and "seen_classes_accuracy_before" in runs:
         before = runs["seen_classes_accuracy_before"].replace(0, np.nan)
         runs["retained_fraction"] = runs["seen_classes_accuracy"] / before
@@ -181,7 +190,8 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
 
     for t in plan.tasks:
         methods = plan.task_methods(t)
-        parts = [_task_runs(root, name, ms) for name, ms in task_groups(plan, t)]
+        seeds = plan.task_seeds(t)
+        parts = [_task_runs(root, name, ms, t.config, t.set, seeds) for name, ms in task_groups(plan, t)]
         parts = [r for r in parts if not r.empty]
         runs = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["method", "seed"])
         if not runs.empty:
@@ -189,7 +199,7 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
             runs = runs.sort_values(["method", "seed"]).reset_index(drop=True)
         abl = {}
         for a in t.ablations:
-            ar = _task_runs(root, f"{t.name}__{a.name}", [a.method])
+            ar = _task_runs(root, f"{t.name}__{a.name}", [a.method], t.config, [*t.set, *a.set], seeds)
             if not ar.empty:
                 ar = ar.assign(method=f"{a.method} ({a.name})")
             abl[a.name] = (a, ar)
