@@ -271,6 +271,13 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
     inv: dict[str, Any] = {"start": time.time(), "jobs": jobs, "threads": threads, "units": [],
                            "only": list(only) if only else None, "train": train, "machine": machine_info()}
     if train and todo:
+        import signal
+
+        def _terminate(signum, frame):  # a plain `kill` records the invocation like Ctrl-C does
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         sampler = _LoadSampler()
         echo(f"suite: {len(todo)} compare director{'y' if len(todo) == 1 else 'ies'} under {root} "
              f"({jobs} parallel, {threads} thread(s) each): " + ", ".join(u.name for u in todo))

@@ -121,7 +121,7 @@ def _unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float
     per: dict[str, float] = {}
     loads, machine, spans = [], {}, []
     for inv in log.get("invocations", []):
-        if not inv.get("train") or not inv.get("units"):
+        if not inv.get("train"):
             continue
         spans.append((float(inv["start"]), float(inv.get("end", inv["start"]))))
         if "load_mean" in inv:
@@ -147,7 +147,7 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     fig_dir = page.parent / page.stem
     fig_dir.mkdir(parents=True, exist_ok=True)
     per_unit, total_wall, loads, machine = _unit_wall(log)
-    invocations = [i for i in log.get("invocations", []) if i.get("train") and i.get("units")]
+    invocations = [i for i in log.get("invocations", []) if i.get("train")]
     L: list[str] = []
     L.append("# Results: every built-in task x methods x seeds")
     L.append("")
