@@ -26,7 +26,7 @@ def _fmt(v: float, pct: bool, digits: int = 1, sign: bool = False) -> str:
     if v is None or not np.isfinite(v):
         return "–"
     s = f"{100 * v:+.{digits}f}" if (pct and sign) else f"{100 * v:.{digits}f}" if pct else (
-        f"{v:+.3g}" if sign else f"{v:.3g}")
+        f"{v:+.3g}" if sign else f"{v:.4g}")
     return s
 
 
