@@ -197,3 +197,15 @@ def test_vlm_args_validate_new_options():
         VLMInstructArgs(caption_fraction=1.5)
     with pytest.raises(ValueError, match="val_per_class"):
         VLMInstructArgs(val_per_class=-1)
+
+
+def test_task_groups_split_methods_exactly(tmp_path):
+    from flatpeft.experiments.suite import SuitePlan, SuiteTask, task_groups, units
+
+    t = SuiteTask(name="t", config="c.yaml", groups=[["base", "sam"], ["flatpo"]])
+    plan = SuitePlan(tasks=[t], methods=["base", "sam", "flatpo"], seeds=10)
+    assert task_groups(plan, t) == [("t", ["base", "sam"]), ("t__g2", ["flatpo"])]
+    assert [u.name for u in units(plan)] == ["t", "t__g2"] and units(plan)[0].seeds == list(range(10))
+    t.groups = [["base"], ["flatpo"]]
+    with pytest.raises(ValueError, match="groups must split"):
+        task_groups(plan, t)
