@@ -114,6 +114,9 @@ def main() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip C++ static destructors (see tests/dist_worker.py)
 
 
 if __name__ == "__main__":
