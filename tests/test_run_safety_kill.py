@@ -1,4 +1,4 @@
-"""Issue 11, fault injection: ``flatpeft compare`` killed with SIGKILL at several points, then resumed.
+"""Fault injection: ``flatpeft compare`` killed with SIGKILL at several points, then resumed.
 
 A child process runs the real CLI with one fault armed: SIGKILL itself in the middle of a run (at the N-th
 loss evaluation), half-way through writing a table, or right after a finished run was swapped into place.
