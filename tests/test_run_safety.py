@@ -1,6 +1,6 @@
 """Runs that never lie and never lose a file.
 
-One test (or more) per case (numbered as in the table of docs/cli.md where it has one) and per traceback; each failed before the fix.
+One test (or more) per case and per traceback; each failed before the fix.
 Tiny BERT + synthetic reviews (``_fixtures``); every run is a few steps.
 """
 from __future__ import annotations
