@@ -466,3 +466,16 @@ def test_unregister_method():
     assert "tmp-method" not in flatpeft.method_names()
     with pytest.raises(ValueError, match="built in"):
         unregister_method("sam")
+
+
+def test_a_registered_method_runs_by_name_from_an_experiment_config(tmp_path):
+    """conftest registers ``test-custom``; the config's ``method.name`` reaches it (validation and a real run)."""
+    pytest.importorskip("pandas")
+    import _fixtures as F
+    from flatpeft.experiments import train_run
+    from flatpeft.experiments.runner import validate_config
+
+    cfg = F.tiny_config(tmp_path, method={"name": "test-custom", "rho": 0.1, "fraction": 0.5}, train={"steps": 2})
+    validate_config(cfg)
+    metrics = train_run(cfg, seed=0, out_dir=tmp_path / "run", progress=False)
+    assert "accuracy" in metrics

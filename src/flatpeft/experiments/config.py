@@ -210,7 +210,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("Data files, sampling and tokenisation."))
     peft: PeftSettings = field(default_factory=PeftSettings, metadata=_help("Adapter type and hyper-parameters."))
     method: dict[str, Any] = field(default_factory=lambda: {"name": "base"}, metadata=_help(
-        "Optimisation method: name (one of flatpeft.METHODS) plus any create_optimizer keyword (rho, fraction, ...)."))
+        "Optimisation method: name (a registered method: flatpeft methods) plus any create_optimizer keyword (rho, fraction, ...)."))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("Training loop settings."))
     task_args: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "Task-specific options, validated by the task's own args dataclass."))

@@ -66,8 +66,8 @@ def check_method_name(name: str) -> None:
     """Raise ``ValueError`` naming ``method.name`` and the valid names when ``name`` is not registered."""
     import flatpeft
 
-    if name not in flatpeft.METHODS:
-        raise ValueError(f"method.name: unknown method {name!r} (valid: {', '.join(flatpeft.METHODS)})")
+    if name not in flatpeft.method_names():  # the live registry: methods added with register_method count
+        raise ValueError(f"method.name: unknown method {name!r} (valid: {', '.join(flatpeft.method_names())})")
 
 
 def _set_seed(seed: int) -> None:
@@ -445,7 +445,7 @@ def method_kwargs_for(method: str, shared: dict[str, Any], warn: bool = False) -
 
     check_method_name(method)
     own = set(flatpeft.get_method(method).all_defaults())
-    specific = set().union(*(flatpeft.get_method(m).all_defaults() for m in flatpeft.METHODS))
+    specific = set().union(*(flatpeft.get_method(m).all_defaults() for m in flatpeft.method_names()))
     dropped = [k for k in shared if k != "name" and k not in own and k in specific]
     if dropped and warn:
         print(f"flatpeft: note: method {method!r} does not take {', '.join(dropped)} (keywords of other "
