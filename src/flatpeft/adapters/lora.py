@@ -159,12 +159,12 @@ def adapter_parameters(model: nn.Module) -> set[int]:
                     ids.update(id(p) for p in sub.parameters())
                 elif isinstance(sub, nn.Parameter):
                     ids.add(id(sub))
-        elif mod_name.split(".")[-1] == "prompt_encoder" or _hand_written(mod_name, module) is not None:
-            if _hand_written(mod_name, module) is not None:
-                ids.update(id(getattr(module, n)) if isinstance(getattr(module, n), nn.Parameter)
-                           else id(getattr(module, n).weight) for n in ("lora_A", "lora_B"))
-            else:
-                ids.update(id(p) for p in module.parameters())
+        elif mod_name.split(".")[-1] == "prompt_encoder":
+            ids.update(id(p) for p in module.parameters())
+        else:
+            own = _hand_written(mod_name, module)
+            if own is not None:
+                ids.update((id(own.A), id(own.B)))
     return ids
 
 
