@@ -172,7 +172,7 @@ class FilterNoise(Rule):
     def perturb(self, state: StepState) -> None:
         rho = state.rho * cosine_ramp(state.step, state.total_steps)
         rank = state.rank if self.per_rank_noise else 0
-        for i, f in enumerate(state.lora):
+        for f in state.lora:  # check every layer before any hook is registered
             if not f.base_weight.is_floating_point():
                 raise ValueError(
                     f"flat-lora-random perturbs the frozen base weight of {f.name}, which is not a floating-point "
