@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -164,3 +165,18 @@ def test_plugins_register_subcommands(monkeypatch, capsys):
     monkeypatch.setattr(cli, "PLUGIN_MODULES", ["_flatpeft_test_plugin", "_flatpeft_not_installed_plugin"])
     code, out, err = run(["hello", "--name", "bob"], capsys)
     assert code == 0 and out.strip() == "hi bob" and "warning" not in err
+
+
+def test_output_into_a_closed_pipe_exits_quietly():
+    """`flatpeft methods --markdown | head`: the reader closes the pipe; flatpeft exits 141 (SIGPIPE's
+    shell status) with nothing on stderr instead of a BrokenPipeError traceback."""
+
+    r, w = os.pipe()
+    os.close(r)  # the reader has gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "flatpeft", "methods", "--markdown"], stdout=w,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -342,6 +342,9 @@ def test_psi_edge_cases_and_spider_on_constant_tensors():
         ("sam", {"rho_schedule": "exp"}, "rho_schedule: 'exp'"),
         ("sam", {"frobnicate": 1}, "'frobnicate'"),
         ("sam", {"momentum": 0.9}, "'momentum'"),  # AdamW has no momentum
+        ("sam", {"total_steps": 0}, "total_steps: 0"),
+        ("flat-lora", {"total_steps": 2.5}, "total_steps: 2.5"),
+        ("flat-lora-random", {"total_steps": True}, "total_steps: True"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(method, kwargs, needle):

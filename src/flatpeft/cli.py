@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -274,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flatpeft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flatpeft methods --markdown | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise complain again when flushing at exit
+        return 141
     except ValueError as err:
         print(f"flatpeft: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatpeft._checks import non_negative, one_of, optional
+from flatpeft._checks import non_negative, one_of, optional, positive_int
 from flatpeft.adapters.lora import adapter_parameters, find_lora_layers, require_lora_layers
 from flatpeft.optim.sharpness_aware import SharpnessAware
 from flatpeft.perturb.rules import Rule
@@ -175,9 +175,7 @@ def validate_common(kw: Mapping[str, Any]) -> None:
             f"Invalid rho_min: {rho_min!r} is larger than rho={rho!r}: a decaying rho_schedule would grow the radius; "
             "give rho_min <= rho (or rho_min=None for the method's default fraction of rho)"
         )
-    total = kw.get("total_steps")
-    if total is not None and not (isinstance(total, int) and not isinstance(total, bool) and total > 0):
-        raise ValueError(f"Invalid total_steps: {total!r} (must be a positive integer or None)")
+    optional(positive_int, "total_steps", kw.get("total_steps"))
 
 
 def _check_groups(params: Any, named: list) -> list:
