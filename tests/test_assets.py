@@ -192,3 +192,48 @@ def test_smollm2_convert_once(monkeypatch):
     loss = model(**tok("It is a truth universally acknowledged, that a single man", return_tensors="pt"),
                  labels=tok("It is a truth universally acknowledged, that a single man", return_tensors="pt")["input_ids"]).loss
     assert loss.item() < 6.0
+
+
+def test_publish_swaps_a_rebuilt_asset_without_a_gap(tmp_path):
+    """`data prepare --force` builds aside and swaps the directory in: a reader polling the asset meanwhile sees
+    the old or the new file, never a missing one, and nothing of the old copy or the staging folder is left."""
+    import threading
+
+    out, staging = tmp_path / "asset", tmp_path / "asset.partial"
+    out.mkdir()
+    (out / "train.csv").write_text("old")
+    seen, stop = set(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.add((out / "train.csv").read_text())
+            except FileNotFoundError:
+                seen.add("missing")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(200):
+            staging.mkdir()
+            (staging / "train.csv").write_text(f"new{i}")
+            assert assets._publish(staging, out) == out
+            assert (out / "train.csv").read_text() == f"new{i}"
+    finally:
+        stop.set()
+        t.join()
+    assert "missing" not in seen
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-swap", "rename-aside"])
+def test_publish_replaces_or_creates(tmp_path, monkeypatch, exchange):
+    if not exchange:  # systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(assets, "_exchange", lambda a, b: False)
+    for content in ("first", "second"):
+        staging = tmp_path / "a.partial"
+        staging.mkdir()
+        (staging / "f").write_text(content)
+        assert assets._publish(staging, tmp_path / "a") == tmp_path / "a"
+        assert (tmp_path / "a" / "f").read_text() == content
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

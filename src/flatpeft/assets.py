@@ -42,6 +42,7 @@ import lzma
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 import zlib
@@ -139,6 +140,40 @@ def _fresh_dir(d: Path) -> Path:
         shutil.rmtree(d)
     d.mkdir(parents=True)
     return d
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where the call or
+    the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _publish(staging: Path, out: Path) -> Path:
+    """Move the finished directory ``staging`` to ``out``. An existing ``out`` is swapped with it atomically where
+    the system allows (Linux), else renamed aside first, and removed after: a reader (a run while
+    ``flatpeft data prepare --force`` rebuilds the cache) sees the old or the new asset, never a half-written one."""
+    if out.exists() and _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old asset
+        return out
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def _manifest_path(name: str) -> Path:
@@ -286,7 +321,7 @@ def _package_dir(module: str, asset: str, install: str) -> Path:
 
 
 def _apt_download_extract(package: str, dest: Path) -> Path:
-    """``apt-get download PACKAGE`` into a temp dir, then ``dpkg -x`` it into ``dest`` (replaced).
+    """``apt-get download PACKAGE`` into a temp dir, then ``dpkg -x`` it into ``dest`` (swapped in whole, marked done).
 
     Raises AssetMissingError naming the package when apt cannot fetch it (no registry, no lists).
     """
@@ -315,10 +350,8 @@ def _apt_download_extract(package: str, dest: Path) -> Path:
         x = subprocess.run(["dpkg", "-x", str(debs[-1]), str(staging)], capture_output=True, text=True)
         if x.returncode != 0:
             raise AssetMissingError(f"`dpkg -x {debs[-1].name}` failed for {package!r}: {x.stderr.strip()}")
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
-    return dest
+        _mark_done(staging)
+    return _publish(staging, dest)
 
 
 def _r_package_dir(r_package: str, deb: str, force: bool) -> Path:
@@ -329,7 +362,6 @@ def _r_package_dir(r_package: str, deb: str, force: bool) -> Path:
     root = cache_dir() / "debs" / deb
     if force or not _is_done(root):
         _apt_download_extract(deb, root)
-        _mark_done(root)
     return root / "usr" / "lib" / "R" / "site-library" / r_package
 
 
@@ -388,7 +420,7 @@ def _prepare_finefoods(force: bool) -> Path:
         return out
     root = _r_package_dir("modeldata", "r-cran-modeldata", force)
     frames = read_r_lazyload(root, ["training_data", "testing_data"])
-    _fresh_dir(out)
+    staging = _fresh_dir(out.with_name(out.name + ".partial"))
     for split, var in (("train", "training_data"), ("test", "testing_data")):
         df = frames[var]
         names = df["score"].astype(str)
@@ -403,9 +435,9 @@ def _prepare_finefoods(force: bool) -> Path:
             "label_name": names.to_numpy(),
             "product": df["product"].astype(str).to_numpy(),
         })
-        table.to_csv(out / f"{split}.csv", index=False)
-    _mark_done(out)
-    return out
+        table.to_csv(staging / f"{split}.csv", index=False)
+    _mark_done(staging)
+    return _publish(staging, out)
 
 
 def finefoods_splits() -> dict[str, Path]:
@@ -433,7 +465,6 @@ def _prepare_fashion(force: bool) -> Path:
     root = cache_dir() / "debs" / "dataset-fashion-mnist"
     if force or not _is_done(root):
         _apt_download_extract("dataset-fashion-mnist", root)
-        _mark_done(root)
     return root / "usr" / "share" / "datasets" / "fashion-mnist"
 
 
@@ -477,11 +508,11 @@ def _prepare_janeausten(force: bool) -> Path:
         return out
     root = _r_package_dir("janeaustenr", "r-cran-janeaustenr", force)
     novels = read_r_lazyload(root)
-    _fresh_dir(out)
+    staging = _fresh_dir(out.with_name(out.name + ".partial"))
     data = {name: [str(s) for s in np.asarray(lines).tolist()] for name, lines in novels.items()}
-    janeausten_path().write_text(json.dumps(data, ensure_ascii=False))
-    _mark_done(out)
-    return out
+    (staging / janeausten_path().name).write_text(json.dumps(data, ensure_ascii=False))
+    _mark_done(staging)
+    return _publish(staging, out)
 
 
 def load_janeausten() -> dict[str, list[str]]:
@@ -538,10 +569,8 @@ def _convert_smollm2(out: Path) -> None:
     plain.save_pretrained(staging)
     tok.save_pretrained(staging)
     AutoTokenizer.from_pretrained(staging)  # the saved tokenizer must load with the installed transformers
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    _mark_done(out)
+    _mark_done(staging)
+    _publish(staging, out)
 
 
 def smollm2_path(*, convert: bool = True) -> Path:
@@ -640,9 +669,10 @@ _ASSETS: dict[str, _Asset] = {
 
 
 def _prepare_smollm2(force: bool) -> Path:
-    out = cache_dir() / "smollm2"
-    if force and out.exists():
-        shutil.rmtree(out)
+    if force:  # converted aside and swapped in: a run reading the old copy meanwhile keeps working
+        out = cache_dir() / "smollm2"
+        _convert_smollm2(out)
+        return out
     return smollm2_path()
 
 
