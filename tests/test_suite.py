@@ -209,3 +209,29 @@ def test_task_groups_split_methods_exactly(tmp_path):
     t.groups = [["base"], ["flatpo"]]
     with pytest.raises(ValueError, match="groups must split"):
         task_groups(plan, t)
+
+
+def test_claims_test_ablations_and_flag_identical_methods():
+    """A claim about SPIDER is tested with SPIDER's default and with its ablation on the same task; a method
+    that gave base's number on every seed is flagged, not counted as support or refutation."""
+    import pandas as pd
+
+    from flatpeft.experiments.stats import paired_difference
+    from flatpeft.experiments.suite import Ablation, SuiteTask
+    from flatpeft.experiments.suite_page import IDENTICAL, _claim_rows, _verdict
+
+    seen = {"base": [0.50, 0.60, 0.40], "spider": [0.50, 0.60, 0.40], "spider (mask-all)": [0.60, 0.65, 0.50]}
+    frame = lambda m: pd.DataFrame({"method": m, "seed": [0, 1, 2], "seen_classes_accuracy": seen[m]})
+    task = SuiteTask(name="t", config="c.yaml", metrics=["seen_classes_accuracy"])
+    abl = Ablation(name="mask-all", method="spider")
+    data = {"t": {"task": task, "methods": ["base", "spider"], "runs": pd.concat([frame("base"), frame("spider")]),
+                  "abl": {"mask-all": (abl, frame("spider (mask-all)"))}}}
+    claim = {"id": "x", "paper": "SPIDER", "claim": "forgets less", "metric": "seen_classes_accuracy",
+             "a": "spider", "b": "base"}
+    rows = list(_claim_rows(claim, data, ["t"]))
+    assert [(r[2], r[3]) for r in rows] == [("spider", "base"), ("spider (mask-all)", "base")]
+    assert _verdict(rows[0][4], "better") == IDENTICAL
+    d = rows[1][4]
+    assert d.n == 3 and abs(d.mean - (0.10 + 0.05 + 0.10) / 3) < 1e-12      # paired by seed
+    assert _verdict(d, "better") == "supports"                              # diffs 0.10, 0.05, 0.10 > 0
+    assert _verdict(paired_difference([0.5, 0.7], [0.5, 0.6]), "better") != IDENTICAL

@@ -69,9 +69,18 @@ def _settings_line(cfg: dict[str, Any]) -> str:
     return "; ".join(x for x in parts if x)
 
 
+#: verdict of a pair of methods that gave the same number on every seed: no evidence either way
+IDENTICAL = "not tested: identical on every seed"
+
+
 def _verdict(d, kind: str) -> str:
+    """``supports`` / ``refutes`` / ``cannot resolve`` for a claim of ``kind`` ("better" or "match") from the
+    paired difference ``d`` (see the page's verdict rule); :data:`IDENTICAL` when the two methods gave the same
+    number on every seed (a method that did not act, e.g. SPIDER's default scope on a pure-LoRA model)."""
     if d is None or d.n < 2 or not np.isfinite(d.ci_low):
         return "cannot resolve (too few seeds)"
+    if d.mean == 0 and d.std == 0:
+        return IDENTICAL
     if kind == "match":
         if d.ci_high < 0 and d.ci_low < -MARGIN:
             return "refutes"
@@ -85,6 +94,33 @@ def _verdict(d, kind: str) -> str:
     if d.ci_high < MARGIN:
         return f"refutes a gain of {100 * MARGIN:.0f} pp or more"
     return "cannot resolve"
+
+
+def _kind(claim: dict[str, str]) -> str:
+    """"match" for claims that a method keeps / matches another, else "better"."""
+    return "match" if "matches" in claim["claim"] or "keeps" in claim["claim"] else "better"
+
+
+def _claim_rows(claim: dict[str, str], data: dict[str, dict[str, Any]], ran: list[str]):
+    """``(task, metric, label a, label b, paired difference)`` for every task that can test ``claim``: its
+    method ``a`` against ``b`` and, for each ablation of ``a`` on that task (e.g. SPIDER with another scope),
+    the ablation against ``b``."""
+    for n in ran:
+        d = data[n]
+        metric = d["task"].metrics[0] if claim["metric"] == "primary" else claim["metric"]
+        if metric not in d["task"].metrics or claim["b"] not in d["methods"]:
+            continue
+        if claim["a"] in d["methods"]:
+            pdiff = paired(d["runs"], claim["a"], claim["b"], metric)
+            if pdiff is not None:
+                yield n, metric, claim["a"], claim["b"], pdiff
+        for a, ar in d["abl"].values():
+            if a.method != claim["a"] or ar.empty:
+                continue
+            label = f"{a.method} ({a.name})"
+            pdiff = paired(ar, label, claim["b"], metric, other=d["runs"])
+            if pdiff is not None:
+                yield n, metric, label, claim["b"], pdiff
 
 
 def _task_runs(root: Path, unit: str, methods: list[str], config: str | None = None,
@@ -178,6 +214,8 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
              f"{100 * MARGIN:.0f} pp: *refutes a gain of {100 * MARGIN:.0f} pp or more*; the papers report gains of "
              "1-3 points), and *cannot resolve* otherwise. Claims that a method *matches* "
              f"another are supported when the interval's lower end lies above −{100 * MARGIN:.0f} point. "
+             "Two methods that gave the same number on every seed test nothing (*not tested: identical on every "
+             "seed*), and a claim about a method is also tested through that method's ablations on the same task. "
              "Accuracies in %, differences in percentage points (pp).")
     L.append("")
     if plan.notes:
@@ -237,20 +275,9 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     L.append("| paper | claim | task | metric | difference tested | Δ, pp [95 % interval] (n) | verdict |")
     L.append("|---|---|---|---|---|---|---|")
     for c in CLAIMS:
-        kind = "match" if "matches" in c["claim"] or "keeps" in c["claim"] else "better"
-        for n in ran:
-            d = data[n]
-            metric = d["task"].metrics[0] if c["metric"] == "primary" else c["metric"]
-            if metric not in d["task"].metrics:
-                continue
-            runs = d["runs"]
-            if c["a"] not in d["methods"] or c["b"] not in d["methods"]:
-                continue
-            pdiff = paired(runs, c["a"], c["b"], metric)
-            if pdiff is None:
-                continue
-            L.append(f"| {c['paper']} | {c['claim']} | {n} | {metric} | {c['a']} − {c['b']} | "
-                     f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, kind)} |")
+        for n, metric, label_a, label_b, pdiff in _claim_rows(c, data, ran):
+            L.append(f"| {c['paper']} | {c['claim']} | {n} | {metric} | {label_a} − {label_b} | "
+                     f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, _kind(c))} |")
         if c["id"] == "flatpo-vs-sam":
             for n in ran:
                 d = data[n]
@@ -268,19 +295,20 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     L.append("")
     for c in CLAIMS:
         verdicts = []
-        for n in ran:
-            d = data[n]
-            metric = d["task"].metrics[0] if c["metric"] == "primary" else c["metric"]
-            if metric not in d["task"].metrics or c["a"] not in d["methods"] or c["b"] not in d["methods"]:
-                continue
-            pdiff = paired(d["runs"], c["a"], c["b"], metric)
-            if pdiff is not None:
-                verdicts.append(f"{_verdict(pdiff, 'match' if ('matches' in c['claim'] or 'keeps' in c['claim']) else 'better')}"
-                                f" on {n} ({_diff_cell(pdiff, _is_percent(metric))})")
+        for n, metric, label_a, label_b, pdiff in _claim_rows(c, data, ran):
+            v = _verdict(pdiff, _kind(c))
+            where = f"{n}" + (f" with `{label_a}`" if label_a != c["a"] else "")
+            verdicts.append(f"says nothing on {where} ({label_a} and {label_b} are identical on every seed)"
+                            if v == IDENTICAL else f"{v} on {where} ({_diff_cell(pdiff, _is_percent(metric))})")
         if verdicts:
             L.append(f"* **{c['paper']}: {c['claim']}.** This suite " + "; ".join(verdicts) + ".")
         else:
             L.append(f"* **{c['paper']}: {c['claim']}.** Not tested by the tasks that ran.")
+    if any(_verdict(p, _kind(c)) == IDENTICAL for c in CLAIMS for *_, p in _claim_rows(c, data, ran)):
+        L.append("")
+        L.append(f"*{IDENTICAL}*: the two runs of every seed gave the same number, so the comparison says nothing "
+                 "about the claim; the task's section says why (typically a method that cannot act on that model "
+                 "at its defaults, tested again through its ablation row).")
     L.append("")
 
     # ---- per task -------------------------------------------------------------------------------------
