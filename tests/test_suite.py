@@ -138,6 +138,11 @@ def test_suite_runs_resumes_and_writes_page(tmp_path, capsys):
     assert (runs / "tiny_noisy/base/seed0/eval.json").stat().st_mtime_ns == mtime
     assert (runs / "tiny_noisy/sam/seed2/eval.json").is_file()
     assert (runs / "tiny_noisy__scope-all/flatpo/seed2/eval.json").is_file()
+    # a resume with nothing left to train is logged but adds no wall time or load to the page
+    assert main(["--quiet", "suite", str(plan)]) == 0
+    log = json.loads((runs / "suite_log.json").read_text())
+    assert [sorted(u["trained"] for u in inv["units"]) for inv in log["invocations"]] == [[2, 6], [1, 3], [0, 0]]
+    assert "over 2 invocation(s)" in (tmp_path / "results.md").read_text()
 
     # changed settings are refused by compare's guard (reported, nothing retrained)
     data["tasks"][0]["set"] = ["train.lr=0.02"]

@@ -181,6 +181,8 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
         torch.set_num_threads(threads)
     start, load0 = time.time(), os.getloadavg()
     status, error, failed = "finished", "", []
+    finished = lambda: len(list(Path(out).glob("*/seed*/eval.json")))  # noqa: E731 - runs done in ``out``
+    before = finished()
     for attempt in range(1 + retries):
         try:
             cfg = _load_unit_config(unit)
@@ -200,7 +202,7 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
                 time.sleep(30)
     return {"unit": unit.name, "task": unit.task.name, "start": start, "end": time.time(),
             "wall_s": time.time() - start, "load_start": load0[0], "load_end": os.getloadavg()[0],
-            "status": status, "error": error, "failed": failed, "pid": os.getpid()}
+            "status": status, "error": error, "failed": failed, "pid": os.getpid(), "trained": finished() - before}
 
 
 def _unit_worker(args: tuple) -> dict[str, Any]:

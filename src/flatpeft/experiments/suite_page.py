@@ -152,12 +152,21 @@ def _failed(root: Path, unit: str) -> dict[str, Any]:
     return json.loads(path.read_text()).get("failed", {}) or {}
 
 
+def _trained(inv: dict[str, Any]) -> bool:
+    """Whether a suite invocation trained any run. A page rebuild, or a resume that found every run finished,
+    adds no run time and must not dilute the load figures. Records from before the ``trained`` count count
+    a unit as training when it took 5 s or more (a resume that finds its runs finished takes about 3 s)."""
+    if not inv.get("train"):
+        return False
+    return any(u["trained"] > 0 if "trained" in u else float(u.get("wall_s", 0)) >= 5.0 for u in inv["units"])
+
+
 def _unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float], dict[str, Any]]:
     """Wall seconds per unit (summed over invocations), total suite wall, load samples, last machine."""
     per: dict[str, float] = {}
     loads, machine, spans = [], {}, []
     for inv in log.get("invocations", []):
-        if not inv.get("train"):
+        if not _trained(inv):
             continue
         spans.append((float(inv["start"]), float(inv.get("end", inv["start"]))))
         if "load_mean" in inv:
@@ -183,7 +192,7 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     fig_dir = page.parent / page.stem
     fig_dir.mkdir(parents=True, exist_ok=True)
     per_unit, total_wall, loads, machine = _unit_wall(log)
-    invocations = [i for i in log.get("invocations", []) if i.get("train")]
+    invocations = [i for i in log.get("invocations", []) if _trained(i)]
     L: list[str] = []
     L.append("# Results: every built-in task x methods x seeds")
     L.append("")
