@@ -479,3 +479,36 @@ def test_a_registered_method_runs_by_name_from_an_experiment_config(tmp_path):
     validate_config(cfg)
     metrics = train_run(cfg, seed=0, out_dir=tmp_path / "run", progress=False)
     assert "accuracy" in metrics
+
+
+def test_spider_says_when_its_default_scope_masks_nothing():
+    """On a pure-LoRA model SPIDER's default scope has no pre-trained tensor to mask: it warns once and its steps
+    are exactly the base optimizer's; with a trained head (or mask_scope='all') it masks and does not warn."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import MLP
+
+    def pure_lora():
+        torch.manual_seed(0)
+        return get_peft_model(MLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["lin0", "lin1"])).double()
+
+    x = torch.randn(8, 6, dtype=torch.float64)
+
+    def run(model, method, **kw):
+        opt = flatpeft.create_optimizer(model, method, lr=0.05, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                opt.step(lambda: (lambda l: (l.backward(), l)[1])(model(x).square().mean()))
+        return [w for w in caught if "masks nothing" in str(w.message)]
+
+    spider, base = pure_lora(), pure_lora()
+    assert len(run(spider, "spider")) == 1                       # once, not every step
+    run(base, "base")
+    for (n, p), q in zip(spider.named_parameters(), base.parameters()):
+        assert torch.equal(p, q), n
+    assert run(pure_lora(), "spider", mask_scope="all") == []
+    assert run(make_lora_mlp(), "spider") == []                  # the trained head is masked

@@ -16,6 +16,8 @@ tensor, anchored at its value at the first step (the reference code's behaviour)
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from flatpeft._checks import one_of
@@ -82,6 +84,16 @@ class ImportanceMask(Rule):
 
     def __init__(self, mask_scope: str = "pretrained") -> None:
         self.mask_scope = mask_scope
+        self._warned = False
+
+    def _warn_nothing_masked(self) -> None:
+        """A pure-adapter model under the default scope: SPIDER would silently be the base optimizer; say so once."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn("spider: every trainable tensor is a PEFT adapter and mask_scope='pretrained' masks only "
+                          "tensors with pre-trained values, so SPIDER masks nothing here and equals the base "
+                          "optimizer; pass mask_scope='all' for the reference code's scope (adapters anchored at "
+                          "their first-step values)", UserWarning, stacklevel=3)
 
     def _masked(self, state: StepState) -> list[torch.Tensor]:
         if self.mask_scope == "all" or not any(state.adapters):
@@ -95,6 +107,7 @@ class ImportanceMask(Rule):
     def before_update(self, state: StepState) -> None:
         params = self._masked(state)
         if not params:
+            self._warn_nothing_masked()
             return
         # anchors of the first step (read in after_update): set on step 0, or when they were never created
         fresh = state.step == 0 or any(state.position(p) not in state.store.get("theta0", {}) for p in params)
