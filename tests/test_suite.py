@@ -240,3 +240,15 @@ def test_claims_test_ablations_and_flag_identical_methods():
     assert d.n == 3 and abs(d.mean - (0.10 + 0.05 + 0.10) / 3) < 1e-12      # paired by seed
     assert _verdict(d, "better") == "supports"                              # diffs 0.10, 0.05, 0.10 > 0
     assert _verdict(paired_difference([0.5, 0.7], [0.5, 0.6]), "better") != IDENTICAL
+
+
+def test_parallel_units_keep_the_cli_quiet(tmp_path, capfd):
+    """With --jobs 2 the compare directories run in spawned processes; they keep the command's quiet
+    transformers logging (no load report of the fresh classifier head per run)."""
+    from flatpeft.cli import main
+
+    plan = _plan(tmp_path, seeds=1)
+    assert main(["--quiet", "suite", str(plan), "--jobs", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert (tmp_path / "runs/tiny_noisy__scope-all/flatpo/seed0/eval.json").is_file()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err

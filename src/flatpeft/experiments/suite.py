@@ -205,9 +205,21 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
             "status": status, "error": error, "failed": failed, "pid": os.getpid(), "trained": finished() - before}
 
 
+def _transformers_verbosity() -> int | None:
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the suite's tasks need transformers
+        return None
+    return transformers.logging.get_verbosity()
+
+
 def _unit_worker(args: tuple) -> dict[str, Any]:
-    plan_path, unit_name, out, threads, progress, only = args
+    plan_path, unit_name, out, threads, progress, only, verbosity = args
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if verbosity is not None:  # a spawned process starts with transformers' defaults: keep the parent's (the CLI's)
+        import transformers
+
+        transformers.logging.set_verbosity(verbosity)
     plan = load_plan(plan_path)
     unit = next(u for u in units(plan, only) if u.name == unit_name)
     return _run_unit(unit, out, threads, progress)
@@ -294,8 +306,9 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
                 import multiprocessing as mp
 
                 with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                    verbosity = _transformers_verbosity()
                     futs = {pool.submit(_unit_worker, (plan.path, u.name, str(root / u.name), threads, progress,
-                                                       list(only) if only else None)): u for u in todo}
+                                                       list(only) if only else None, verbosity)): u for u in todo}
                     for fut in cf.as_completed(futs):
                         rec = fut.result()
                         inv["units"].append(rec)
