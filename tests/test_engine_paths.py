@@ -362,7 +362,7 @@ def test_extra_memory_is_what_the_table_says(method):
     b_bytes = sum(f.B.numel() * 8 for f in opt.lora)
     head = sum(p.numel() * 8 for p, a in zip(opt.trainable, opt.adapters) if not a)
     adapters = sum(p.numel() * 8 for p, a in zip(opt.trainable, opt.adapters) if a)
-    expected_persistent = {"eflat-lora": 2 * b_bytes, "spider": 3 * head, "flatpo-lagged": 2 * adapters}.get(method, 0)
+    expected_persistent = {"eflat-lora": b_bytes, "spider": 3 * head, "flatpo-lagged": adapters}.get(method, 0)
     assert rep["persistent"] == expected_persistent
     if flatpeft.get_method(method).passes == 2:
         assert 0 < rep["transient"] <= trainable
@@ -406,6 +406,36 @@ def test_eflat_checkpoint_of_flatpeft_0_1_loads():
     fresh.load_state_dict(ckpt["model"])
     opt2 = flatpeft.create_optimizer(fresh, "eflat-lora", **KW)
     opt2.load_state_dict(ckpt["opt"])
+    for x, y in data[2:]:
+        opt2.zero_grad()
+        opt2.step(lambda: (lambda l: (l.backward(), l)[1])(loss_of(fresh, x, y)))
+    for n, p in ref.named_parameters():
+        assert torch.equal(p, dict(fresh.named_parameters())[n]), n
+
+
+@pytest.mark.parametrize("method", ["eflat-lora", "flatpo-lagged"])
+def test_lagged_perturbation_is_held_once_and_old_duplicates_load(method):
+    """The lagged perturbation of EFlat-LoRA / flatpo-lagged *is* the EMA buffer (no second copy in the state);
+    a state dict of an earlier build, which also held it as "flatpeft.lagged", loads, drops the copy and continues
+    exactly like the uninterrupted run."""
+    data = batches(4)
+    ref, model = make_lora_mlp(), make_lora_mlp()
+    o_ref = flatpeft.create_optimizer(ref, method, **KW)
+    opt = flatpeft.create_optimizer(model, method, **KW)
+    for i, (x, y) in enumerate(data):
+        for m, o in ((ref, o_ref), (model, opt)) if i < 2 else ((ref, o_ref),):
+            o.zero_grad()
+            o.step(lambda m=m: (lambda l: (l.backward(), l)[1])(loss_of(m, x, y)))
+    sd = opt.state_dict()
+    entries = [v for v in sd["state"].values() if "flatpeft.ema" in v]
+    assert entries and not any("flatpeft.lagged" in v for v in sd["state"].values())
+    for v in entries:  # the earlier layout: the same perturbation twice
+        v["flatpeft.lagged"] = v["flatpeft.ema"].clone()
+    fresh = make_lora_mlp(seed=9)
+    fresh.load_state_dict(model.state_dict())
+    opt2 = flatpeft.create_optimizer(fresh, method, **KW)
+    opt2.load_state_dict(sd)
+    assert not any("flatpeft.lagged" in v for v in opt2.state_dict()["state"].values())
     for x, y in data[2:]:
         opt2.zero_grad()
         opt2.step(lambda: (lambda l: (l.backward(), l)[1])(loss_of(fresh, x, y)))

@@ -28,5 +28,5 @@ register_method(
                sources={**SOURCES, "beta": "paper: 'momentum coefficient' (weight of the past); third-party code = 0.1 here"},
                summary="EFlat-LoRA: one pass at B + EMA of past Flat-LoRA perturbations",
                reference="arXiv 2508.00522", perturbs="LoRA B factors (by the EMA of past Flat-LoRA steps)",
-               memory="persistent: EMA and lagged perturbation, 2 x size of every LoRA B (fp32); transient: one copy of every B")
+               memory="persistent: the EMA (the lagged perturbation), 1 x size of every LoRA B (fp32); transient: one copy of every B")
 )

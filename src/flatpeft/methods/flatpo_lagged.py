@@ -34,5 +34,5 @@ register_method(
                sources={"rho": "FlatPO", "fraction": "FlatPO", "beta": "as eflat-lora", "refresh_every": "flatpeft"},
                perturbs="the selected adapter tensors, by the EMA of past FlatPO steps",
                ranks="PEFT adapter tensors (scope='adapters', default); every trainable tensor with scope='all'",
-               memory="persistent: EMA and lagged perturbation, 2 x size of the eligible tensors (fp32)")
+               memory="persistent: the EMA (the lagged perturbation), 1 x size of the eligible tensors (fp32)")
 )

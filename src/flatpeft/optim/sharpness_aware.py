@@ -406,9 +406,9 @@ class SharpnessAware(torch.optim.Optimizer):
         ``torch.distributed.checkpoint``, parameter names); flatpeft's buffers are taken as saved, not cast to
         parameter dtypes.
 
-        Also reads the older layout (everything under ``state["flatpeft"]``, keyed by position). Checkpoints of
-        flatpeft 0.1.0 kept EFlat-LoRA's perturbation under ``"ema"`` only; it is also the lagged perturbation, so
-        it is copied to ``"lagged"`` when that is missing.
+        Also reads the older layout (everything under ``state["flatpeft"]``, keyed by position). EFlat-LoRA's
+        (and ``flatpo-lagged``'s) lagged perturbation is its ``"ema"`` buffer; the copy under ``"lagged"`` that
+        earlier checkpoints also hold is dropped on load.
         """
         groups = [dict(g) for g in state_dict["param_groups"]]
         steps = [g.pop(_STEP_KEY) for g in groups if _STEP_KEY in g]
@@ -437,8 +437,9 @@ class SharpnessAware(torch.optim.Optimizer):
             buffers = {key: {int(i): t for i, t in store.items()} for key, store in legacy.get("buffers", {}).items()}
         self.sync_parameters()
         buffers = {key: {i: self._placed(t, self.trainable[i]) for i, t in store.items()} for key, store in buffers.items()}
-        if "ema" in buffers and "lagged" not in buffers and any(isinstance(r, LaggedAscent) for r in self.rules):
-            buffers["lagged"] = {i: t.clone() for i, t in buffers["ema"].items()}
+        lagged_keys = {r.key for r in self.rules if isinstance(r, LaggedAscent)}
+        if "lagged" in buffers and lagged_keys and "lagged" not in lagged_keys:
+            del buffers["lagged"]  # earlier builds also held the EMA as "lagged": it is the "ema" buffer now
         self._store = {"step": step, "buffers": buffers}
 
     @staticmethod

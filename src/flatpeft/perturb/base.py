@@ -25,7 +25,8 @@ import torch
 
 from flatpeft.adapters.lora import LoRAFactors
 
-__all__ = ["StepContext", "StepState", "Transform", "chain", "persistent_buffers", "step_generator", "seed_of"]
+__all__ = ["StepContext", "StepState", "Transform", "chain", "persistent_buffers", "returned_buffer", "step_generator",
+           "seed_of"]
 
 
 def seed_of(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
@@ -174,7 +175,15 @@ def chain(*transforms: Transform) -> Transform:
 
     chained.__name__ = "chain(" + ", ".join(getattr(t, "__name__", repr(t)) for t in transforms) + ")"
     chained.persistent = [b for t in transforms for b in persistent_buffers(t)]  # type: ignore[attr-defined]
+    chained.returns = returned_buffer(transforms[-1]) if transforms else None  # type: ignore[attr-defined]
     return chained
+
+
+def returned_buffer(transform: Transform) -> str | None:
+    """The key of the persistent buffer a stateful transform returns as its output (``ema`` returns its ``"ema"``
+    state), or None when its output is a fresh tensor: a rule that keeps the output across steps can then hold it
+    once instead of copying it into a buffer of its own."""
+    return getattr(transform, "returns", None)
 
 
 def persistent_buffers(transform: Transform) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:

@@ -25,7 +25,7 @@ import torch
 
 from flatpeft._dist import locals_
 from flatpeft._foreach import clone_all, global_norm
-from flatpeft.perturb.base import StepState, Transform, persistent_buffers
+from flatpeft.perturb.base import StepState, Transform, persistent_buffers, returned_buffer
 
 
 def zeros_fp32(p: torch.Tensor) -> torch.Tensor:
@@ -146,21 +146,25 @@ class LaggedAscent(_CopyRestore):
 
     Step ``t``: ``w <- w + d_{t-1}`` on the targets (clean values saved); forward+backward there; restore;
     ``d_t = transform(g~)`` from the gradient at the perturbed point with the *clean* weights; base step. ``d`` is
-    a persistent buffer (``"lagged"``) starting at 0, so step 0 is the base optimizer's step. EFlat-LoRA's
-    transform ends with :func:`~flatpeft.perturb.transforms.ema`, so ``d`` is the EMA of past perturbations.
+    a persistent buffer starting at 0, so step 0 is the base optimizer's step. When the transform's output is its
+    own persistent state (it ends with :func:`~flatpeft.perturb.transforms.ema`, as EFlat-LoRA's does, so ``d`` is
+    the EMA of past perturbations), ``d`` *is* that buffer and is held once; otherwise it is a buffer of its own,
+    ``"lagged"``.
     """
 
     def __init__(self, transform: Transform, target: str = "lora_B") -> None:
         super().__init__()
         self.transform = transform
         self.target = target
+        self.key = returned_buffer(transform) or "lagged"
 
     def _lagged(self, state: StepState, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return state.buffers("lagged", params, zeros_fp32)
+        return state.buffers(self.key, params, zeros_fp32)
 
     def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
         params, _ = state.targets(self.target, with_grad_only=False)
-        return [("lagged", params, zeros_fp32)] + [(k, params, init) for k, init in persistent_buffers(self.transform)]
+        own = [("lagged", params, zeros_fp32)] if self.key == "lagged" else []
+        return own + [(k, params, init) for k, init in persistent_buffers(self.transform)]
 
     def perturb(self, state: StepState) -> None:
         params, _ = state.targets(self.target, with_grad_only=False)
@@ -170,7 +174,9 @@ class LaggedAscent(_CopyRestore):
 
     def before_update(self, state: StepState) -> None:
         ctx = state.context(self.target, with_grad_only=False)
-        fresh = self.transform([], ctx)
+        fresh = self.transform([], ctx)  # a stateful transform updates its buffers (d_t) in place here
+        if self.key != "lagged":
+            return
         lagged = locals_(self._lagged(state, ctx.params))
         with torch.no_grad():
             torch._foreach_copy_(lagged, [f.to(d.dtype) for f, d in zip(fresh, lagged)])

@@ -93,6 +93,7 @@ def ema(beta: float) -> Transform:
         return list(state)
 
     ema_.persistent = [("ema", _zeros_fp32)]  # type: ignore[attr-defined]
+    ema_.returns = "ema"  # type: ignore[attr-defined]  # its output is its state (see returned_buffer)
     return ema_
 
 
