@@ -154,8 +154,8 @@ def _failed(root: Path, unit: str) -> dict[str, Any]:
 
 def _trained(inv: dict[str, Any]) -> bool:
     """Whether a suite invocation trained any run. A page rebuild, or a resume that found every run finished,
-    adds no run time and must not dilute the load figures. Records from before the ``trained`` count count
-    a unit as training when it took 5 s or more (a resume that finds its runs finished takes about 3 s)."""
+    adds no run time and must not dilute the load figures. In records written before units logged ``trained``,
+    a unit counts as training when it took 5 s or more (a resume that finds its runs finished takes about 3 s)."""
     if not inv.get("train"):
         return False
     return any(u["trained"] > 0 if "trained" in u else float(u.get("wall_s", 0)) >= 5.0 for u in inv["units"])
