@@ -283,8 +283,9 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     L.append("")
     L.append("| paper | claim | task | metric | difference tested | Δ, pp [95 % interval] (n) | verdict |")
     L.append("|---|---|---|---|---|---|---|")
-    for c in CLAIMS:
-        for n, metric, label_a, label_b, pdiff in _claim_rows(c, data, ran):
+    claim_rows = [(c, list(_claim_rows(c, data, ran))) for c in CLAIMS]  # table, words and footnote share them
+    for c, rows in claim_rows:
+        for n, metric, label_a, label_b, pdiff in rows:
             L.append(f"| {c['paper']} | {c['claim']} | {n} | {metric} | {label_a} − {label_b} | "
                      f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, _kind(c))} |")
         if c["id"] == "flatpo-vs-sam":
@@ -302,9 +303,9 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     L.append("")
     L.append("In words:")
     L.append("")
-    for c in CLAIMS:
+    for c, rows in claim_rows:
         verdicts = []
-        for n, metric, label_a, label_b, pdiff in _claim_rows(c, data, ran):
+        for n, metric, label_a, label_b, pdiff in rows:
             v = _verdict(pdiff, _kind(c))
             where = f"{n}" + (f" with `{label_a}`" if label_a != c["a"] else "")
             verdicts.append(f"says nothing on {where} ({label_a} and {label_b} are identical on every seed)"
@@ -313,7 +314,7 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
             L.append(f"* **{c['paper']}: {c['claim']}.** This suite " + "; ".join(verdicts) + ".")
         else:
             L.append(f"* **{c['paper']}: {c['claim']}.** Not tested by the tasks that ran.")
-    if any(_verdict(p, _kind(c)) == IDENTICAL for c in CLAIMS for *_, p in _claim_rows(c, data, ran)):
+    if any(_verdict(p, _kind(c)) == IDENTICAL for c, rows in claim_rows for *_, p in rows):
         L.append("")
         L.append(f"*{IDENTICAL}*: the two runs of every seed gave the same number, so the comparison says nothing "
                  "about the claim; the task's section says why (typically a method that cannot act on that model "
