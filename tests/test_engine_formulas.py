@@ -167,13 +167,16 @@ def ref_flat_lora(model, x, y, kw):
 
 
 def ref_eflat_lora(model, x, y, kw):
-    """Three steps: the gradient at B + lag, E_new from the clean weights, SGD, EMA (beta = weight of the past)."""
+    """Three steps: the gradient at B + c lag, E_new from the clean weights, SGD, EMA (beta = weight of the past);
+    ``c = min(1, rho_t / R)`` caps the lag's full-space radius ``R = sqrt(sum ||s lag A||^2)`` at the current A."""
     th = trainable(model)
     lag = {names(layer)[1]: torch.zeros_like(th[names(layer)[1]]) for layer in LAYERS}
     ema = dict(lag)
     for t in range(3):
         rho_t = cosine(kw["rho"], 0.4 * kw["rho"], t, kw["total_steps"])
-        pert = {k: th[k] + lag.get(k, 0.0) for k in th}
+        radius = math.sqrt(sum(float((SCALE * lag[names(layer)[1]] @ th[names(layer)[0]]).square().sum()) for layer in LAYERS))
+        c = min(1.0, rho_t / radius) if radius > 0 else 1.0
+        pert = {k: th[k] + c * lag.get(k, 0.0) for k in th}
         g = grad_at(model, pert, x, y)
         e_new = flat_lora_eb(th, g, rho_t)
         th = sgd(th, g)

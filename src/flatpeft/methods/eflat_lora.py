@@ -9,17 +9,24 @@ exponential moving average *of previous perturbations*, which in the usual conve
 public code (MitakeMoca/AsyFlat_LoRA) puts its 0.9 on the *new* term, i.e. ``beta = 0.1`` here, an average of
 barely more than the last perturbation. ``beta=0.1`` reproduces that code. Other defaults as ``flat-lora``.
 """
+import torch
+
 from flatpeft._checks import in_range
 from flatpeft.methods.flat_lora import RHO_MIN_FRACTION, SCHEDULE_DEFAULTS, SOURCES, full_space_direction
 from flatpeft.optim.registry import MethodInfo, register_method
-from flatpeft.perturb.base import chain
+from flatpeft.perturb.base import StepState, chain
 from flatpeft.perturb.rules import LaggedAscent, Rule
-from flatpeft.perturb.transforms import ema
+from flatpeft.perturb.transforms import ema, lora_realised_radius
 
 
-def build(beta: float = 0.9, norm_scope: str = "global", damping: float = 1e-6) -> list[Rule]:
+def build(beta: float = 0.9, norm_scope: str = "global", damping: float | None = None) -> list[Rule]:
     in_range("beta", beta, 0.0, 1.0, low_open=False, high_open=True)
-    return [LaggedAscent(chain(full_space_direction(norm_scope, damping), ema(beta)), target="lora_B")]
+    return [LaggedAscent(chain(full_space_direction(norm_scope, damping), ema(beta)), target="lora_B", radius=full_space_radius)]
+
+
+def full_space_radius(state: StepState, targets: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The full-weight-space radius of B-perturbations at the current ``A`` factors (rho's metric here)."""
+    return lora_realised_radius(state.lora, deltas)
 
 
 register_method(

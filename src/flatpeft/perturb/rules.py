@@ -32,7 +32,7 @@ def zeros_fp32(p: torch.Tensor) -> torch.Tensor:
     """A zero buffer shaped like ``p`` (a DTensor for a DTensor), at least float32."""
     return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
-__all__ = ["Rule", "GradientAscent", "LaggedAscent"]
+__all__ = ["Rule", "GradientAscent", "LaggedAscent", "Radius", "l2_radius"]
 
 
 class Rule:
@@ -141,21 +141,38 @@ class GradientAscent(_CopyRestore):
         self._apply(ctx.params, deltas)
 
 
+Radius = Callable[[StepState, list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+"""``radius(state, targets, deltas)``: the size of a perturbation in the metric its method measures rho in (a 0-d
+device tensor)."""
+
+
+def l2_radius(state: StepState, targets: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The plain L2 norm of the perturbation over its target tensors (sharded targets count whole)."""
+    return global_norm(deltas, like=targets)
+
+
 class LaggedAscent(_CopyRestore):
     """Single pass at a perturbation computed on earlier steps (EFlat-LoRA, Deng et al., arXiv 2508.00522).
 
-    Step ``t``: ``w <- w + d_{t-1}`` on the targets (clean values saved); forward+backward there; restore;
+    Step ``t``: ``w <- w + c_t d_{t-1}`` on the targets (clean values saved); forward+backward there; restore;
     ``d_t = transform(g~)`` from the gradient at the perturbed point with the *clean* weights; base step. ``d`` is
     a persistent buffer starting at 0, so step 0 is the base optimizer's step. When the transform's output is its
     own persistent state (it ends with :func:`~flatpeft.perturb.transforms.ema`, as EFlat-LoRA's does, so ``d`` is
     the EMA of past perturbations), ``d`` *is* that buffer and is held once; otherwise it is a buffer of its own,
     ``"lagged"``.
+
+    ``c_t = min(1, rho_t / radius(d))`` caps the applied perturbation at the step's radius in the method's own
+    metric (``radius``; default the L2 norm): ``d`` mixes perturbations computed at earlier radii (a decaying
+    ``rho_t``) and, for LoRA-space steps, earlier ``A`` factors, so it can exceed ``rho_t`` although each of its
+    terms did not. No bias correction of the EMA (docs/algorithms.md, "EFlat-LoRA"). Metrics:
+    ``perturbation_norm`` (L2 norm of the applied perturbation) and ``perturbation_radius`` (its radius).
     """
 
-    def __init__(self, transform: Transform, target: str = "lora_B") -> None:
+    def __init__(self, transform: Transform, target: str = "lora_B", radius: Radius = l2_radius) -> None:
         super().__init__()
         self.transform = transform
         self.target = target
+        self.radius = radius
         self.key = returned_buffer(transform) or "lagged"
 
     def _lagged(self, state: StepState, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -168,9 +185,13 @@ class LaggedAscent(_CopyRestore):
 
     def perturb(self, state: StepState) -> None:
         params, _ = state.targets(self.target, with_grad_only=False)
-        lagged = self._lagged(state, params)
-        state.metrics["perturbation_norm"] = global_norm(lagged, like=params)
-        self._apply(params, lagged)
+        lagged = locals_(self._lagged(state, params))
+        radius = self.radius(state, params, lagged)
+        cap = torch.clamp(state.rho / radius.clamp_min(torch.finfo(radius.dtype).tiny), max=1.0)
+        deltas = torch._foreach_mul(lagged, cap.to(lagged[0].dtype)) if lagged else []
+        state.metrics["perturbation_norm"] = global_norm(deltas, like=params)
+        state.metrics["perturbation_radius"] = radius * cap
+        self._apply(params, deltas)
 
     def before_update(self, state: StepState) -> None:
         ctx = state.context(self.target, with_grad_only=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +19,10 @@ __all__ = [
     "scale_by_param_abs",
     "select_top_fraction",
     "lora_full_space",
+    "lora_realised_radius",
     "full_space_lora_perturbation",
     "ema",
+    "default_damping",
     "EPS",
 ]
 
@@ -172,19 +175,43 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
 # --------------------------------------------------------------------------------------------------
 
 
-def _damped_inverse(k: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(K + lambda I)^-1`` for a batch of symmetric PSD r x r matrices, ``lambda = damping * tr(K) / r``.
+def default_damping(dtype: torch.dtype) -> float:
+    """The default relative damping ``delta = max(eps^2, 1e-14)`` for factors of ``dtype`` (``eps`` its machine
+    epsilon): float32 1.4e-14, float64 1e-14, float16 9.5e-7, bfloat16 6.1e-5. A singular value of a factor
+    below about ``sqrt(delta)`` times its largest is below what the dtype resolves and is treated as zero; the
+    floor keeps ``K + lambda I`` numerically positive definite in float64."""
+    return max(torch.finfo(dtype).eps ** 2, 1e-14)
 
-    Solved in float64 with ``inv_ex`` (no error check, so no host sync), cast back to ``k.dtype``. A tiny
-    absolute floor keeps ``K = 0`` (``B = 0`` at initialisation) invertible; the vectors it multiplies are then
-    exactly zero, which gives the pseudo-inverse result ``0``.
-    """
+
+def _gram_factor(k: torch.Tensor, damping: float) -> torch.Tensor:
+    """A Cholesky factor ``L`` with ``L L^T = K + mu I >= K`` for a batch of symmetric PSD r x r ``K`` (float64),
+    with the smallest shift that keeps the factorisation valid: ``mu = r eps tr(K)``, or ``damping * tr(K)`` where
+    that fails. Norms ``sqrt(x K x^T) <= ||x L||`` are then sums of squares (never negative by cancellation) and
+    equal to a relative ``mu / k`` on an eigenvalue ``k``. ``cholesky_ex`` (no host sync); the fallback is an
+    arithmetic select."""
     r = k.shape[-1]
-    k64 = k.double()
-    lam = damping * k64.diagonal(dim1=-2, dim2=-1).sum(-1) / r + 1e-30
-    eye = torch.eye(r, dtype=torch.float64, device=k.device)
-    inv, _ = torch.linalg.inv_ex(k64 + lam[..., None, None] * eye)
-    return inv.to(k.dtype)
+    eye = torch.eye(r, dtype=k.dtype, device=k.device)
+    trace = k.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    chol, info = torch.linalg.cholesky_ex(k + (r * torch.finfo(k.dtype).eps * trace + 1e-150) * eye)
+    chol_damped, _ = torch.linalg.cholesky_ex(k + (damping * trace + 1e-150) * eye)
+    return torch.where((info == 0)[..., None, None], chol, chol_damped)
+
+
+def _pseudo_inverse(k: torch.Tensor, damping: float) -> torch.Tensor:
+    """``X ~ K^+`` for a batch of symmetric PSD r x r matrices ``K`` (float64): ``X = X0 + lambda X0^2`` with
+    ``X0 = (K + lambda I)^-1`` and ``lambda = damping * tr(K)``, the Tikhonov inverse plus one step of iterative
+    refinement.
+
+    On an eigenvalue ``k`` of ``K`` it is ``1/k`` up to a relative ``(lambda/k)^2`` (the pseudo-inverse, exact in
+    float64 for eigenvalues well above ``lambda``: full-rank factors), and at most ``2/lambda`` on eigenvalues far
+    below it (directions the factor does not resolve are suppressed, never divided by round-off). Continuous in
+    ``K``; for ``K = 0`` the vectors it multiplies are exactly 0. ``inv_ex`` (no error check, so no host sync).
+    """
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    lam = damping * k.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] + 1e-150  # the floor keeps K = 0 finite
+    x0, _ = torch.linalg.inv_ex(k + lam * eye)
+    x0 = 0.5 * (x0 + x0.mT)
+    return x0 + lam * (x0 @ x0)
 
 
 def full_space_lora_perturbation(
@@ -193,44 +220,51 @@ def full_space_lora_perturbation(
     grad_a: torch.Tensor,
     grad_b: torch.Tensor,
     scale: torch.Tensor,
-    damping: float = 1e-6,
+    damping: float | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed forms of Flat-LoRA's B-perturbation for a batch of L layers (only r x r solves).
+    """Closed forms of Flat-LoRA's B-perturbation for a batch of L layers (only r x r solves, in float64).
 
-    With ``W = W0 + s B A``, ``K_A = A A^T`` and ``K_B = B^T B`` (r x r, damped), the full-weight gradient
-    estimate is ``G_hat = (G_1 + G_2) / 2`` where ``G_1 = g_B (A^T)^+ / s = U A`` with
-    ``U = g_B K_A^-1 / s`` and ``G_2 = (B^T)^+ g_A / s = B V`` with ``V = K_B^-1 g_A / s``. Its squared norm is
-    ``||G_hat||^2 = [tr(U^T U K_A) + tr(K_B V V^T) + 2 tr(U^T B V A^T)] / 4``, and moving a W-space step
-    ``E_W = G_hat / ||G_hat||`` into B by least squares, ``E_B = E_W A^+ / s``, gives
-    ``E_B * ||G_hat|| = (U + B V A^T K_A^-1) / (2 s)`` (docs/algorithms.md, "Flat-LoRA").
+    With ``W = W0 + s B A``, ``K_A = A A^T``, ``K_B = B^T B`` (r x r) and their pseudo-inverses ``K^+``
+    (:func:`_pseudo_inverse`), the full-weight gradient estimate is ``G_hat = (G_1 + G_2) / 2`` with
+    ``G_1 = g_B (A^T)^+ / s = g_B' K_A^+ A`` and ``G_2 = (B^T)^+ g_A / s = B V``, ``g' = g / s``,
+    ``V = K_B^+ g_A'``. Moving the W-space step ``G_hat`` into B by least squares, ``E_B = G_hat A^+ / s`` with
+    ``A^+ = A^T K_A^+``, gives ``E_B = H K_A^+ / (2 s)`` where ``H = g_B' + B (V A^T)`` (n x r).
 
-    Args: ``a`` (L, r, m), ``b`` (L, n, r), their gradients, ``scale`` (L,), all in the compute dtype.
-    ``reduce``: with ``b`` / ``grad_b`` holding only some rows of ``B`` (a shard), sums partial results over the
-    shards (in place; an all-reduce): ``K_B`` and the row sums of the norm are completed with it, everything else
-    is row-local (``a`` and ``grad_a`` are whole).
-    Returns: ``(E_B * ||G_hat||, ||G_hat||^2)`` with shapes (L, n, r) (the rows given) and (L,).
+    The norm is split along the row space of ``A`` (projector ``P_A = A^T K_A^+ A``) into two sums of squares,
+    never a difference of traces (which cancels in float32 for ill-conditioned factors):
+    ``4 ||G_hat||^2 = ||H K_A^+ L_A||^2 + ||L_B^T Y||^2`` with ``Y = V (I - P_A)`` and ``L L^T >= K`` (:func:`_gram_factor`).
+    The first term bounds the realised W-space step ``s E_B A = G_hat P_A`` from above (equal up to ``lambda``),
+    so with ``E_W = rho G_hat / N`` the realised radius never exceeds ``rho``, whatever the conditioning of
+    ``A`` and ``B`` (docs/algorithms.md, "Flat-LoRA").
+
+    Args: ``a`` (L, r, m), ``b`` (L, n, r), their gradients, ``scale`` (L,); any float dtype (computed in
+    float64). ``damping``: the relative ``delta`` of :func:`_pseudo_inverse` (None: :func:`default_damping` of
+    ``a``'s dtype). ``reduce``: with ``b`` / ``grad_b`` holding only some rows of ``B`` (a shard), sums partial
+    results over the shards (in place; an all-reduce): ``K_B`` and the row sums of the first norm term are
+    completed with it, everything else is row-local (``a`` and ``grad_a`` are whole).
+    Returns: ``(E_B * ||G_hat||, ||G_hat||^2)`` in float64, shapes (L, n, r) (the rows given) and (L,).
     """
-    s = scale[:, None, None]
-    ka = a @ a.mT
+    delta = default_damping(a.dtype) if damping is None else damping
+    f64 = torch.float64
+    a, b = a.to(f64), b.to(f64)
+    s = scale.to(f64)[:, None, None]
+    ga, gb = grad_a.to(f64) / s, grad_b.to(f64) / s
     kb = b.mT @ b
     if reduce is not None:
         kb = reduce(kb)
-    ka_inv = _damped_inverse(ka, damping)
-    kb_inv = _damped_inverse(kb, damping)
-    u = (grad_b / s) @ ka_inv
-    v = kb_inv @ (grad_a / s)
+    ka = a @ a.mT
+    ka_pinv, chol_a = _pseudo_inverse(ka, delta), _gram_factor(ka, delta)
+    kb_pinv, chol_b = _pseudo_inverse(kb, delta), _gram_factor(kb, delta)
+    v = kb_pinv @ ga
     v_at = v @ a.mT
-    ut_b = u.mT @ b
-    if reduce is None:
-        norm_sq = 0.25 * (
-            ((u @ ka) * u).sum((1, 2)) + ((kb @ v) * v).sum((1, 2)) + 2.0 * (ut_b * v_at.mT).sum((1, 2))
-        )
-    else:  # the terms summing over rows of B are partial on each shard
-        rows = reduce(((u @ ka) * u).sum((1, 2)) + 2.0 * (ut_b * v_at.mT).sum((1, 2)))
-        norm_sq = 0.25 * (rows + ((kb @ v) * v).sum((1, 2)))
-    e_b = (u + b @ v_at @ ka_inv) / (2.0 * s)
-    return e_b, norm_sq.clamp_min(0.0)
+    h_kpinv = (gb + b @ v_at) @ ka_pinv
+    y = v - (v_at @ ka_pinv) @ a
+    rows = ((h_kpinv @ chol_a) ** 2).sum((1, 2))
+    if reduce is not None:  # the rows of H are partial on each shard
+        rows = reduce(rows)
+    norm_sq = 0.25 * (rows + ((chol_b.mT @ y) ** 2).sum((1, 2)))
+    return h_kpinv / (2.0 * s), norm_sq
 
 
 def _group_layers(layers: Sequence[LoRAFactors]) -> dict[tuple, list[int]]:
@@ -248,15 +282,78 @@ def _matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: float = EPS) -> Transform:
+@dataclass
+class _LayerGroup:
+    """LoRA layers of one shape, dtype, device and sharding, stacked in float64 (``A`` and its gradient whole, ``B``
+    and its gradient as the local rows). ``reduce`` completes a row sum over the shards of ``B`` (None: unsharded)."""
+
+    idx: list[int]
+    dtype: torch.dtype
+    a: torch.Tensor
+    b: torch.Tensor
+    grad_a: torch.Tensor | None
+    grad_b: torch.Tensor | None
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _grad_of(p: torch.Tensor) -> torch.Tensor:
+    return local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+
+
+def _float64_groups(layers: Sequence[LoRAFactors], with_grads: bool) -> list[_LayerGroup]:
+    """The layers batched by :func:`_group_layers`, as float64 stacks (one all-gather of the small ``A`` factors
+    and their gradients when they are sharded)."""
+    groups = []
+    for key, idx in _group_layers(layers).items():
+        As = [layers[i].A for i in idx]
+        Bs = [layers[i].B for i in idx]
+        a_loc = locals_(As)
+        ga_loc = [_grad_of(p) for p in As] if with_grads else []
+        if any_sharded(As):  # A is r x in: gather the small factor (and its gradient) in one all-gather
+            full = gather_dim0(a_loc + ga_loc, As + (As if with_grads else []))
+            a_loc, ga_loc = full[: len(As)], full[len(As):]
+        f64 = torch.float64
+        reduce = None
+        if key[4] is not None:  # B sharded by rows: complete the row sums over the shards
+            def reduce(x: torch.Tensor, like=Bs[:1]) -> torch.Tensor:
+                return reduce_rows_(x.unsqueeze(0), like).squeeze(0)
+        groups.append(_LayerGroup(
+            idx, key[2],
+            torch.stack([_matrix(t).detach().to(f64) for t in a_loc]),
+            torch.stack([_matrix(local(p)).detach().to(f64) for p in Bs]),
+            torch.stack([_matrix(t).to(f64) for t in ga_loc]) if with_grads else None,
+            torch.stack([_matrix(_grad_of(p)).to(f64) for p in Bs]) if with_grads else None,
+            reduce,
+        ))
+    return groups
+
+
+def lora_realised_radius(layers: Sequence[LoRAFactors], deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full-weight-space radius ``sqrt(sum_l ||s_l E_l A_l||^2)`` of B-perturbations ``deltas`` (aligned with
+    ``layers``, local rows when sharded): the step ``W`` really takes when every ``B_l`` moves by ``E_l``. Computed
+    as sums of squares with ``r x r`` factors of ``A A^T`` (an upper bound, tight to ``r eps cond(A)^2``; never an
+    ``n x m`` matrix), a 0-d float64 tensor (0 without layers)."""
+    if not layers:
+        return torch.zeros((), dtype=torch.float64)
+    parts = []
+    for g in _float64_groups(layers, with_grads=False):
+        e = torch.stack([_matrix(local(deltas[i])).to(torch.float64) for i in g.idx])
+        s = torch.stack([torch.full((), layers[i].scale, dtype=torch.float64, device=e.device) for i in g.idx])
+        rows = ((e @ _gram_factor(g.a @ g.a.mT, default_damping(g.dtype))) ** 2).sum((1, 2)) * s**2
+        parts.append(g.reduce(rows) if g.reduce is not None else rows)
+    device = parts[0].device
+    return torch.cat([p.to(device) for p in parts]).sum().sqrt()
+
+
+def lora_full_space(norm_scope: str = "global", damping: float | None = None, eps: float = EPS) -> Transform:
     """Direction source for Flat-LoRA (Deng et al.): unit-W-radius perturbations of every LoRA ``B``.
 
     Reads ``g_A, g_B`` of every layer in ``ctx.lora`` (targets must be the ``B`` factors, same order), builds the
     full-weight gradient estimate per layer (:func:`full_space_lora_perturbation`, batched over layers of one
     shape), normalises by ``N = sqrt(sum_l ||G_hat_l||^2)`` (``norm_scope="global"``, the recommended default) or
     per layer (``"layer"``, the third-party behaviour: each layer gets radius rho), and returns ``E_B`` with
-    W-space norm 1 before :func:`scale_by_rho`. The algebra runs in float32 (float64 for float64 weights); the
-    result is all zeros when ``N`` is not finite. ``ctx.stats["grad_norm"]`` is ``N``. The per-layer scales are
+    W-space norm at most 1 before :func:`scale_by_rho`. The algebra runs in float64 (cast back to the factors'
+    dtype, at least float32); ``damping=None`` is :func:`default_damping` of the factors' dtype. The result is all zeros when ``N`` is not finite. ``ctx.stats["grad_norm"]`` is ``N``. The per-layer scales are
     put on the device once (cached), never copied from the host inside a step.
     """
     scales: dict[tuple, torch.Tensor] = {}
@@ -272,28 +369,13 @@ def lora_full_space(norm_scope: str = "global", damping: float = 1e-6, eps: floa
         layers = ctx.lora
         out: list[torch.Tensor | None] = [None] * len(layers)
         norm_sq: list[torch.Tensor | None] = [None] * len(layers)
-        for key, idx in _group_layers(layers).items():
-            cdtype = torch.promote_types(key[2], torch.float32)
-            As = [layers[i].A for i in idx]
-            Bs = [layers[i].B for i in idx]
-
-            def grad_of(p: torch.Tensor) -> torch.Tensor:
-                return local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
-
-            a_loc, ga_loc = locals_(As), [grad_of(p) for p in As]
-            if any_sharded(As):  # A is r x in: gather the small factor and its gradient (one all-gather)
-                full = gather_dim0(a_loc + ga_loc, As + As)
-                a_loc, ga_loc = full[: len(As)], full[len(As):]
-            a = torch.stack([_matrix(t).detach().to(cdtype) for t in a_loc])
-            ga = torch.stack([_matrix(t).to(cdtype) for t in ga_loc])
-            b = torch.stack([_matrix(local(p)).detach().to(cdtype) for p in Bs])
-            gb = torch.stack([_matrix(grad_of(p)).to(cdtype) for p in Bs])
-            reduce = None
-            if key[4] is not None:  # B sharded by rows: complete the row sums over the shards
-                def reduce(x: torch.Tensor, like=Bs[:1]) -> torch.Tensor:
-                    return reduce_rows_(x.unsqueeze(0), like).squeeze(0)
-            scale = scale_tensor(layers, idx, cdtype, a.device)
-            e_b, nsq = full_space_lora_perturbation(a, b, ga, gb, scale, damping, reduce)
+        for g in _float64_groups(layers, with_grads=True):
+            idx = g.idx
+            out_dtype = torch.promote_types(g.dtype, torch.float32)
+            delta = default_damping(g.dtype) if damping is None else damping
+            scale = scale_tensor(layers, idx, torch.float64, g.a.device)
+            e_b, nsq = full_space_lora_perturbation(g.a, g.b, g.grad_a, g.grad_b, scale, delta, g.reduce)
+            e_b = e_b.to(out_dtype)
             for j, i in enumerate(idx):
                 out[i] = e_b[j]
                 norm_sq[i] = nsq[j]
