@@ -168,3 +168,55 @@ def test_full_space_radius_bound_survives_cancelling_float32_estimates(method):
                     cancelling_grads(opt, seed)
             opt.second_step()
     assert 0.1 * rho < worst <= rho * (1 + 1e-6)
+
+
+class Four(nn.Module):
+    """Four 4 x 4 layers of which the forward pass uses three: LoRA on all four gives 8 adapter tensors, 2 of them
+    without a gradient (an unused layer, an unrouted expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l0, self.l1, self.l2, self.l3 = (nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(torch.tanh(self.l0(x)))))
+
+
+def four_lora():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(Four(), LoraConfig(r=2, lora_alpha=2, target_modules=["l0", "l1", "l2", "l3"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("method, kw", [("flatpo", {}), ("flatpo", {"ascent_every": 2}),
+                                        ("flatpo-lagged", {}), ("flatpo-lagged", {"refresh_every": 2})])
+def test_flatpo_counts_k_over_adapters_with_a_gradient_on_every_path(method, kw):
+    """8 adapter tensors, 6 with a gradient, fraction 0.25: k = floor(0.25 * 6) = 1 on every path and every step
+    (reuse steps report the selection they reuse), and the unused layer is never selected."""
+    model = four_lora()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    opt = flatpeft.create_optimizer(model, method, base_optimizer="sgd", lr=0.1, rho=0.05, fraction=0.25, **kw)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: model(x).square().mean().backward())
+        selected = opt.metrics["selected"]
+        assert float(selected.sum()) == 1.0
+        assert "grad_norm" in opt.metrics
+        chosen = [n for n, m in zip(names, selected.tolist()) if m]
+        assert chosen and ".l3." not in chosen[0]
+
+
+@pytest.mark.parametrize("method, left_out", [("nbar", "lora_A"), ("obar", "lora_A"), ("eflat-lora", "lora_B"),
+                                              ("flat-lora", "lora_B")])
+def test_a_lora_factor_left_out_of_the_optimizer_is_named_at_construction(method, left_out):
+    model = four_lora()
+    kept = [p for n, p in model.named_parameters() if p.requires_grad and left_out not in n]
+    with pytest.raises(ValueError, match=rf"{left_out}.*not among the optimizer's parameters"):
+        flatpeft.create_optimizer(model, method, params=kept)

@@ -31,6 +31,8 @@ __all__ = ["Balancedness"]
 class Balancedness(Rule):
     """BAR for LoRA pairs (see the module docstring); ``mode`` is ``"nbar"`` or ``"obar"``."""
 
+    lora_factors = ("A", "B")  # nBAR reads the learning rate of each factor's group
+
     def __init__(self, mode: str, alpha: float) -> None:
         self.mode = mode
         self.alpha = alpha

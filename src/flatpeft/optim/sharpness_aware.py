@@ -118,6 +118,22 @@ class SharpnessAware(torch.optim.Optimizer):
         self._awaiting_update = False
         self._frozen_norms: list[nn.Module] = []
         self._store: dict[str, Any] = {"step": 0, "buffers": {}}
+        self._check_lora_factors()
+
+    def _check_lora_factors(self) -> None:
+        """Every LoRA factor a rule keeps state for or reads a learning rate of (:attr:`Rule.lora_factors`) must be
+        one of the optimizer's parameters: refuse at construction, naming the tensor, instead of failing at step 1."""
+        for rule in self.rules:
+            for which in rule.lora_factors:
+                for f in self.lora:
+                    if id(getattr(f, which)) not in self._index:
+                        raise ValueError(
+                            f"{self.method}: the LoRA factor {which} of {f.name} ({'lora_A' if which == 'A' else 'lora_B'}) "
+                            f"is not among the optimizer's parameters, but {self.method} needs the "
+                            f"{' and '.join('lora_' + w for w in rule.lora_factors)} factor(s) of every LoRA layer in its "
+                            "parameter groups. Pass the model (or all of its trainable parameters) to create_optimizer, "
+                            "or freeze that adapter (requires_grad=False) so it is not a LoRA layer of the method."
+                        )
 
     # ------------------------------------------------------------------ state shared with the rules
     @property

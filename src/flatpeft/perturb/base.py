@@ -83,7 +83,13 @@ class StepState:
 
     def position(self, p: torch.Tensor) -> int:
         """Position of ``p`` among the trainable tensors."""
-        return self._index[id(p)]
+        try:
+            return self._index[id(p)]
+        except KeyError:
+            raise KeyError(
+                f"a tensor of shape {tuple(p.shape)} is not among the optimizer's parameters; the method needs it there "
+                "(pass the model, or all of its trainable parameters, to create_optimizer)"
+            ) from None
 
     def lr_of(self, p: torch.Tensor) -> Any:
         """Learning rate of the parameter group holding ``p``."""

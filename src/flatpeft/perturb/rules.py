@@ -41,12 +41,16 @@ class Rule:
     ``passes`` is 2 for rules that need a fresh ascent gradient at ``w`` before the update pass; ``perturbs`` is
     True when ``perturb`` moves the weights (then ``step()`` without a closure needs ``first_step()`` first).
     ``transient_bytes`` is the size of the copies the rule holds between ``perturb`` and ``restore``.
+    ``lora_factors`` names the LoRA factors the rule needs among the optimizer's parameters (checked when the
+    optimizer is built).
     ``passes_at(step)`` may vary the number of passes from step to step (``GradientAscent(every=k)``).
     """
 
     passes: int = 1
     perturbs: bool = False
     transient_bytes: int = 0
+    lora_factors: tuple[str, ...] = ()
+    """The LoRA factors (``"A"``, ``"B"``) of every layer that must be optimizer parameters (state, learning rate)."""
 
     def passes_at(self, step: int) -> int:
         """Forward+backward passes this rule needs on step ``step`` (completed steps so far)."""
@@ -104,9 +108,13 @@ class GradientAscent(_CopyRestore):
     has no adapter); ``"lora_B"`` the LoRA ``B`` factors (Flat-LoRA of Deng et al.). Tensors outside the target
     are updated normally and never perturbed.
 
-    ``every = k > 1`` (LookSAM-style reuse, Liu et al., CVPR 2022, simplified): the ascent step is computed on steps
+    ``every = k > 1`` (*ascent reuse*, flatpeft's ``ascent_every``): the ascent step is computed on steps
     ``0, k, 2k, ...`` only (two passes) and stored; the steps in between take the update gradient at ``w + e`` with
-    the stored ``e`` in a single pass. Costs one persistent copy of the targets.
+    the stored ``e`` in a single pass. Costs one persistent copy of the targets. This is not LookSAM (Liu et al.,
+    CVPR 2022), which perturbs nothing on its cheap steps and instead reuses the component of the SAM gradient
+    orthogonal to the plain gradient (docs/algorithms.md, "Ascent reuse"). On a reuse step the diagnostics of the
+    step that computed ``e`` (``grad_norm``, ``selected``) are reported again (NaN ``grad_norm`` right after a
+    checkpoint load, before the first fresh ascent).
     """
 
     passes = 2
@@ -116,6 +124,8 @@ class GradientAscent(_CopyRestore):
         self.transform = transform
         self.target = target
         self.every = every
+        self.lora_factors = ("B",) if target == "lora_B" else ()
+        self._ascent_stats: dict[str, torch.Tensor] = {}
 
     def passes_at(self, step: int) -> int:
         return 2 if step % self.every == 0 else 1
@@ -134,8 +144,13 @@ class GradientAscent(_CopyRestore):
             stored = state.buffers("ascent", ctx.params, zeros_fp32)
             stored = locals_(stored)
             if self.passes_at(state.step) == 2:
+                before = set(state.metrics)
                 fresh = self.transform([], ctx)
                 torch._foreach_copy_(stored, [f.to(d.dtype) for f, d in zip(fresh, stored)])
+                self._ascent_stats = {k: v for k, v in state.metrics.items() if k not in before}
+            else:
+                nan = torch.full((), float("nan"), device=stored[0].device if stored else "cpu")
+                state.metrics.update({"grad_norm": nan, **self._ascent_stats})
             deltas = stored
         state.metrics["perturbation_norm"] = global_norm(deltas, like=ctx.params)
         self._apply(ctx.params, deltas)
@@ -173,6 +188,7 @@ class LaggedAscent(_CopyRestore):
         self.transform = transform
         self.target = target
         self.radius = radius
+        self.lora_factors = ("B",) if target == "lora_B" else ()
         self.key = returned_buffer(transform) or "lagged"
 
     def _lagged(self, state: StepState, params: list[torch.Tensor]) -> list[torch.Tensor]:

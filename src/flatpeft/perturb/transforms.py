@@ -111,30 +111,47 @@ def _count(fraction: float, n: int) -> int:
 
 
 def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float, selection: str, granularity: str) -> list[torch.Tensor]:
-    """Fresh 0/1 masks (float32, on the device): one scalar per tensor, or one entry per element."""
+    """Fresh 0/1 masks (float32, on the device): one scalar per tensor, or one entry per element.
+
+    Only targets with a gradient are candidates and count towards ``k`` (an unrouted expert or an unused layer
+    is never selected and does not enlarge the selection); the others get mask 0. Which targets have a gradient
+    is host-side structure, not a device value. A context whose targets have no gradient at all (directions
+    passed in directly) ranks every direction.
+    """
     device = dirs[0].device
+    live = [i for i, p in enumerate(ctx.params) if p.grad is not None]
+    if not live:
+        live = list(range(len(dirs)))
+    cand = [dirs[i] for i in live]
     if granularity == "tensor":
-        n = len(dirs)
-        k = _count(fraction, n)
+        k = _count(fraction, len(cand))
         if selection == "topk":
-            idx = torch.topk(sq_norms(dirs, like=ctx.params), k).indices
+            idx = torch.topk(sq_norms(cand, like=[ctx.params[i] for i in live] if ctx.params else None), k).indices
         else:
-            idx = torch.randperm(n, generator=ctx.generator(device), device=device)[:k]
-        mask = torch.zeros(n, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
+            idx = torch.randperm(len(cand), generator=ctx.generator(device), device=device)[:k]
+        picked = torch.zeros(len(cand), device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
+        if len(live) == len(dirs):
+            mask = picked
+        else:
+            mask = torch.zeros(len(dirs), device=device, dtype=torch.float32)
+            mask[live] = picked
         ctx.stats["selected"] = mask
         return list(mask.unbind())
     require_unsharded(ctx.params, "FlatPO's granularity='element' (a global top-k over entries); use granularity='tensor'")
-    sizes = [d.numel() for d in dirs]
+    sizes = [d.numel() for d in cand]
     total = sum(sizes)
     k = _count(fraction, total)
     if selection == "topk":
-        flat = torch.cat([d.detach().reshape(-1).abs().to(device, torch.float32) for d in dirs])
+        flat = torch.cat([d.detach().reshape(-1).abs().to(device, torch.float32) for d in cand])
         idx = torch.topk(flat, k, sorted=False).indices
     else:
         idx = torch.randperm(total, generator=ctx.generator(device), device=device)[:k]
     mask = torch.zeros(total, device=device, dtype=torch.float32).index_fill_(0, idx, 1.0)
-    ctx.stats["selected"] = mask
-    return [m.view_as(d) for m, d in zip(mask.split(sizes), dirs)]
+    out = [torch.zeros_like(d, dtype=torch.float32) for d in dirs]
+    for i, m in zip(live, mask.split(sizes)):
+        out[i] = m.view_as(dirs[i])
+    ctx.stats["selected"] = torch.cat([o.reshape(-1) for o in out])
+    return out
 
 
 def select_top_fraction(fraction: float, selection: str = "topk", granularity: str = "tensor", refresh_every: int = 1) -> Transform:
@@ -160,6 +177,8 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
             kept = locals_(ctx.buffers("selection", init))
             if ctx.step % refresh_every == 0:
                 torch._foreach_copy_(kept, _selection_masks(dirs, ctx, fraction, selection, granularity))
+            else:  # the kept selection is this step's selection
+                ctx.stats["selected"] = torch.cat([m.reshape(-1) for m in kept])
             masks = kept
         else:
             masks = _selection_masks(dirs, ctx, fraction, selection, granularity)
