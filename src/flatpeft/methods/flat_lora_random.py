@@ -9,13 +9,16 @@ The noise is applied *functionally*: while the step is perturbed, a forward hook
 ``eps`` from its seed in the backward pass instead of saving it. So the frozen weights are never written (they
 stay bit-identical; the reference's in-place add and subtract drifts in bf16, and a snapshot would hold a copy of
 every targeted weight), and the extra memory is one layer's noise at a time. Each layer's noise comes from a
-private generator seeded by ``(seed, step, rank, layer)``: the same noise for every micro-batch of a step and in
+private generator seeded by ``(seed, step, rank, module)``; a module with several active adapters gets one noise,
+scaled by the row norms of its whole merged weight (:func:`merged_modules`): the same noise for every micro-batch of a step and in
 the backward pass, reproducible, never the global RNG; each DDP rank draws its own noise (``per_rank_noise=True``,
 the Monte-Carlo reading of the method; ``False`` gives every rank rank 0's noise).
 Defaults ``rho = 0.05``, ``T = 1`` (nblt/Flat-LoRA README).
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +32,7 @@ from flatpeft.perturb.base import StepState, step_generator
 from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import cosine_ramp
 
-__all__ = ["FilterNoise", "row_sigma", "row_sigmas", "build"]
+__all__ = ["FilterNoise", "merged_modules", "row_sigma", "row_sigmas", "build"]
 
 
 @torch.no_grad()
@@ -110,16 +113,24 @@ class _LayerNoise:
     step: int
     rank: int
     stream: int
+    keep: bool = False
     sq_norm: torch.Tensor | None = field(default=None)
+    _kept: torch.Tensor | None = field(default=None, repr=False)
 
     def noise(self) -> torch.Tensor:
-        """``eps`` as an ``n x m`` matrix in ``sigma``'s dtype (drawn in float32, regenerated identically)."""
+        """``eps`` as an ``n x m`` matrix in ``sigma``'s dtype (drawn in float32, regenerated identically; drawn once
+        and held for the rest of the step with ``keep``)."""
+        if self._kept is not None:
+            return self._kept
         dev = self.sigma.device
         n = self.sigma.shape[0]
         shape = (n, self.factors.base_weight.numel() // n)  # whole (n x m) also when W0 is sharded
         g = step_generator(self.seed, self.step, dev, rank=self.rank, stream=self.stream)
         eps = torch.randn(shape, generator=g, device=dev, dtype=torch.float32).to(self.sigma.dtype)
-        return eps.mul_(self.sigma[:, None])
+        eps.mul_(self.sigma[:, None])
+        if self.keep:
+            self._kept = eps
+        return eps
 
     def conv(self) -> nn.Module | None:
         base = self.factors.base_layer
@@ -131,6 +142,36 @@ class _LayerNoise:
         if conv is None:
             return F.linear(x, eps.to(x.dtype))
         return conv._conv_forward(x, eps.view_as(conv.weight).to(x.dtype), None)
+
+
+class _NoisyLinear(torch.autograd.Function):
+    """``y = x (W0 + eps)^T + b`` for a frozen ``nn.Linear``: one matmul forward and one backward (the hook path
+    needs two of each), the temporary ``W0 + eps`` one layer at a time; the backward regenerates ``eps``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: _LayerNoise) -> torch.Tensor:  # type: ignore[override]
+        eps = layer.noise()
+        if layer.sq_norm is None:
+            layer.sq_norm = eps.square().sum()
+        ctx.layer = layer
+        base = layer.factors.base_layer
+        weight = base.weight.detach()
+        return F.linear(x, weight + eps.to(weight.dtype), None if base.bias is None else base.bias.detach())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        layer: _LayerNoise = ctx.layer
+        weight = layer.factors.base_layer.weight.detach()
+        return grad @ (weight + layer.noise().to(weight.dtype)).to(grad.dtype), None
+
+
+def _fused(f: LoRAFactors) -> bool:
+    """Whether the noise can replace the base layer's own product (``_NoisyLinear``): a plain, local, frozen
+    ``nn.Linear`` (bias frozen too); otherwise (conv, GPT-2 ``Conv1D``, FSDP2 shards, trainable base) the noise is
+    added to its output by a forward hook."""
+    base = f.base_layer
+    return (type(base) is nn.Linear and not f.fan_in_fan_out and not is_sharded(base.weight)
+            and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad))
 
 
 class _AddNoise(torch.autograd.Function):
@@ -159,14 +200,42 @@ class _AddNoise(torch.autograd.Function):
         return gx, None
 
 
+def merged_modules(layers: Sequence[LoRAFactors]) -> list[LoRAFactors]:
+    """One entry per LoRA *module*: the noise is on the module's frozen ``W0``, once, whatever the number of its
+    active adapters. A module with several adapters ``W = W0 + sum_k s_k B_k A_k`` becomes one factor pair
+    ``A = [A_1; A_2; ...]``, ``B = [s_1 B_1, s_2 B_2, ...]``, ``s = 1`` (the same merged weight, so
+    :func:`row_sigma` is the row norm of the whole ``W``). Order: the modules' first appearance."""
+    by_module: dict[int, list[LoRAFactors]] = {}
+    for f in layers:
+        by_module.setdefault(id(f.module) if f.module is not None else id(f), []).append(f)
+    out = []
+    for group in by_module.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        if any(is_sharded(f.A) or is_sharded(f.B) for f in group):
+            raise NotImplementedError(
+                f"flat-lora-random on {group[0].name.rsplit('[', 1)[0]}: several active adapters on a sharded (FSDP2) "
+                "layer are not supported; activate one adapter, or train without sharding"
+            )
+        with torch.no_grad():
+            a = torch.cat([f.a_matrix() for f in group], 0)
+            b = torch.cat([f.scale * f.b_matrix() for f in group], 1)
+        name = group[0].name.rsplit("[", 1)[0] + "[" + "+".join(f.name.rsplit("[", 1)[1].rstrip("]") for f in group) + "]"
+        out.append(dataclasses.replace(group[0], name=name, A=a, B=b, scale=1.0))
+    return out
+
+
 class FilterNoise(Rule):
     """Li et al.'s filter-wise noise on the frozen weights of every LoRA layer, applied by forward hooks."""
 
     perturbs = True
 
-    def __init__(self, per_rank_noise: bool = True) -> None:
+    def __init__(self, per_rank_noise: bool = True, keep_noise: bool = False) -> None:
         self.per_rank_noise = per_rank_noise
+        self.keep_noise = keep_noise
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._fused: list[nn.Module] = []
         self._layers: list[_LayerNoise] = []
 
     def perturb(self, state: StepState) -> None:
@@ -180,11 +249,25 @@ class FilterNoise(Rule):
                 )
             if f.module is None:
                 raise ValueError(f"flat-lora-random needs the LoRA module of {f.name} to add its noise (LoRAFactors.module)")
-        for i, (f, sigma) in enumerate(zip(state.lora, row_sigmas(list(state.lora), rho))):
-            layer = _LayerNoise(f, sigma, state.seed, state.step, rank, i)
+        modules = merged_modules(state.lora)
+        for i, (f, sigma) in enumerate(zip(modules, row_sigmas(modules, rho))):
+            layer = _LayerNoise(f, sigma, state.seed, state.step, rank, i, keep=self.keep_noise)
             self._layers.append(layer)
-            self._hooks.append(f.module.register_forward_hook(self._hook(layer)))
-            self.transient_bytes = max(self.transient_bytes, f.base_weight.numel() * layer.sigma.element_size())
+            if _fused(f):  # the base layer computes x (W0 + eps)^T itself, until restore()
+                f.base_layer.forward = self._noisy_forward(layer)
+                self._fused.append(f.base_layer)
+            else:
+                self._hooks.append(f.module.register_forward_hook(self._hook(layer)))
+        per_layer = [layer.factors.base_weight.numel() * layer.sigma.element_size() for layer in self._layers]
+        held = sum(per_layer) if self.keep_noise else max(per_layer, default=0)
+        self.transient_bytes = max(self.transient_bytes, held)
+
+    @staticmethod
+    def _noisy_forward(layer: _LayerNoise):
+        def noisy_linear(x: torch.Tensor) -> torch.Tensor:
+            return _NoisyLinear.apply(x, layer)
+
+        return noisy_linear
 
     @staticmethod
     def _hook(layer: _LayerNoise):
@@ -196,21 +279,27 @@ class FilterNoise(Rule):
     def restore(self, state: StepState) -> None:
         for h in self._hooks:
             h.remove()
+        for base in self._fused:
+            del base.forward  # back to the class's forward
+        self._fused = []
         sq = [layer.sq_norm for layer in self._layers if layer.sq_norm is not None]
         if sq:
             state.metrics["perturbation_norm"] = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
         self._hooks, self._layers = [], []
 
 
-def build(per_rank_noise: bool = True) -> list[Rule]:
-    return [FilterNoise(per_rank_noise)]
+def build(per_rank_noise: bool = True, keep_noise: bool = False) -> list[Rule]:
+    if not isinstance(keep_noise, bool):
+        raise ValueError(f"Invalid keep_noise: {keep_noise!r} (must be True or False)")
+    return [FilterNoise(per_rank_noise, keep_noise)]
 
 
 register_method(
     MethodInfo("flat-lora-random", build, defaults={"rho": 0.05}, needs_lora=True, schedule="cosine noise ramp",
                summary="random filter-wise noise on the frozen weights of LoRA layers (Li et al.)",
                reference="arXiv 2409.14396",
-               sources={"rho": "nblt/Flat-LoRA README (0.05)", "per_rank_noise": "flatpeft decision (independent noise per rank)"},
+               sources={"rho": "nblt/Flat-LoRA README (0.05)", "per_rank_noise": "flatpeft decision (independent noise per rank)",
+                        "keep_noise": "flatpeft decision (False: bounded memory; True: draw each layer's noise once per step)"},
                perturbs="frozen W0 of every LoRA layer (functionally, through forward hooks)",
-               memory="transient: one layer's noise at a time; n floats per layer (row scales)")
+               memory="transient: one layer's noise at a time (keep_noise=True: every LoRA layer's noise, fp32, during the step); n floats per layer (row scales)")
 )
