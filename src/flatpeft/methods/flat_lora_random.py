@@ -35,25 +35,27 @@ from flatpeft.perturb.schedules import cosine_ramp
 __all__ = ["FilterNoise", "merged_modules", "row_sigma", "row_sigmas", "build"]
 
 
-@torch.no_grad()
-def row_sigma(f: LoRAFactors, rho: float) -> torch.Tensor:
-    """``rho * ||(W0 + s B A)[i, :]|| / sqrt(m)`` for every output row ``i`` (at least float32).
-
-    Row norms are computed without forming ``W``: ``||W0_i||^2 + 2 s <W0_i A^T, B_i> + s^2 B_i K_A B_i^T``.
-    """
-    w0 = f.w0_matrix()
+def _row_sigma(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, rho: float, cols: int) -> torch.Tensor:
+    """``rho * ||(W0 + s B A)[i, :]|| / sqrt(cols)`` for the rows ``i`` of ``w0`` (n_local x m) and ``b``
+    (n_local x r) with the whole ``a`` (r x m), without forming ``W``:
+    ``||W0_i||^2 + 2 s <W0_i A^T, B_i> + s^2 B_i K_A B_i^T`` (at least float32)."""
     cd = torch.promote_types(w0.dtype, torch.float32)
-    a = f.a_matrix().to(w0.dtype)
-    b = f.b_matrix().to(cd)
-    w0a = (w0 @ a.t()).to(cd)
-    a32 = f.a_matrix().to(cd)
-    ka = a32 @ a32.t()
+    b = b.to(cd)
+    w0a = (w0 @ a.to(w0.dtype).t()).to(cd)
+    a32 = a.to(cd)
     sq = (
         torch.linalg.vector_norm(w0, dim=1, dtype=cd).square()
-        + 2.0 * f.scale * (w0a * b).sum(1)
-        + f.scale**2 * ((b @ ka) * b).sum(1)
+        + 2.0 * scale * (w0a * b).sum(1)
+        + scale**2 * ((b @ (a32 @ a32.t())) * b).sum(1)
     )
-    return rho * sq.clamp_min(0.0).sqrt() / (w0.shape[1] ** 0.5)
+    return rho * sq.clamp_min(0.0).sqrt() / (cols**0.5)
+
+
+@torch.no_grad()
+def row_sigma(f: LoRAFactors, rho: float) -> torch.Tensor:
+    """``rho * ||(W0 + s B A)[i, :]|| / sqrt(m)`` for every output row ``i`` of an unsharded layer."""
+    w0 = f.w0_matrix()
+    return _row_sigma(w0, f.a_matrix(), f.b_matrix(), f.scale, rho, w0.shape[1])
 
 
 @torch.no_grad()
@@ -63,12 +65,9 @@ def row_sigmas(layers: list[LoRAFactors], rho: float) -> list[torch.Tensor]:
     Sharded layers: ``W0`` and ``B`` are split by rows the same way, so each rank computes the row norms of its
     own rows with the whole ``A`` (``r x in``, one all-gather for all layers), and one all-gather of the ``n``
     scales per layer makes them whole on every rank (the forward hook sees whole activations). ``W0`` itself is
-    never gathered.
+    never gathered. One code path: unsharded layers are the case of a single shard.
     """
     sharded = [i for i, f in enumerate(layers) if is_sharded(f.base_weight)]
-    if not sharded:
-        return [row_sigma(f, rho) for f in layers]
-    out: list[torch.Tensor | None] = [row_sigma(f, rho) if i not in sharded else None for i, f in enumerate(layers)]
     for i in sharded:
         f = layers[i]
         if f.fan_in_fan_out or not is_sharded(f.B) or f.base_weight.shape[0] != f.B.shape[0]:
@@ -78,29 +77,22 @@ def row_sigmas(layers: list[LoRAFactors], rho: float) -> list[torch.Tensor]:
                 "fan_in_fan_out (GPT-2 Conv1D) storage"
             )
     As = [layers[i].A for i in sharded]
-    a_full = gather_dim0([local(a) for a in As], As)
-    local_sigmas = []
-    for i, a_whole in zip(sharded, a_full):
-        f = layers[i]
+    whole_a = dict(zip(sharded, gather_dim0([local(a) for a in As], As))) if sharded else {}
+    out = []
+    for i, f in enumerate(layers):
+        if i not in whole_a:
+            out.append(row_sigma(f, rho))
+            continue
         w0 = local(f.base_weight).reshape(local(f.base_weight).shape[0], -1)
-        cd = torch.promote_types(w0.dtype, torch.float32)
-        a = a_whole.reshape(a_whole.shape[0], -1)
-        b = local(f.B).reshape(local(f.B).shape[0], -1).to(cd)
-        w0a = (w0 @ a.to(w0.dtype).t()).to(cd)
-        a32 = a.to(cd)
-        ka = a32 @ a32.t()
-        sq = (
-            torch.linalg.vector_norm(w0, dim=1, dtype=cd).square()
-            + 2.0 * f.scale * (w0a * b).sum(1)
-            + f.scale**2 * ((b @ ka) * b).sum(1)
-        )
-        cols = f.base_weight.numel() // f.base_weight.shape[0]
-        local_sigmas.append(rho * sq.clamp_min(0.0).sqrt() / (cols**0.5))
-    whole = gather_dim0(local_sigmas, [layers[i].base_weight for i in sharded],
-                        [(layers[i].base_weight.shape[0],) for i in sharded])
-    for i, sig in zip(sharded, whole):
-        out[i] = sig.reshape(-1)
-    return out  # type: ignore[return-value]
+        a = whole_a[i].reshape(whole_a[i].shape[0], -1)
+        b = local(f.B).reshape(local(f.B).shape[0], -1)
+        out.append(_row_sigma(w0, a, b, f.scale, rho, f.base_weight.numel() // f.base_weight.shape[0]))
+    if sharded:
+        whole = gather_dim0([out[i] for i in sharded], [layers[i].base_weight for i in sharded],
+                            [(layers[i].base_weight.shape[0],) for i in sharded])
+        for i, sig in zip(sharded, whole):
+            out[i] = sig.reshape(-1)
+    return out
 
 
 @dataclass(eq=False)

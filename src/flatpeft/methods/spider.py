@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from flatpeft._checks import one_of
-from flatpeft._dist import any_sharded, local, locals_, reduce_rows_
+from flatpeft._dist import local, locals_, reduce_rows_
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import StepState
 from flatpeft.perturb.rules import Rule
@@ -35,30 +35,15 @@ def psi(x: torch.Tensor) -> torch.Tensor:
     Edge cases: an all-zero tensor scores 0 everywhere (the reference behaviour); any other tensor whose std is 0
     or undefined (constant values, a single element) scores 0.5 (z = 0), where the formula would give NaN.
     """
-    a = x.abs().to(torch.promote_types(x.dtype, torch.float32))
-    if a.numel() > 1:
-        std = a.std()
-    else:
-        std = torch.zeros((), dtype=a.dtype, device=a.device)
-    ok = torch.isfinite(std) & (std > 0)
-    z = torch.where(ok, (a - a.mean()) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(a))
-    score = torch.sigmoid(z)
-    return torch.where(a.amax() > 0, score, torch.zeros_like(score))
-
-
-def _score(a: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    ok = torch.isfinite(std) & (std > 0)
-    z = torch.where(ok, (a - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(a))
-    score = torch.sigmoid(z)
-    return torch.where(amax > 0, score, torch.zeros_like(score))
+    return psi_all([x], [x])[0]
 
 
 def psi_all(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`psi` of every tensor; ``xs[i]`` may be the local shard of the sharded ``like[i]`` (FSDP2): the mean,
-    the (two-pass, unbiased) std and the max of the whole tensor then come from three reductions of per-tensor
-    vectors over the mesh. Unsharded tensors take :func:`psi` itself."""
-    if not any_sharded(like):
-        return [psi(x) for x in xs]
+    """:func:`psi` of every tensor. ``xs[i]`` may be the local shard of the sharded ``like[i]`` (FSDP2): the mean,
+    the (two-pass, unbiased) std and the max are those of the whole tensor, from three reductions of per-tensor
+    vectors (no collective at all when nothing is sharded: one code path for plain and sharded tensors)."""
+    if not xs:
+        return []
     a = [x.abs().to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
     n = [t.numel() for t in like]  # the whole tensor's size (host integers)
@@ -69,7 +54,10 @@ def psi_all(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tens
     out = []
     for t, m, c, k, mx in zip(a, means, css.unbind(), n, amax.unbind()):
         std = (c / (k - 1)).sqrt() if k > 1 else torch.zeros((), dtype=dtype, device=t.device)
-        out.append(_score(t, m.to(t.dtype), std.to(t.dtype), mx))
+        ok = torch.isfinite(std) & (std > 0)
+        z = torch.where(ok, (t - m.to(t.dtype)) / torch.where(ok, std, torch.ones_like(std)).to(t.dtype), torch.zeros_like(t))
+        score = torch.sigmoid(z)
+        out.append(torch.where(mx > 0, score, torch.zeros_like(score)))
     return out
 
 
@@ -131,43 +119,33 @@ class ImportanceMask(Rule):
         theta0 = locals_(state.buffers("theta0", params))
         i_pre = locals_(state.buffers("importance_pre", params))
         acc = locals_(state.buffers("grad_sum", params))
-        if any_sharded(params):
-            self._after_update_sharded(state, params, theta0, i_pre, acc)
-            return
-        kept = []
-        for p, t0, ip, g in zip(params, theta0, i_pre, acc):
-            c = self.coefficients(ip, psi(g))
-            kept.append(c.mean())
-            p.copy_(torch.lerp(t0, p.to(t0.dtype), c).to(p.dtype))
-        if kept:
-            state.metrics["update_fraction"] = torch.stack([k.to(kept[0].device) for k in kept]).mean()
+        coefs = self.coefficients_all(i_pre, psi_all(acc, params), params)
+        dtype = coefs[0].dtype
+        for p, t0, coef in zip(params, theta0, coefs):
+            w = local(p)
+            w.copy_(torch.lerp(t0, w.to(t0.dtype), coef).to(w.dtype))
+        kept = reduce_rows_(torch.stack([c.sum().to(dtype) for c in coefs]), params)
+        state.metrics["update_fraction"] = torch.stack([k / p.numel() for k, p in zip(kept.unbind(), params)]).mean()
 
-    def _after_update_sharded(self, state: StepState, params, theta0, i_pre, acc) -> None:
-        """As :meth:`after_update` on local shards: ``mean(c[c != 0])`` and the kept fraction of each whole tensor
-        come from reductions over the mesh (one per statistic, vectors over the tensors)."""
-        i_ft = psi_all(acc, params)
+    @staticmethod
+    def coefficients_all(i_pre: list[torch.Tensor], i_ft: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`coefficients` of every tensor; the entries may be local shards of the sharded ``like`` tensors,
+        whose ``mean(c0[c0 != 0])`` then comes from one reduction over the mesh (none when nothing is sharded)."""
         sel = [f > p for f, p in zip(i_ft, i_pre)]
         c0 = [torch.where(s, f / (p + f).clamp_min(torch.finfo(f.dtype).tiny), torch.zeros_like(f))
               for s, f, p in zip(sel, i_ft, i_pre)]
         dtype = c0[0].dtype
-        sums = reduce_rows_(torch.stack([torch.stack([c.sum().to(dtype), s.sum().to(dtype)]) for c, s in zip(c0, sel)]), params)
-        kept_sums = []
-        for p, t0, s, c, (total, count) in zip(params, theta0, sel, c0, sums.unbind()):
+        sums = reduce_rows_(torch.stack([torch.stack([c.sum().to(dtype), s.sum().to(dtype)]) for c, s in zip(c0, sel)]), like)
+        out = []
+        for s, c, (total, count) in zip(sel, c0, sums.unbind()):
             mean_nz = total / count.clamp_min(1)
-            coef = torch.where(s, (c / mean_nz.clamp_min(torch.finfo(c.dtype).tiny)).clamp_max(1.0), torch.zeros_like(c))
-            kept_sums.append(coef.sum().to(dtype))
-            w = local(p)
-            w.copy_(torch.lerp(t0, w.to(t0.dtype), coef).to(w.dtype))
-        kept = reduce_rows_(torch.stack(kept_sums), params)
-        state.metrics["update_fraction"] = torch.stack([k / p.numel() for k, p in zip(kept.unbind(), params)]).mean()
+            out.append(torch.where(s, (c / mean_nz.clamp_min(torch.finfo(c.dtype).tiny)).clamp_max(1.0), torch.zeros_like(c)))
+        return out
 
     @staticmethod
     def coefficients(i_pre: torch.Tensor, i_ft: torch.Tensor) -> torch.Tensor:
         """``c = min(1, c0 / mean(c0[c0 != 0]))`` with ``c0 = I_ft / (I_pre + I_ft)`` where ``I_ft > I_pre``."""
-        sel = i_ft > i_pre
-        c = torch.where(sel, i_ft / (i_pre + i_ft).clamp_min(torch.finfo(i_ft.dtype).tiny), torch.zeros_like(i_ft))
-        mean_nz = c.sum() / sel.sum().clamp_min(1)
-        return torch.where(sel, (c / mean_nz.clamp_min(torch.finfo(c.dtype).tiny)).clamp_max(1.0), torch.zeros_like(c))
+        return ImportanceMask.coefficients_all([i_pre], [i_ft], [i_pre])[0]
 
 
 def _zeros_fp32(p: torch.Tensor) -> torch.Tensor:
