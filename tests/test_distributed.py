@@ -203,31 +203,6 @@ def test_fresh_optimizer_state_dict_is_a_complete_template():
         flatpeft.create_optimizer(make_lora_mlp(), "sam", lr=0.05).step()  # a real closure-less misuse still errors
 
 
-@pytest.mark.parametrize("method", ["eflat-lora", "spider", "flatpo-lagged", "sam"])
-def test_older_state_dict_layout_still_loads(method):
-    """The layout of flatpeft <= 0.2 (all buffers under ``state["flatpeft"]``) resumes exactly."""
-    from test_engine_paths import legacy_state_dict
-
-    kw = {"spider": {"mask_scope": "all"}, "sam": {"ascent_every": 2}}.get(method, {"total_steps": 6})
-    data = _batches(4)
-    ref = make_lora_mlp()
-    o_ref = flatpeft.create_optimizer(ref, method, lr=0.05, **kw)
-    _train(ref, o_ref, data)
-    model = make_lora_mlp()
-    opt = flatpeft.create_optimizer(model, method, lr=0.05, **kw)
-    _train(model, opt, data[:2])
-    buf = io.BytesIO()
-    torch.save(legacy_state_dict(opt.state_dict()), buf)
-    buf.seek(0)
-    fresh = make_lora_mlp()
-    fresh.load_state_dict(model.state_dict())
-    opt2 = flatpeft.create_optimizer(fresh, method, lr=0.05, **kw)
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
-    _train(fresh, opt2, data[2:])
-    for n, p in ref.named_parameters():
-        assert torch.equal(p, dict(fresh.named_parameters())[n]), n
-
-
 # ------------------------------------------------------------------------------------- Trainer, 2 ranks
 TRAINER_WORKER = Path(__file__).with_name("trainer_dist_worker.py")
 

@@ -432,9 +432,9 @@ def test_lr_scheduler_acts_through_shared_param_groups():
 def test_rho_schedule_cosine_defaults_for_flat_lora():
     opt = flatpeft.create_optimizer(make_lora_mlp(), "flat-lora", total_steps=10)
     assert opt.current_rho() == pytest.approx(0.05)
-    opt.state.setdefault("flatpeft", {"step": 0, "buffers": {}})["step"] = 5
+    opt._own["step"] = 5
     assert opt.current_rho() == pytest.approx(0.035)
-    opt.state["flatpeft"]["step"] = 10
+    opt._own["step"] = 10
     assert opt.current_rho() == pytest.approx(0.02)
 
 

@@ -8,8 +8,8 @@ lives on the wrapper, apart from the base optimizer's per-parameter state (so th
 initialisation, e.g. Adam's ``len(state[p]) == 0``, is never disturbed); ``state_dict()`` writes it into each
 parameter's entry under ``"flatpeft.<buffer>"`` keys and the step counter into every parameter group
 (``"flatpeft_step"``), so ``torch.distributed.checkpoint`` maps every buffer to its parameter's name and shards it
-like the parameter (FSDP2). ``load_state_dict`` takes these keys out again before the base optimizer sees them
-(never cast to the parameter dtype), and still reads the older layout with a ``"flatpeft"`` entry.
+like the parameter (FSDP2). ``load_state_dict`` takes these keys out again before the base optimizer's state is
+loaded (never cast to the parameter dtype). Both are torch's optimizer state-dict hooks, not overrides.
 
 Closure API (``step(closure)``)::
 
@@ -40,12 +40,11 @@ from flatpeft._dist import is_dtensor, local
 from flatpeft.adapters.lora import LoRAFactors
 from flatpeft.optim.rng import RNGState
 from flatpeft.perturb.base import StepState
-from flatpeft.perturb.rules import LaggedAscent, Rule
+from flatpeft.perturb.rules import Rule
 from flatpeft.perturb.schedules import scheduled
 
 __all__ = ["SharpnessAware"]
 
-_KEY = "flatpeft"
 _PREFIX = "flatpeft."
 _STEP_KEY = "flatpeft_step"
 
@@ -119,6 +118,11 @@ class SharpnessAware(torch.optim.Optimizer):
         self._frozen_norms: list[nn.Module] = []
         self._store: dict[str, Any] = {"step": 0, "buffers": {}}
         self._check_lora_factors()
+        # flatpeft's state travels in torch's own state dict through its hooks (no override of state_dict)
+        self.register_state_dict_pre_hook(SharpnessAware._before_state_dict)
+        self.register_state_dict_post_hook(SharpnessAware._add_own_state)
+        self.register_load_state_dict_pre_hook(SharpnessAware._take_own_state)
+        self.register_load_state_dict_post_hook(SharpnessAware._share_loaded_state)
 
     def _check_lora_factors(self) -> None:
         """Every LoRA factor a rule keeps state for or reads a learning rate of (:attr:`Rule.lora_factors`) must be
@@ -138,10 +142,8 @@ class SharpnessAware(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state shared with the rules
     @property
     def _own(self) -> dict[str, Any]:
-        """``{"step": int, "buffers": {key: {position: tensor}}}``; a dict put at ``state["flatpeft"]`` (the layout
-        of older flatpeft versions) is used instead while it is there."""
-        legacy = self.state.get(_KEY) if _KEY in self.state else None
-        return legacy if legacy is not None else self._store
+        """``{"step": int, "buffers": {key: {position: tensor}}}``: the method's own state."""
+        return self._store
 
     @property
     def passes(self) -> int:
@@ -400,42 +402,39 @@ class SharpnessAware(torch.optim.Optimizer):
             for key, params, init in rule.persistent(state):
                 state.buffers(key, params, init)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus flatpeft's state: each persistent buffer of a parameter in that
-        parameter's entry under ``"flatpeft.<key>"`` (a DTensor shaped like the parameter under FSDP2, so
-        ``torch.distributed.checkpoint`` shards it), and the step counter as ``"flatpeft_step"`` in every group."""
-        if self._perturbed:
+    @staticmethod
+    def _before_state_dict(opt: "SharpnessAware") -> None:
+        """State-dict pre-hook: refuse while perturbed; create every buffer, so the state dict of a fresh optimizer
+        is a complete template for ``torch.distributed.checkpoint.load``."""
+        if opt._perturbed:
             raise RuntimeError("state_dict() while the weights are perturbed: call it outside first_step()/second_step()")
-        self.materialize_state()
-        sd = self.base_optimizer.state_dict()
-        inner = {k: v for k, v in sd["state"].items() if k != _KEY}
-        for key, slot in self._own["buffers"].items():
+        opt.materialize_state()
+
+    @staticmethod
+    def _add_own_state(opt: "SharpnessAware", sd: dict[str, Any]) -> dict[str, Any]:
+        """State-dict post-hook: each persistent buffer of a parameter in that parameter's entry under
+        ``"flatpeft.<key>"`` (a DTensor shaped like the parameter under FSDP2, so ``torch.distributed.checkpoint``
+        shards it), and the step counter as ``"flatpeft_step"`` in every group."""
+        inner = dict(sd["state"])
+        for key, slot in opt._own["buffers"].items():
             for position, tensor in slot.items():
                 inner[position] = {**inner.get(position, {}), _PREFIX + key: tensor}  # never the live entry
         sd["state"] = {k: inner[k] for k in sorted(inner)}
-        step = self.step_count
+        step = opt.step_count
         sd["param_groups"] = [{**g, _STEP_KEY: step} for g in sd["param_groups"]]
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` (parameter keys may be positions or, through
-        ``torch.distributed.checkpoint``, parameter names); flatpeft's buffers are taken as saved, not cast to
-        parameter dtypes.
-
-        Also reads the older layout (everything under ``state["flatpeft"]``, keyed by position). EFlat-LoRA's
-        (and ``flatpo-lagged``'s) lagged perturbation is its ``"ema"`` buffer; the copy under ``"lagged"`` that
-        earlier checkpoints also hold is dropped on load.
-        """
+    @staticmethod
+    def _take_own_state(opt: "SharpnessAware", state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Load pre-hook: take the ``"flatpeft.<key>"`` entries and ``"flatpeft_step"`` out (parameter keys may be
+        positions or, through ``torch.distributed.checkpoint``, names), so the base optimizer's state is loaded as
+        torch loads it and flatpeft's buffers are taken as saved, never cast to the parameter dtypes."""
         groups = [dict(g) for g in state_dict["param_groups"]]
         steps = [g.pop(_STEP_KEY) for g in groups if _STEP_KEY in g]
         position_of = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
         inner: dict[Any, Any] = {}
         buffers: dict[str, dict[int, torch.Tensor]] = {}
-        legacy = None
         for k, entry in state_dict["state"].items():
-            if k == _KEY:
-                legacy = entry
-                continue
             base_entry = {}
             for name, value in entry.items():
                 if isinstance(name, str) and name.startswith(_PREFIX):
@@ -444,19 +443,22 @@ class SharpnessAware(torch.optim.Optimizer):
                     base_entry[name] = value
             if base_entry:
                 inner[k] = base_entry
-        self.base_optimizer.load_state_dict({**state_dict, "state": inner, "param_groups": groups})
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        step = int(steps[0]) if steps else 0
-        if legacy is not None:
-            step = int(legacy.get("step", 0))
-            buffers = {key: {int(i): t for i, t in store.items()} for key, store in legacy.get("buffers", {}).items()}
-        self.sync_parameters()
-        buffers = {key: {i: self._placed(t, self.trainable[i]) for i, t in store.items()} for key, store in buffers.items()}
-        lagged_keys = {r.key for r in self.rules if isinstance(r, LaggedAscent)}
-        if "lagged" in buffers and lagged_keys and "lagged" not in lagged_keys:
-            del buffers["lagged"]  # earlier builds also held the EMA as "lagged": it is the "ema" buffer now
-        self._store = {"step": step, "buffers": buffers}
+        opt._loaded = {"step": int(steps[0]) if steps else 0, "buffers": buffers}
+        return {**state_dict, "state": inner, "param_groups": groups}
+
+    @staticmethod
+    def _share_loaded_state(opt: "SharpnessAware") -> None:
+        """Load post-hook: torch's ``load_state_dict`` gave the wrapper new ``state`` / ``param_groups`` objects; hand
+        them to the base optimizer (through its own ``__setstate__``, which fills its defaults) and share them again,
+        then place flatpeft's buffers like their parameters."""
+        opt.base_optimizer.__setstate__({"state": opt.state, "param_groups": opt.param_groups})
+        opt.param_groups = opt.base_optimizer.param_groups
+        opt.state = opt.base_optimizer.state
+        loaded = opt.__dict__.pop("_loaded")
+        opt.sync_parameters()
+        buffers = {key: {i: opt._placed(t, opt.trainable[i]) for i, t in store.items()}
+                   for key, store in loaded["buffers"].items()}
+        opt._store = {"step": loaded["step"], "buffers": buffers}
 
     @staticmethod
     def _placed(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
