@@ -13,7 +13,9 @@ One experiment is one :class:`ExperimentConfig`::
 
 Every field has a default and a help text (``field(metadata={"help": ...})``, the peft convention);
 unknown keys are rejected with the key's name and the valid ones (litgpt / peft style, never silently
-dropped). ``--set a.b=value`` overrides are applied to the raw mapping *before* validation, so they are
+dropped). YAML is read safely with YAML 1.2 core-schema scalars (:func:`safe_load_yaml`: ``010`` is 10, ``1:30``
+and ``yes`` are strings), a key given twice is an error and alias expansion is bounded; error messages show
+values cut to 200 characters. ``--set a.b=value`` overrides are applied to the raw mapping *before* validation, so they are
 checked exactly like keys in the file. :func:`config_to_dict` and :func:`config_from_dict` round-trip.
 
 Paths: ``data.train`` / ``data.test`` are a file path (CSV, JSONL/JSON, Parquet) or a built-in reference
@@ -229,7 +231,8 @@ class DataConfig:
         "your own data.train and no data.test there is no test set, so train.eval_splits must not contain test."))
     text_column: str = field(default="text", metadata=_help("Column holding the input text."))
     label_column: str = field(default="label", metadata=_help(
-        "Column holding the class label (strings or integers; classes are the sorted unique values of the train pool)."))
+        "Column holding the class label (strings or integers, one kind per file; classes are the sorted unique values "
+        "of the train pool)."))
     shots: int | None = field(default=16, metadata=_help(
         "Examples per class drawn (with the run seed) from the train pool after the validation split is "
         "carved off; null uses the whole remaining pool."))
@@ -239,7 +242,9 @@ class DataConfig:
     val_seed: int = field(default=1234, metadata=_help(
         "Seed of the validation carve-out (0 .. 2**32 - 1); fixed so every run and method sees the same validation "
         "split."))
-    max_length: int = field(default=128, metadata=_help("Tokenizer truncation length (tokens)."))
+    max_length: int = field(default=128, metadata=_help(
+        "Tokenizer truncation length (tokens); at most the model's positions (less peft.num_virtual_tokens for "
+        "prompt / prefix tuning)."))
     drop_missing: bool = field(default=False, metadata=_help(
         "Rows whose text or label is empty / missing are refused (the error names file, row and column); true "
         "drops them instead and reports how many were dropped."))
@@ -271,7 +276,8 @@ class PeftSettings:
         "Module names (or one regex string) LoRA wraps; null lets peft pick its default for the architecture."))
     num_virtual_tokens: int = field(default=10, metadata=_help("Virtual tokens for prefix / prompt tuning."))
     modules_to_save: list[str] | None = field(default=None, metadata=_help(
-        "Extra fully trained modules; null lets the task choose (the classification head for text_classification)."))
+        "Extra fully trained modules (each name must match a module of the model); null lets the task choose (the "
+        "classification head for text_classification)."))
 
     def __post_init__(self) -> None:
         if self.type not in PEFT_TYPES:
@@ -308,7 +314,8 @@ class TrainConfig:
         "Evaluate the validation split at these steps during training (val_accuracy / val_macro_f1 lines in "
         "metrics.jsonl and TensorBoard): learning curves for choosing steps and lr without touching the test "
         "split. Not counted in time_per_step."))
-    device: str = field(default="auto", metadata=_help("torch device; auto picks cuda when available, else cpu."))
+    device: str = field(default="auto", metadata=_help(
+        "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."))
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_batch_size"):
@@ -338,7 +345,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("Data files, sampling and tokenisation."))
     peft: PeftSettings = field(default_factory=PeftSettings, metadata=_help("Adapter type and hyper-parameters."))
     method: dict[str, Any] = field(default_factory=lambda: {"name": "base"}, metadata=_help(
-        "Optimisation method: name (a registered method: flatpeft methods) plus any create_optimizer keyword (rho, fraction, ...)."))
+        "Optimisation method: name (a registered method: flatpeft methods) plus any create_optimizer keyword (rho, "
+        "fraction, ...) except those train holds (lr, base_optimizer, total_steps, weight_decay)."))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("Training loop settings."))
     task_args: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "Task-specific options, validated by the task's own args dataclass."))
