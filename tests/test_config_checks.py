@@ -226,11 +226,22 @@ def test_mixed_label_types_are_refused_naming_file_and_line(tiny_file, tmp_path,
         assert needle in err, err
 
 
-def test_integer_labels_in_jsonl_still_train(tiny, tmp_path):
+def test_labels_of_one_kind_pass():
     from flatpeft.experiments.text_classification import check_label_types
 
     df = pd.DataFrame({"label": [0, 1, 1, None]})
     check_label_types(df, "label", Path("x.jsonl"), "data.train")  # numbers and a missing label: fine
+
+
+def test_module_names_match_the_way_peft_matches_them():
+    from collections import OrderedDict
+
+    from flatpeft.experiments.tasks import check_module_names
+
+    model = torch.nn.Sequential(OrderedDict(body=torch.nn.Sequential(OrderedDict(head=torch.nn.Linear(2, 2)))))
+    check_module_names(model, ["head", "body.head"], "peft.modules_to_save", "m")  # suffixes of module names
+    with pytest.raises(ValueError, match="peft.modules_to_save: no module of 'm' is named 'tail'"):
+        check_module_names(model, ["head", "tail"], "peft.modules_to_save", "m")
 
 
 def test_unknown_modules_to_save_is_refused(tiny_file, tmp_path, capsys):
