@@ -151,6 +151,8 @@ BAD = [
     (["method.name=sam", "method.replay_rng=abc"], ["replay_rng", "'abc'"]),
     (["method.name=flatpo", "method.selection=[1]"], ["selection", "[1]", "a string"]),
     (["data.test=null", "train.eval_splits=[val]", "task_args.shift=drinks"], ["task_args.shift", "data.test"]),
+    (["data.val_size=0", "train.eval_splits=[test, val]"], ["data.val_size is 0", "no validation split"]),
+    (["data.val_size=0", "train.val_eval_steps=[1]"], ["data.val_size is 0", "train.val_eval_steps"]),
 ]
 
 

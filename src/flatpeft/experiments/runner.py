@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import (SEED_MAX, ExperimentConfig, absolutize_paths, check_model_ref, config_from_dict, config_to_dict,
-                     missing_keys, read_config_mapping, save_config)
+from .config import (SEED_MAX, ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
+                     read_config_mapping, resolve_model_path, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
                      check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
                      staging_dir, write_json, write_manifest)
@@ -109,12 +109,13 @@ def validate_config(cfg: ExperimentConfig, methods: Sequence[str] | None = None)
     """Every check that needs no model or data load: what ``train``, ``compare`` and ``config`` refuse alike.
 
     Method names and keywords (each of ``methods``, default ``cfg.method["name"]``; keywords are checked by
-    ``create_optimizer`` on a tiny LoRA model), the name of a built-in model, the task name, ``task_args`` and
-    the task's own config checks (data files, the test set) and the device. Raises ``ValueError`` naming the key.
+    ``create_optimizer`` on a tiny LoRA model), a built-in model (its name, and that it is prepared), the task
+    name, ``task_args`` and the task's own config checks (data files, the test set) and the device. Raises
+    ``ValueError`` naming the key (``AssetMissingError`` for an asset that is not prepared).
     """
     import flatpeft
 
-    check_model_ref(cfg.model)
+    resolve_model_path(cfg.model)  # builtin:<name>: known and prepared, as train needs it; other names unchanged
     names = [cfg.method["name"]] if methods is None else list(methods)
     for name in names:
         check_method_name(name)

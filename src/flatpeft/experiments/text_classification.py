@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from flatpeft._checks import short_repr
+
 from .config import ExperimentConfig, parse_dataclass, resolve_data_path, resolve_model_path, resolve_test_ref
 from .tasks import Task, check_module_names, register_task
 
@@ -217,7 +219,7 @@ def check_missing(df: pd.DataFrame, columns: tuple[str, ...], path: Path, field_
 
 def _label_kind(value: Any) -> str | None:
     """What a label is, for :func:`check_label_types`: "a string", "a number", "a boolean", ... (None: missing)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return None
     if isinstance(value, (bool, np.bool_)):
         return "a boolean"
@@ -250,10 +252,8 @@ def check_label_types(df: pd.DataFrame, column: str, path: Path, field_name: str
     other = next((i for i in present if kinds[i] != kinds[first]), None)
     if other is None:
         return
-    from .config import _short
-
-    raise ValueError(f"{field_name}: {_where(df, path, other)}: label {_short(values[other])} in column {column!r} "
-                     f"is {kinds[other]}, but {_where(df, path, first)} has label {_short(values[first])}, "
+    raise ValueError(f"{field_name}: {_where(df, path, other)}: label {short_repr(values[other])} in column "
+                     f"{column!r} is {kinds[other]}, but {_where(df, path, first)} has label {short_repr(values[first])}, "
                      f"{kinds[first]}; the labels of a file must be all strings or all numbers (else 1 and \"1\" "
                      "would be two classes): write them alike")
 
@@ -395,6 +395,10 @@ class TextClassificationTask(Task):
             resolve_data_path(test, "data.test")
         if parse_dataclass(cls.args_cls, cfg.task_args, "task_args.").shift is not None and test is None:
             raise ValueError("task_args.shift needs a test set (data.test)")
+        if cfg.data.val_size == 0 and ("val" in cfg.train.eval_splits or cfg.train.val_eval_steps):
+            what = "train.eval_splits contains val" if "val" in cfg.train.eval_splits else "train.val_eval_steps is set"
+            raise ValueError(f"data.val_size is 0, so there is no validation split, but {what}: set data.val_size "
+                             "to a positive number or drop the validation evaluation")
 
     def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
         super().__init__(cfg, seed)
@@ -415,6 +419,9 @@ class TextClassificationTask(Task):
         test = read_examples(test_path, cols, "data.test", d.drop_missing) if test_path is not None else pool.iloc[:0]
         if self.args.shift is not None:
             pool, test = apply_shift(pool, test, d.text_column, self.args.shift)
+            if test.empty or pool.empty:
+                raise ValueError(f"task_args.shift={self.args.shift}: no {'test' if test.empty else 'training'} "
+                                 f"examples are left in {test_path if test.empty else train_path}")
         if self.args.test_size is not None and self.args.test_size < len(test):
             keep = np.sort(np.random.default_rng(2024).choice(len(test), size=self.args.test_size, replace=False))
             test = test.iloc[keep].reset_index(drop=True)
