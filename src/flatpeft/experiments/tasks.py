@@ -85,7 +85,7 @@ def check_module_names(model: torch.nn.Module, names: list[str], key: str, model
     modules = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
     missing = [name for name in names if not any(n.endswith(name) for n in modules)]
     if missing:
-        tops = sorted({n.split(".")[-1] for n in modules})
+        tops = sorted({last for last in (n.split(".")[-1] for n in modules) if not last.isdigit()})
         shown = ", ".join(tops[:12]) + (", ..." if len(tops) > 12 else "")
         raise ValueError(f"{key}: no module of {model_name!r} is named {missing[0]!r} (module names end in: {shown})")
 
