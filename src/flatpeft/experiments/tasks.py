@@ -34,6 +34,8 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from flatpeft._checks import short_repr
+
 from .config import ExperimentConfig, parse_dataclass
 
 __all__ = ["Task", "NoArgs", "register_task", "get_task", "available_tasks", "TASKS", "LAZY_TASK_MODULES",
@@ -63,19 +65,19 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"train.device: invalid device {name!r}: {err}") from None
+        raise ValueError(f"train.device: invalid device {short_repr(name)}: {str(err)[:200]}") from None
     if device.type not in TRAIN_DEVICE_TYPES:
-        raise ValueError(f"train.device: {name!r} is not a device flatpeft trains on (valid: auto, "
+        raise ValueError(f"train.device: {short_repr(name)} is not a device flatpeft trains on (valid: auto, "
                          f"{', '.join(TRAIN_DEVICE_TYPES)}, cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device: {name!r} asked for, but torch finds no CUDA GPU on this machine "
+            raise ValueError(f"train.device: {short_repr(name)} asked for, but torch finds no CUDA GPU on this machine "
                              "(torch.cuda.is_available() is False); use auto or cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"train.device: {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+            raise ValueError(f"train.device: {short_repr(name)} asked for, but this machine has {torch.cuda.device_count()} "
                              "CUDA device(s)")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"train.device: {name!r} asked for, but MPS is not available on this machine; use auto or cpu")
+        raise ValueError(f"train.device: {short_repr(name)} asked for, but MPS is not available on this machine; use auto or cpu")
     return device
 
 
