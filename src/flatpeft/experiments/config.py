@@ -15,8 +15,8 @@ Every field has a default and a help text (``field(metadata={"help": ...})``, th
 unknown keys are rejected with the key's name and the valid ones (litgpt / peft style, never silently
 dropped). YAML is read safely with YAML 1.2 core-schema scalars (:func:`safe_load_yaml`: ``010`` is 10, ``1:30``
 and ``yes`` are strings), a key given twice is an error and alias expansion is bounded; error messages show
-values cut to 200 characters. ``--set a.b=value`` overrides are applied to the raw mapping *before* validation, so they are
-checked exactly like keys in the file. :func:`config_to_dict` and :func:`config_from_dict` round-trip.
+values cut to 200 characters. ``--set a.b=value`` overrides are applied to the raw mapping *before*
+validation, so they are checked exactly like keys in the file. :func:`config_to_dict` and :func:`config_from_dict` round-trip.
 
 Paths: ``data.train`` / ``data.test`` are a file path (CSV, JSONL/JSON, Parquet) or a built-in reference
 ``builtin:<dataset>/<split>`` (e.g. ``builtin:finefoods/train``, resolved by :func:`resolve_data_path`
