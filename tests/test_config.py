@@ -76,11 +76,11 @@ def test_bad_values_name_the_field(raw, needle):
 def test_overrides_parse_yaml_and_reach_nested_fields(tmp_path):
     path = C.save_config(C.ExperimentConfig(), tmp_path / "c.yaml")
     cfg = C.load_config(path, ["train.lr=1e-3", "train.steps=12", "peft.target_modules=[query, key]",
-                               "method.name=sam", "method.rho=0.2", "task_args.anything=yes", "data.shots=null"])
+                               "method.name=sam", "method.rho=0.2", "task_args.anything=true", "task_args.word=yes", "data.shots=null"])
     assert cfg.train.lr == 1e-3 and cfg.train.steps == 12
     assert cfg.peft.target_modules == ["query", "key"]
     assert cfg.method == {"name": "sam", "rho": 0.2}
-    assert cfg.task_args == {"anything": True}
+    assert cfg.task_args == {"anything": True, "word": "yes"}  # YAML 1.2: only true / false are booleans
     assert cfg.data.shots is None
 
 

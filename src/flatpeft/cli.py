@@ -31,19 +31,39 @@ __all__ = ["main", "build_parser", "PLUGIN_MODULES"]
 PLUGIN_MODULES: list[str] = ["flatpeft.analysis.commands", "flatpeft.experiments.suite"]
 
 
+def _output_dir(text: str) -> Path:
+    """``--output-dir``: a non-empty path (``Path("")`` would silently mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (give a directory)")
+    return Path(text)
+
+
+def _load_checked(args: argparse.Namespace, methods: list[str] | None = None):
+    """The config of ``args.config`` with ``--set`` and ``--output-dir`` applied, validated by
+    :func:`~flatpeft.experiments.runner.validate_config`: ``config``, ``train`` and ``compare`` refuse alike."""
+    from flatpeft.experiments.config import load_config
+    from flatpeft.experiments.runner import validate_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir is not None:
+        cfg.output_dir = str(args.output_dir)
+    validate_config(cfg, methods)
+    return cfg
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="experiment YAML (see docs/cli.md for every key)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                    help="override a config field (value parsed as YAML), e.g. --set train.steps=100 "
                         "--set method.rho=0.1; repeatable")
-    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default: output_dir of the config)")
+    p.add_argument("--output-dir", type=_output_dir, default=None,
+                   help="run directory (default: output_dir of the config)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from flatpeft.experiments.config import load_config
     from flatpeft.experiments.runner import train_run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked(args)
     metrics = train_run(cfg, out_dir=args.output_dir, overwrite=args.overwrite, progress=not args.quiet)
     out = Path(args.output_dir or cfg.output_dir).expanduser()
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -74,11 +94,10 @@ def _parse_seeds(text: str) -> int | list[int]:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from flatpeft.experiments.config import load_config
     from flatpeft.experiments.runner import compare
 
-    cfg = load_config(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cfg = _load_checked(args, methods or None)
     result = compare(cfg, methods, _parse_seeds(args.seeds), out_dir=args.output_dir, overwrite=args.overwrite,
                      resume=args.resume, progress=not args.quiet)
     print(result.markdown)
@@ -118,16 +137,10 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    import yaml
+    from flatpeft.experiments.config import config_to_dict, dump_yaml
 
-    from flatpeft.experiments.config import config_to_dict, load_config
-    from flatpeft.experiments.runner import validate_config
-
-    cfg = load_config(args.config, args.overrides)
-    if args.output_dir is not None:
-        cfg.output_dir = str(args.output_dir)
-    validate_config(cfg)  # exactly the checks train runs before loading the model
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    cfg = _load_checked(args)  # exactly the checks train runs before loading the model
+    print(dump_yaml(config_to_dict(cfg)), end="")
     return 0
 
 

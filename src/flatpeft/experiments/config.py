@@ -13,8 +13,10 @@ One experiment is one :class:`ExperimentConfig`::
 
 Every field has a default and a help text (``field(metadata={"help": ...})``, the peft convention);
 unknown keys are rejected with the key's name and the valid ones (litgpt / peft style, never silently
-dropped). ``--set a.b=value`` overrides are applied to the raw mapping *before* validation, so they are
-checked exactly like keys in the file. :func:`config_to_dict` and :func:`config_from_dict` round-trip.
+dropped). YAML is read safely with YAML 1.2 core-schema scalars (:func:`safe_load_yaml`: ``010`` is 10, ``1:30``
+and ``yes`` are strings), a key given twice is an error and alias expansion is bounded; error messages show
+values cut to 200 characters. ``--set a.b=value`` overrides are applied to the raw mapping *before*
+validation, so they are checked exactly like keys in the file. :func:`config_to_dict` and :func:`config_from_dict` round-trip.
 
 Paths: ``data.train`` / ``data.test`` are a file path (CSV, JSONL/JSON, Parquet) or a built-in reference
 ``builtin:<dataset>/<split>`` (e.g. ``builtin:finefoods/train``, resolved by :func:`resolve_data_path`
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from flatpeft._checks import SEED_MAX, check_seed, short_repr as _short
 
 __all__ = [
     "DataConfig",
@@ -58,6 +62,9 @@ __all__ = [
     "parse_dataclass",
     "field_help",
     "resolve_model_path",
+    "check_model_ref",
+    "dump_yaml",
+    "MAX_CONFIG_VALUES",
     "resolve_data_path",
     "absolutize_paths",
 ]
@@ -66,24 +73,146 @@ BUILTIN_PREFIX = "builtin:"
 PEFT_TYPES = ("lora", "prefix", "prompt", "none")
 
 
+#: Implicit resolvers of YAML 1.1 that the loader replaces by the YAML 1.2 core schema's (or drops: timestamps,
+#: ``=``): ``010`` is 10, not 8; ``1:30`` is a string, not 90; ``yes`` / ``on`` are strings, not booleans.
+_YAML11_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp", "value")}
+
+#: Most values a config may hold once every alias (``*name``) is expanded (a "billion laughs" document is refused).
+MAX_CONFIG_VALUES = 100_000
+
+
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``5e-4`` / ``1E3`` as floats (YAML 1.2 behaviour; 1.1 needs a dot)."""
+    """``yaml.SafeLoader`` with YAML 1.2 core-schema scalars, refusing duplicate mapping keys.
+
+    Scalars: ``true`` / ``false`` (any case) are booleans, ``[-+]?[0-9]+`` a decimal integer (``010`` is 10),
+    ``0o17`` / ``0xff`` octal / hexadecimal integers, ``5e-4`` / ``1.5`` / ``.inf`` / ``.nan`` floats, ``null`` /
+    ``~`` / empty null; everything else (``1:30``, ``yes``, ``2024-01-01``, ``1_000``) is a string. A mapping
+    that names one key twice is an error naming the key and both lines (YAML 1.1 kept the last one silently).
+    """
+
+    yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        """The mapping of ``node``; a key given twice raises ``ConstructorError`` naming it and both lines."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _ConfigYAMLError(f"line {line}: duplicate key {_short(key)} (also on line {seen[key]}); "
+                                           "YAML would keep only the last one: give each key once")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
+class _ConfigYAMLError(yaml.YAMLError):
+    """A YAML document flatpeft refuses (duplicate keys, too many values through aliases, a bad scalar)."""
+
+
+def _construct_core_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 core integer: decimal (leading zeros stay decimal), ``0o`` octal or ``0x`` hexadecimal."""
+    text = loader.construct_scalar(node)
+    try:
+        if text[:2] in ("0o", "0x"):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text)
+    except ValueError:
+        raise _ConfigYAMLError(f"line {node.start_mark.line + 1}: {_short(text)} is not an integer") from None
+
+
+def _construct_core_float(loader: _Loader, node: yaml.ScalarNode) -> float:
+    """A YAML 1.2 core float (``1.5``, ``5e-4``, ``.inf``, ``-.inf``, ``.nan``)."""
+    text = loader.construct_scalar(node)
+    special = {".inf": float("inf"), "+.inf": float("inf"), "-.inf": float("-inf"), ".nan": float("nan")}
+    try:
+        return special[text.lower()] if text.lower() in special else float(text)
+    except ValueError:
+        raise _ConfigYAMLError(f"line {node.start_mark.line + 1}: {_short(text)} is not a number") from None
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_core_float)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expanded_size(root: yaml.Node, limit: int = MAX_CONFIG_VALUES) -> None:
+    """Refuse a document whose aliases expand it beyond ``limit`` values, or that holds a recursive alias.
+
+    Linear in the composed document (each node's expanded size is computed once), so a few hundred bytes of
+    nested aliases ("billion laughs") are refused at once instead of being expanded (or printed) in full.
+    """
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            active.discard(id(node))
+            size[id(node)] = min(1 + sum(size[id(c)] for c in _children(node)), limit + 1)
+            continue
+        if id(node) in size:
+            continue
+        active.add(id(node))
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in active:
+                raise _ConfigYAMLError(f"line {child.start_mark.line + 1}: an alias refers to a value that "
+                                       "contains it (recursive alias)")
+            if id(child) not in size:
+                stack.append((child, False))
+    if size[id(root)] > limit:
+        raise _ConfigYAMLError(f"its aliases (*name) expand it to more than {limit} values; flatpeft refuses "
+                               "such a document")
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that also quotes strings the loader would read as another type (``0o17``, ``1e5``)."""
+
+
+for _ch, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    for _tag, _rx in _resolvers:
+        _Dumper.add_implicit_resolver(_tag, _rx, [_ch])
+
+
+def dump_yaml(data: Any) -> str:
+    """``yaml.safe_dump(data, sort_keys=False)`` that :func:`safe_load_yaml` reads back equal."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def safe_load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` semantics (no object construction) with YAML 1.2 floats (``5e-4``)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader subclasses SafeLoader
+    """``yaml.safe_load`` semantics (no object construction) with YAML 1.2 core-schema scalars (``5e-4`` is a
+    float, ``010`` is 10, ``1:30`` and ``yes`` are strings), duplicate keys refused and alias expansion bounded
+    (:data:`MAX_CONFIG_VALUES`). Errors are ``yaml.YAMLError``."""
+    loader = _Loader(text)  # noqa: S506 - _Loader subclasses SafeLoader
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _help(text: str) -> dict[str, str]:
@@ -102,7 +231,8 @@ class DataConfig:
         "your own data.train and no data.test there is no test set, so train.eval_splits must not contain test."))
     text_column: str = field(default="text", metadata=_help("Column holding the input text."))
     label_column: str = field(default="label", metadata=_help(
-        "Column holding the class label (strings or integers; classes are the sorted unique values of the train pool)."))
+        "Column holding the class label (strings or integers, one kind per file; classes are the sorted unique values "
+        "of the train pool)."))
     shots: int | None = field(default=16, metadata=_help(
         "Examples per class drawn (with the run seed) from the train pool after the validation split is "
         "carved off; null uses the whole remaining pool."))
@@ -110,23 +240,27 @@ class DataConfig:
         "Size of the fixed validation split carved from the train pool first (seed data.val_seed, "
         "independent of the run seed); 0 disables it."))
     val_seed: int = field(default=1234, metadata=_help(
-        "Seed of the validation carve-out; fixed so every run and method sees the same validation split."))
-    max_length: int = field(default=128, metadata=_help("Tokenizer truncation length (tokens)."))
+        "Seed of the validation carve-out (0 .. 2**32 - 1); fixed so every run and method sees the same validation "
+        "split."))
+    max_length: int = field(default=128, metadata=_help(
+        "Tokenizer truncation length (tokens); at most the model's positions (less peft.num_virtual_tokens for "
+        "prompt / prefix tuning)."))
     drop_missing: bool = field(default=False, metadata=_help(
         "Rows whose text or label is empty / missing are refused (the error names file, row and column); true "
         "drops them instead and reports how many were dropped."))
 
     def __post_init__(self) -> None:
         if self.shots is not None and (not isinstance(self.shots, int) or self.shots < 1):
-            raise ValueError(f"data.shots must be a positive integer or null, got {self.shots!r}")
+            raise ValueError(f"data.shots must be a positive integer or null, got {_short(self.shots)}")
         if not isinstance(self.val_size, int) or self.val_size < 0:
-            raise ValueError(f"data.val_size must be a non-negative integer, got {self.val_size!r}")
+            raise ValueError(f"data.val_size must be a non-negative integer, got {_short(self.val_size)}")
         if not isinstance(self.max_length, int) or self.max_length < 1:
-            raise ValueError(f"data.max_length must be a positive integer, got {self.max_length!r}")
+            raise ValueError(f"data.max_length must be a positive integer, got {_short(self.max_length)}")
+        check_seed("data.val_seed", self.val_seed)
         for name in ("train", "test", "text_column", "label_column"):
             value = getattr(self, name)
             if (value is not None or name != "test") and (not isinstance(value, str) or not value):
-                raise ValueError(f"data.{name} must be a non-empty string, got {value!r}")
+                raise ValueError(f"data.{name} must be a non-empty string, got {_short(value)}")
 
 
 @dataclass
@@ -142,17 +276,18 @@ class PeftSettings:
         "Module names (or one regex string) LoRA wraps; null lets peft pick its default for the architecture."))
     num_virtual_tokens: int = field(default=10, metadata=_help("Virtual tokens for prefix / prompt tuning."))
     modules_to_save: list[str] | None = field(default=None, metadata=_help(
-        "Extra fully trained modules; null lets the task choose (the classification head for text_classification)."))
+        "Extra fully trained modules (each name must match a module of the model); null lets the task choose (the "
+        "classification head for text_classification)."))
 
     def __post_init__(self) -> None:
         if self.type not in PEFT_TYPES:
-            raise ValueError(f"peft.type must be one of {list(PEFT_TYPES)}, got {self.type!r}")
+            raise ValueError(f"peft.type must be one of {list(PEFT_TYPES)}, got {_short(self.type)}")
         if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"peft.r must be a positive integer, got {self.r!r}")
+            raise ValueError(f"peft.r must be a positive integer, got {_short(self.r)}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"peft.dropout must be in [0, 1), got {_short(self.dropout)}")
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
-            raise ValueError(f"peft.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+            raise ValueError(f"peft.num_virtual_tokens must be a positive integer, got {_short(self.num_virtual_tokens)}")
 
 
 @dataclass
@@ -163,8 +298,8 @@ class TrainConfig:
     lr: float = field(default=5.0e-4, metadata=_help("Learning rate of the base optimizer (constant)."))
     batch_size: int = field(default=16, metadata=_help("Training batch size."))
     seed: int = field(default=0, metadata=_help(
-        "Run seed: initialisation, k-shot sample, batch order and dropout stream (compare --seeds N uses "
-        "train.seed .. train.seed+N-1)."))
+        "Run seed (0 .. 2**32 - 1): initialisation, k-shot sample, batch order and dropout stream (compare "
+        "--seeds N uses train.seed .. train.seed+N-1)."))
     base_optimizer: str = field(default="adamw", metadata=_help(
         "Base optimizer wrapped by the method: adamw, adam or sgd (torch defaults otherwise)."))
     weight_decay: float | None = field(default=None, metadata=_help(
@@ -179,21 +314,21 @@ class TrainConfig:
         "Evaluate the validation split at these steps during training (val_accuracy / val_macro_f1 lines in "
         "metrics.jsonl and TensorBoard): learning curves for choosing steps and lr without touching the test "
         "split. Not counted in time_per_step."))
-    device: str = field(default="auto", metadata=_help("torch device; auto picks cuda when available, else cpu."))
+    device: str = field(default="auto", metadata=_help(
+        "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."))
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"train.{name} must be a positive integer, got {_short(value)}")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"train.lr must be a positive number, got {_short(self.lr)}")
+        check_seed("train.seed", self.seed)
         if self.base_optimizer not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"train.base_optimizer must be adamw, adam or sgd, got {self.base_optimizer!r}")
+            raise ValueError(f"train.base_optimizer must be adamw, adam or sgd, got {_short(self.base_optimizer)}")
         if any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= self.steps for s in self.val_eval_steps):
-            raise ValueError(f"train.val_eval_steps must be steps in 1..train.steps={self.steps}, got {self.val_eval_steps!r}")
+            raise ValueError(f"train.val_eval_steps must be steps in 1..train.steps={self.steps}, got {_short(self.val_eval_steps)}")
         bad = [s for s in self.eval_splits if s not in ("test", "train", "val")]
         if bad:
             raise ValueError(f"train.eval_splits entries must be test, train or val, got {bad}")
@@ -210,7 +345,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("Data files, sampling and tokenisation."))
     peft: PeftSettings = field(default_factory=PeftSettings, metadata=_help("Adapter type and hyper-parameters."))
     method: dict[str, Any] = field(default_factory=lambda: {"name": "base"}, metadata=_help(
-        "Optimisation method: name (a registered method: flatpeft methods) plus any create_optimizer keyword (rho, fraction, ...)."))
+        "Optimisation method: name (a registered method: flatpeft methods) plus any create_optimizer keyword (rho, "
+        "fraction, ...) except those train holds (lr, base_optimizer, total_steps, weight_decay)."))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_help("Training loop settings."))
     task_args: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "Task-specific options, validated by the task's own args dataclass."))
@@ -218,13 +354,30 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, dict) or not isinstance(self.method.get("name"), str):
-            raise ValueError(f"method must be a mapping with a string 'name', got {self.method!r}")
+            raise ValueError(f"method must be a mapping with a string 'name', got {_short(self.method)}")
+        _check_method_section(self.method)
         if not isinstance(self.task_args, dict):
-            raise ValueError(f"task_args must be a mapping, got {self.task_args!r}")
+            raise ValueError(f"task_args must be a mapping, got {_short(self.task_args)}")
         for name in ("task", "model", "output_dir"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+                raise ValueError(f"{name} must be a non-empty string, got {_short(value)}")
+
+
+#: ``method`` keywords whose value the ``train`` section holds (the runner passes it to the optimizer): giving
+#: them in ``method`` too would make two values for one setting, so they are refused there.
+TRAIN_OWNED_METHOD_KEYS = {"lr": "train.lr", "base_optimizer": "train.base_optimizer", "total_steps": "train.steps",
+                           "weight_decay": "train.weight_decay"}
+
+
+def _check_method_section(method: dict[str, Any]) -> None:
+    """Refuse ``method`` keywords that duplicate a ``train`` setting (naming both keys) and check ``method.seed``."""
+    for key, home in TRAIN_OWNED_METHOD_KEYS.items():
+        if key in method:
+            raise ValueError(f"method.{key}: this setting belongs to {home} (the runner passes {home} to the "
+                             f"optimizer); give it there only, so one value has one meaning")
+    if "seed" in method:
+        check_seed("method.seed", method["seed"])
 
 
 # Sections whose contents are free-form mappings (validated elsewhere: create_optimizer / the task).
@@ -287,10 +440,11 @@ def check_field_type(key: str, value: Any, tp: Any) -> None:
     """
     if _matches(value, tp):
         return
-    msg = f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    msg = f"{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})"
     wants_list = typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
     if wants_list and not isinstance(value, list):
-        msg += f"; write a YAML list, e.g. --set '{key}=[{value}]'"
+        shown = value[:200] if isinstance(value, str) else _short(value)
+        msg += f"; write a YAML list, e.g. --set '{key}=[{shown}]'"
     raise ValueError(msg)
 
 
@@ -311,7 +465,7 @@ def parse_dataclass(cls: type, raw: Any, where: str = ""):
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}: {raw!r}")
+        raise ValueError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}: {_short(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
     if unknown:
@@ -347,15 +501,17 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``"a.b=value"`` into (["a", "b"], yaml-parsed value)."""
     if "=" not in item:
-        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+        raise ValueError(f"--set expects key.sub=value, got {_short(item)}")
     key, text = item.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not key.strip() or any(not p for p in parts):
-        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+        raise ValueError(f"--set expects key.sub=value, got {_short(item)}")
     try:
         value = safe_load_yaml(text) if text.strip() else ""
+    except _ConfigYAMLError as err:
+        raise ValueError(f"--set {key}: {err}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"--set {key}: value {text!r} is not valid YAML: {err}") from None
+        raise ValueError(f"--set {key}: value {_short(text)} is not valid YAML: {err}") from None
     return parts, value
 
 
@@ -374,7 +530,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str] | tuple[str, ..
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ValueError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ValueError(f"--set {_short(item)}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return out
@@ -396,13 +552,15 @@ def read_config_mapping(path: str | Path) -> dict[str, Any]:
     """The raw top-level mapping of a YAML config file (``yaml.safe_load`` semantics), with clear errors."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise ValueError(f"config file {_short(str(path))} does not exist")
     try:
         raw = safe_load_yaml(read_utf8(path)) or {}
+    except _ConfigYAMLError as err:
+        raise ValueError(f"config file {_short(str(path))}: {err}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise ValueError(f"config file {_short(str(path))} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping at top level, got {type(raw).__name__}")
+        raise ValueError(f"config file {_short(str(path))} must hold a mapping at top level, got {type(raw).__name__}")
     return raw
 
 
@@ -438,7 +596,7 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.flatpeft-tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.write_text(dump_yaml(config_to_dict(cfg)))
     os.replace(tmp, path)  # a reader (or a process killed mid-write) never sees half a config
     return path
 
@@ -447,17 +605,25 @@ def _is_builtin(ref: str) -> bool:
     return ref.startswith(BUILTIN_PREFIX)
 
 
+#: ``builtin:<name>`` models -> the :mod:`flatpeft.assets` function that returns their directory.
+BUILTIN_MODELS = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
+
+
+def check_model_ref(ref: str) -> None:
+    """Refuse (naming ``model``) a ``builtin:<name>`` that is no built-in model; loads nothing."""
+    if _is_builtin(ref) and ref[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+        raise ValueError(f"model: unknown built-in model {_short(ref)} "
+                         f"(valid: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)})")
+
+
 def resolve_model_path(ref: str) -> str:
     """``builtin:minilm`` / ``builtin:smollm2`` -> local directory (flatpeft.assets); else ``ref`` unchanged."""
     if not _is_builtin(ref):
         return ref
     from flatpeft import assets  # lazy: assets pulls optional packages
 
-    name = ref[len(BUILTIN_PREFIX):]
-    getters = {"minilm": "minilm_path", "smollm2": "smollm2_path"}
-    if name not in getters:
-        raise ValueError(f"model: unknown built-in model {ref!r} (valid: {', '.join(BUILTIN_PREFIX + k for k in getters)})")
-    return str(getattr(assets, getters[name])())
+    check_model_ref(ref)
+    return str(getattr(assets, BUILTIN_MODELS[ref[len(BUILTIN_PREFIX):]])())
 
 
 def resolve_data_path(ref: str, field_name: str = "data") -> Path:
@@ -473,16 +639,16 @@ def resolve_data_path(ref: str, field_name: str = "data") -> Path:
         dataset, _, split = spec.partition("/")
         splitters = {"finefoods": "finefoods_splits"}
         if dataset not in splitters or not split:
-            raise ValueError(f"{field_name}: unknown built-in data {ref!r} (valid: builtin:finefoods/train, "
+            raise ValueError(f"{field_name}: unknown built-in data {_short(ref)} (valid: builtin:finefoods/train, "
                              "builtin:finefoods/test)")
         splits = getattr(assets, splitters[dataset])()
         if split not in splits:
-            raise ValueError(f"{field_name}: built-in dataset {dataset!r} has no split {split!r} "
+            raise ValueError(f"{field_name}: built-in dataset {_short(dataset)} has no split {_short(split)} "
                              f"(valid: {', '.join(sorted(splits))})")
         return Path(splits[split])
     path = Path(ref).expanduser()
     if not path.is_file():
-        raise ValueError(f"{field_name}: data file {ref!r} does not exist")
+        raise ValueError(f"{field_name}: data file {_short(ref)} does not exist")
     return path
 
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
-                     read_config_mapping, save_config)
+from .config import (SEED_MAX, ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
+                     read_config_mapping, resolve_model_path, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
                      check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
                      staging_dir, write_json, write_manifest)
@@ -109,11 +109,13 @@ def validate_config(cfg: ExperimentConfig, methods: Sequence[str] | None = None)
     """Every check that needs no model or data load: what ``train``, ``compare`` and ``config`` refuse alike.
 
     Method names and keywords (each of ``methods``, default ``cfg.method["name"]``; keywords are checked by
-    ``create_optimizer`` on a tiny LoRA model), the task name, ``task_args`` and the task's own config checks
-    (data files, the test set) and the device. Raises ``ValueError`` naming the key.
+    ``create_optimizer`` on a tiny LoRA model), a built-in model (its name, and that it is prepared), the task
+    name, ``task_args`` and the task's own config checks (data files, the test set) and the device. Raises
+    ``ValueError`` naming the key (``AssetMissingError`` for an asset that is not prepared).
     """
     import flatpeft
 
+    resolve_model_path(cfg.model)  # builtin:<name>: known and prepared, as train needs it; other names unchanged
     names = [cfg.method["name"]] if methods is None else list(methods)
     for name in names:
         check_method_name(name)
@@ -567,6 +569,12 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
     seed_list = list(range(cfg.train.seed, cfg.train.seed + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("--seeds: give at least one seed")
+    bad = [s for s in seed_list if not 0 <= s <= SEED_MAX]  # every seed is checked before the first run trains
+    if bad:
+        raise ValueError(f"--seeds: seed {bad[0]} is out of range: seeds are integers in 0 .. 2**32 - 1 (a count N "
+                         f"runs train.seed .. train.seed+N-1 = {seed_list[0]} .. {seed_list[-1]})"
+                         if isinstance(seeds, int) else f"--seeds: seed {bad[0]} is out of range: seeds are integers "
+                         "in 0 .. 2**32 - 1")
     validate_config(cfg, methods)
     if "test" not in cfg.train.eval_splits:
         raise ValueError(f"train.eval_splits: compare tabulates test accuracy, so it must include test "

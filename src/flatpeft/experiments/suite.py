@@ -370,6 +370,8 @@ CLAIMS: list[dict[str, str]] = [
 
 # ---- command line ---------------------------------------------------------------------------------
 def _cmd_suite(args: Any) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer (torch threads per process), got {args.threads}")
     plan = load_plan(args.plan)
     only = [s.strip() for s in args.tasks.split(",") if s.strip()] if args.tasks else None
     if only:

@@ -34,10 +34,12 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from flatpeft._checks import short_repr
+
 from .config import ExperimentConfig, parse_dataclass
 
 __all__ = ["Task", "NoArgs", "register_task", "get_task", "available_tasks", "TASKS", "LAZY_TASK_MODULES",
-           "resolve_device"]
+           "resolve_device", "check_module_names", "TRAIN_DEVICE_TYPES"]
 
 #: name -> Task subclass
 TASKS: dict[str, type["Task"]] = {}
@@ -51,25 +53,43 @@ class NoArgs:
     """Tasks without task-specific options (``task_args`` must be empty)."""
 
 
+#: Device types a run may ask for in ``train.device`` (``meta`` holds no data, so nothing could be trained on it).
+TRAIN_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> cuda if available else cpu; anything else -> ``torch.device(name)``, refused (naming
-    ``train.device``) when that device is not available on this machine."""
+    ``train.device``) when it is not one flatpeft trains on (cpu, cuda, cuda:N, mps) or not available here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"train.device: invalid device {name!r}: {err}") from None
+        raise ValueError(f"train.device: invalid device {short_repr(name)}: {str(err)[:200]}") from None
+    if device.type not in TRAIN_DEVICE_TYPES:
+        raise ValueError(f"train.device: {short_repr(name)} is not a device flatpeft trains on (valid: auto, "
+                         f"{', '.join(TRAIN_DEVICE_TYPES)}, cuda:N)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"train.device: {name!r} asked for, but torch finds no CUDA GPU on this machine "
+            raise ValueError(f"train.device: {short_repr(name)} asked for, but torch finds no CUDA GPU on this machine "
                              "(torch.cuda.is_available() is False); use auto or cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"train.device: {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+            raise ValueError(f"train.device: {short_repr(name)} asked for, but this machine has {torch.cuda.device_count()} "
                              "CUDA device(s)")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"train.device: {name!r} asked for, but MPS is not available on this machine; use auto or cpu")
+        raise ValueError(f"train.device: {short_repr(name)} asked for, but MPS is not available on this machine; use auto or cpu")
     return device
+
+
+def check_module_names(model: torch.nn.Module, names: list[str], key: str, model_name: str) -> None:
+    """Refuse (naming ``key``) module names that match no module of ``model`` the way peft matches
+    ``modules_to_save`` (a module whose dotted name ends with the given name); peft would ignore them silently."""
+    modules = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    missing = [name for name in names if not any(n.endswith(name) for n in modules)]
+    if missing:
+        tops = sorted({last for last in (n.split(".")[-1] for n in modules) if not last.isdigit()})
+        shown = ", ".join(tops[:12]) + (", ..." if len(tops) > 12 else "")
+        raise ValueError(f"{key}: no module of {model_name!r} is named {missing[0]!r} (module names end in: {shown})")
 
 
 class Task(abc.ABC):

@@ -33,10 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import ExperimentConfig, resolve_data_path, resolve_model_path, resolve_test_ref
-from .tasks import Task, register_task
+from flatpeft._checks import short_repr
 
-__all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "check_missing", "carve_validation",
+from .config import ExperimentConfig, parse_dataclass, resolve_data_path, resolve_model_path, resolve_test_ref
+from .tasks import Task, check_module_names, register_task
+
+__all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "check_missing", "check_label_types",
+           "read_examples", "check_positions", "carve_validation",
            "sample_shots", "flip_labels", "apply_shift", "is_drink_review", "DRINK_WORDS",
            "classification_metrics"]
 
@@ -119,7 +122,7 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
     """Parse JSON Lines: one object per non-blank line; a broken line raises ``ValueError`` naming file and line."""
     import json
 
-    rows = []
+    rows, numbers = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -130,7 +133,10 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
-    return pd.DataFrame(rows)
+        numbers.append(number)
+    df = pd.DataFrame(rows)
+    df.attrs["line_numbers"] = numbers  # so that errors about a row can name its line
+    return df
 
 
 def read_table(path: str | Path, columns: tuple[str, ...] = (), field_name: str = "data") -> pd.DataFrame:
@@ -211,6 +217,58 @@ def check_missing(df: pd.DataFrame, columns: tuple[str, ...], path: Path, field_
     return df
 
 
+def _label_kind(value: Any) -> str | None:
+    """What a label is, for :func:`check_label_types`: "a string", "a number", "a boolean", ... (None: missing)."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
+def _where(df: pd.DataFrame, path: Path, row: int) -> str:
+    """``file:line`` of row ``row`` (0-based) for JSON Lines, else ``file: row N`` (1-based, header not counted)."""
+    lines = df.attrs.get("line_numbers")
+    return f"{path}:{lines[row]}" if lines and row < len(lines) else f"{path}: row {row + 1}"
+
+
+def check_label_types(df: pd.DataFrame, column: str, path: Path, field_name: str) -> None:
+    """Refuse a label column that mixes kinds of values (JSON ``1`` and ``"1"`` would be two classes).
+
+    The labels of one file must all be strings, or all numbers (or all booleans); the error names the file and
+    the line (JSON Lines) or row of the first label of another kind, and the first label. Missing labels are
+    :func:`check_missing`'s business.
+    """
+    values = df[column].tolist()
+    kinds = [_label_kind(v) for v in values]
+    present = [i for i, k in enumerate(kinds) if k is not None]
+    if not present:
+        return
+    first = present[0]
+    other = next((i for i in present if kinds[i] != kinds[first]), None)
+    if other is None:
+        return
+    raise ValueError(f"{field_name}: {_where(df, path, other)}: label {short_repr(values[other])} in column "
+                     f"{column!r} is {kinds[other]}, but {_where(df, path, first)} has label {short_repr(values[first])}, "
+                     f"{kinds[first]}; the labels of a file must be all strings or all numbers (else 1 and \"1\" "
+                     "would be two classes): write them alike")
+
+
+def read_examples(path: Path, columns: tuple[str, str], field_name: str, drop: bool) -> pd.DataFrame:
+    """:func:`read_table` + :func:`check_label_types` + :func:`check_missing` of a (text, label) file; a file
+    left with no examples (a header only, or every row dropped) is refused, naming it, before anything trains."""
+    df = read_table(path, columns, field_name)
+    check_label_types(df, columns[1], path, field_name)
+    df = check_missing(df, columns, path, field_name, drop)
+    if df.empty:
+        raise ValueError(f"{field_name}: {path} holds no examples (a header only{', or every row dropped' if drop else ''})")
+    return df
+
+
 def carve_validation(n: int, val_size: int, val_seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into (validation, rest) with a fixed seed: the first ``val_size`` of a permutation."""
     if val_size >= n:
@@ -219,10 +277,12 @@ def carve_validation(n: int, val_size: int, val_seed: int) -> tuple[np.ndarray, 
     return np.sort(perm[:val_size]), np.sort(perm[val_size:])
 
 
-def sample_shots(labels: np.ndarray, pool: np.ndarray, shots: int | None, seed: int, num_classes: int) -> np.ndarray:
+def sample_shots(labels: np.ndarray, pool: np.ndarray, shots: int | None, seed: int, num_classes: int,
+                 names: list[Any] | None = None, source: str = "the train pool") -> np.ndarray:
     """Draw ``shots`` indices per class from ``pool`` (indices into ``labels``) without replacement, with ``seed``.
 
-    ``shots=None`` returns the whole pool. A class with fewer than ``shots`` examples raises ``ValueError``.
+    ``shots=None`` returns the whole pool. A class with fewer than ``shots`` examples raises ``ValueError`` naming
+    its label (``names[c]``, default the class index) and ``source`` (the file).
     """
     if shots is None:
         return pool.copy()
@@ -231,7 +291,9 @@ def sample_shots(labels: np.ndarray, pool: np.ndarray, shots: int | None, seed: 
     for c in range(num_classes):
         cand = pool[labels[pool] == c]
         if len(cand) < shots:
-            raise ValueError(f"data.shots={shots}: class {c} has only {len(cand)} examples in the train pool")
+            label = names[c] if names is not None else c
+            raise ValueError(f"data.shots={shots}: class {label!r} has only {len(cand)} example(s) in {source}, "
+                             f"{shots} needed; lower data.shots (or data.val_size)")
         chosen.append(rng.choice(cand, size=shots, replace=False))
     return np.concatenate(chosen)
 
@@ -247,12 +309,33 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     }
 
 
+def check_positions(model_config: Any, cfg: ExperimentConfig) -> None:
+    """Refuse (naming the keys, the values and the model's limit) inputs longer than the model's positions:
+    ``data.max_length`` plus, for prompt / prefix tuning, ``peft.num_virtual_tokens`` (prepended to every input)
+    must fit ``max_position_embeddings`` (RoBERTa-style models lose ``pad_token_id + 1`` of them)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    if "roberta" in str(getattr(model_config, "model_type", "")) and model_config.pad_token_id is not None:
+        limit -= model_config.pad_token_id + 1  # their position ids start after the padding index
+    length, virtual = cfg.data.max_length, cfg.peft.num_virtual_tokens if cfg.peft.type in ("prompt", "prefix") else 0
+    if length + virtual <= limit:
+        return
+    if virtual:
+        raise ValueError(f"data.max_length={length} + peft.num_virtual_tokens={virtual} = {length + virtual} tokens "
+                         f"exceed the {limit} positions of model {cfg.model!r}: lower data.max_length or "
+                         "peft.num_virtual_tokens")
+    raise ValueError(f"data.max_length={length} exceeds the {limit} positions of model {cfg.model!r}: set "
+                     f"data.max_length to at most {limit}")
+
+
 def _peft_wrap(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.nn.Module:
     """Apply the adapter of ``cfg.peft`` with ``task_type="SEQ_CLS"`` (head trainable), or none (full FT)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     p = cfg.peft
     extra = {"modules_to_save": list(p.modules_to_save)} if p.modules_to_save is not None else {}
+    check_module_names(model, p.modules_to_save or [], "peft.modules_to_save", cfg.model)
     if p.type == "none":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -310,6 +393,12 @@ class TextClassificationTask(Task):
                              "train.eval_splits to [val] / [train, val] to evaluate only on those")
         if test is not None:
             resolve_data_path(test, "data.test")
+        if parse_dataclass(cls.args_cls, cfg.task_args, "task_args.").shift is not None and test is None:
+            raise ValueError("task_args.shift needs a test set (data.test)")
+        if cfg.data.val_size == 0 and ("val" in cfg.train.eval_splits or cfg.train.val_eval_steps):
+            what = "train.eval_splits contains val" if "val" in cfg.train.eval_splits else "train.val_eval_steps is set"
+            raise ValueError(f"data.val_size is 0, so there is no validation split, but {what}: set data.val_size "
+                             "to a positive number or drop the validation evaluation")
 
     def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
         super().__init__(cfg, seed)
@@ -326,13 +415,13 @@ class TextClassificationTask(Task):
                   f"{', '.join(cfg.train.eval_splits)}", file=sys.stderr)
         #: the files the examples come from (their sha256 goes into eval.json)
         self.data_files: dict[str, Path] = {"train": train_path, **({"test": test_path} if test_path else {})}
-        pool = check_missing(read_table(train_path, cols, "data.train"), cols, train_path, "data.train", d.drop_missing)
-        test = (check_missing(read_table(test_path, cols, "data.test"), cols, test_path, "data.test", d.drop_missing)
-                if test_path is not None else pool.iloc[:0])
+        pool = read_examples(train_path, cols, "data.train", d.drop_missing)
+        test = read_examples(test_path, cols, "data.test", d.drop_missing) if test_path is not None else pool.iloc[:0]
         if self.args.shift is not None:
-            if test_path is None:
-                raise ValueError("task_args.shift needs a test set (data.test)")
             pool, test = apply_shift(pool, test, d.text_column, self.args.shift)
+            if test.empty or pool.empty:
+                raise ValueError(f"task_args.shift={self.args.shift}: no {'test' if test.empty else 'training'} "
+                                 f"examples are left in {test_path if test.empty else train_path}")
         if self.args.test_size is not None and self.args.test_size < len(test):
             keep = np.sort(np.random.default_rng(2024).choice(len(test), size=self.args.test_size, replace=False))
             test = test.iloc[keep].reset_index(drop=True)
@@ -350,7 +439,9 @@ class TextClassificationTask(Task):
             val_idx, rest = carve_validation(len(pool), d.val_size, d.val_seed)
         else:
             val_idx, rest = np.array([], np.int64), np.arange(len(pool))
-        train_idx = sample_shots(pool_y, rest, d.shots, self.seed, len(self.classes))
+        source = (f"the train pool {train_path}" + (f" after the validation split (data.val_size={d.val_size})"
+                  if d.val_size else "") + (f" (task_args.shift={self.args.shift})" if self.args.shift else ""))
+        train_idx = sample_shots(pool_y, rest, d.shots, self.seed, len(self.classes), self.classes, source)
 
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -377,6 +468,7 @@ class TextClassificationTask(Task):
                              f"{type(err).__name__}: {err}{hint}") from None
         if base.config.pad_token_id is None:
             base.config.pad_token_id = self.tokenizer.pad_token_id
+        check_positions(base.config, cfg)
         self.model = _peft_wrap(base, cfg).to(self.device)
         self.model.train()  # from_pretrained returns eval mode; training runs with the model's dropout
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flatpeft.experiments.tasks import Task, register_task
+from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
 from .data import (CLASS_NAMES, DOWNSTREAM_CLASSES, SEEN_CLASSES, TRAIN_TEMPLATES, UNSEEN_TEMPLATES,
                    eval_subset, load_fashion_mnist, sample_shots, to_pixels)
@@ -113,6 +113,7 @@ class ClipFewShotTask(Task):
         for p in base.parameters():
             p.requires_grad_(False)
         targets = lora_target_regex(cfg.peft.target_modules, image=a.image_lora, first_block=a.image_lora_first_block)
+        check_module_names(base, cfg.peft.modules_to_save or [], "peft.modules_to_save", cfg.model)
         lcfg = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
                           target_modules=targets, modules_to_save=cfg.peft.modules_to_save)
         self.model = get_peft_model(base, lcfg).to(self.device)

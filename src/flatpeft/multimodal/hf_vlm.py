@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from flatpeft.experiments.tasks import Task, register_task
+from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
 from .clip_fewshot import epoch_batches
 from .small_vlm import IGNORE_INDEX
@@ -240,6 +240,7 @@ class HFVLMTask(Task):
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         targets = lm_lora_target_regex(model, cfg.peft.target_modules)
+        check_module_names(model, cfg.peft.modules_to_save or [], "peft.modules_to_save", cfg.model)
         lcfg = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
                           target_modules=targets, modules_to_save=cfg.peft.modules_to_save)
         self.model = get_peft_model(model, lcfg).to(self.device)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flatpeft.experiments.tasks import Task, register_task
+from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
 from .clip_fewshot import epoch_batches
 from .data import (CAPTION_INSTRUCTION, CLASS_NAMES, DOWNSTREAM_CLASSES, QUESTIONS, SEEN_CLASSES, UNSEEN_QUESTIONS,
@@ -336,6 +336,7 @@ class VLMInstructTask(Task):
         from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
         pc = self.cfg.peft
+        check_module_names(lm, pc.modules_to_save or [], "peft.modules_to_save", self.cfg.model)
         if pc.type == "lora":
             conf = LoraConfig(r=pc.r, lora_alpha=pc.alpha, lora_dropout=pc.dropout, target_modules=pc.target_modules,
                               modules_to_save=pc.modules_to_save, task_type="CAUSAL_LM")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatpeft._checks import non_negative, one_of, optional, positive_int
+from flatpeft._checks import check_like_default, is_int, non_negative, one_of, optional, positive_int, short_repr
 from flatpeft.adapters.lora import adapter_parameters, find_lora_layers, require_lora_layers
 from flatpeft.optim.sharpness_aware import SharpnessAware
 from flatpeft.perturb.rules import Rule
@@ -176,6 +176,19 @@ def validate_common(kw: Mapping[str, Any]) -> None:
             "give rho_min <= rho (or rho_min=None for the method's default fraction of rho)"
         )
     optional(positive_int, "total_steps", kw.get("total_steps"))
+    if "seed" in kw and not is_int(kw["seed"]):
+        raise ValueError(f"Invalid seed: {short_repr(kw['seed'])} (must be an integer)")
+
+
+def _check_base_keywords(cls: type[torch.optim.Optimizer], kwargs: Mapping[str, Any]) -> None:
+    """Refuse (naming it) a keyword of a ``torch.optim`` optimizer whose value does not fit its default's type
+    (``betas=[0.9]``, ``weight_decay='abc'``), before torch fails with a message that names no keyword."""
+    if not cls.__module__.startswith("torch.optim"):
+        return
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in kwargs.items():
+        if key in params and params[key].default is not inspect.Parameter.empty:
+            check_like_default(key, value, params[key].default, allow_none=False)
 
 
 def _check_groups(params: Any, named: list) -> list:
@@ -270,6 +283,9 @@ def create_optimizer(
                 f"{base_cls.__name__}; method keywords: {', '.join(sorted(defaults))}; base optimizer keywords: "
                 f"{', '.join(sorted(allowed))}"
             )
+    _check_base_keywords(base_cls, kwargs)
+    for key, value in method_kw.items():
+        check_like_default(key, value, defaults[key])
     cfg = {**defaults, **method_kw}
     if cfg["rho_min"] is None:
         cfg["rho_min"] = info.rho_min_fraction * cfg["rho"] if isinstance(cfg["rho"], (int, float)) else None
