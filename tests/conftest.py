@@ -82,13 +82,13 @@ def _register_custom_method() -> None:
     """A method registered the way users add one (SAM on the top half of the adapters, normalised over them), so the
     registry-wide contract tests cover user methods without naming them."""
     import flatpeft
-    from flatpeft.perturb import GradientAscent, chain, from_grad, normalize_global, scale_by_rho, select_top_fraction
+    from flatpeft.perturb import GradientAscent, chain, normalize_global, scale_by_rho, select_top_fraction
 
     if "test-custom" in flatpeft.method_names():
         return
 
     def build(fraction: float = 0.5):
-        return [GradientAscent(chain(from_grad(), select_top_fraction(fraction), normalize_global(), scale_by_rho()),
+        return [GradientAscent(chain(select_top_fraction(fraction), normalize_global(), scale_by_rho()),
                                target="adapters")]
 
     flatpeft.register_method(flatpeft.MethodInfo("test-custom", build, defaults={"rho": 0.1}, summary="test-only custom method"))

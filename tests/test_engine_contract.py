@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import flatpeft
-from flatpeft.perturb.base import StepContext
+from flatpeft.perturb.base import StepState
 from flatpeft.methods.spider import ImportanceMask, psi
 from flatpeft.perturb.transforms import full_space_lora_perturbation, lora_full_space
 
@@ -158,7 +158,8 @@ def test_eflat_ema_ignores_non_finite_gradients():
     for f in opt.lora:
         f.A.grad = torch.full_like(f.A, float("inf"))
         f.B.grad = torch.full_like(f.B, float("nan"))
-    out = lora_full_space()([], opt.step_state().context("lora_B", with_grad_only=False))
+    step = opt.step_state().on("lora_B", with_grad_only=False)
+    out, _ = lora_full_space().update([f.B.grad for f in opt.lora], {}, step)
     assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
 
 
@@ -439,9 +440,9 @@ def test_rho_schedule_cosine_defaults_for_flat_lora():
 
 
 def test_step_context_generator_is_deterministic():
-    a = StepContext([], [], 0.0, 3, 11).generator()
-    b = StepContext([], [], 0.0, 3, 11).generator()
-    c = StepContext([], [], 0.0, 4, 11).generator()
+    a = StepState.of([], step=3, seed=11).generator()
+    b = StepState.of([], step=3, seed=11).generator()
+    c = StepState.of([], step=4, seed=11).generator()
     x = torch.rand(4, generator=a)
     assert torch.equal(x, torch.rand(4, generator=b))
     assert not torch.equal(x, torch.rand(4, generator=c))

@@ -323,13 +323,13 @@ def test_a_step_has_no_host_device_traffic(method):
 
 def test_flatpo_random_selection_draws_on_the_parameters_device():
     from flatpeft.perturb.transforms import select_top_fraction
-    from flatpeft.perturb.base import StepContext
+    from flatpeft.perturb.base import StepState
 
     dirs = [torch.ones(3, device="meta"), torch.ones(2, device="meta")]
     mode = HostTraffic()
     with pytest.raises((RuntimeError, NotImplementedError)):  # no generator exists on meta: nothing is drawn on the CPU
         with mode:
-            select_top_fraction(0.5, "random")(dirs, StepContext(dirs, ["a", "b"], 0.1, 0, 1))
+            select_top_fraction(0.5, "random").update(dirs, {}, StepState.of(dirs, rho=0.1, seed=1))
     assert not any("copy" in e for e in mode.events)
 
 

@@ -9,14 +9,14 @@ from flatpeft._checks import non_negative, positive_int
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule
-from flatpeft.perturb.transforms import from_grad, normalize_global, scale_by_param_abs, scale_by_rho
+from flatpeft.perturb.transforms import normalize_global, scale_by_param_abs, scale_by_rho
 
 
 def build(eta: float = 0.01, ascent_every: int = 1) -> list[Rule]:
     non_negative("eta", eta)
     positive_int("ascent_every", ascent_every)
     return [
-        GradientAscent(chain(from_grad(), scale_by_param_abs(eta), normalize_global(), scale_by_param_abs(eta), scale_by_rho()),
+        GradientAscent(chain(scale_by_param_abs(eta), normalize_global(), scale_by_param_abs(eta), scale_by_rho()),
                        every=ascent_every)
     ]
 

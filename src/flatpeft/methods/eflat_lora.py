@@ -14,14 +14,14 @@ import torch
 from flatpeft._checks import in_range
 from flatpeft.methods.flat_lora import RHO_MIN_FRACTION, SCHEDULE_DEFAULTS, SOURCES, full_space_direction
 from flatpeft.optim.registry import MethodInfo, register_method
-from flatpeft.perturb.base import StepState, chain
+from flatpeft.perturb.base import StepState
 from flatpeft.perturb.rules import LaggedAscent, Rule
-from flatpeft.perturb.transforms import ema, lora_realised_radius
+from flatpeft.perturb.transforms import lora_realised_radius
 
 
 def build(beta: float = 0.9, norm_scope: str = "global", damping: float | None = None) -> list[Rule]:
     in_range("beta", beta, 0.0, 1.0, low_open=False, high_open=True)
-    return [LaggedAscent(chain(full_space_direction(norm_scope, damping), ema(beta)), target="lora_B", radius=full_space_radius)]
+    return [LaggedAscent(full_space_direction(norm_scope, damping), target="lora_B", beta=beta, radius=full_space_radius)]
 
 
 def full_space_radius(state: StepState, targets: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from flatpeft._checks import in_range, one_of, positive_int
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule
-from flatpeft.perturb.transforms import from_grad, normalize_global, scale_by_rho, select_top_fraction
+from flatpeft.perturb.transforms import normalize_global, scale_by_rho, select_top_fraction
 
 
 def sparse_direction(fraction: float, selection: str, granularity: str, normalize_over: str, refresh_every: int = 1):
@@ -32,8 +32,8 @@ def sparse_direction(fraction: float, selection: str, granularity: str, normaliz
     positive_int("refresh_every", refresh_every)
     select = select_top_fraction(fraction, selection, granularity, refresh_every)
     if normalize_over == "all":
-        return chain(from_grad(), normalize_global(), select, scale_by_rho())
-    return chain(from_grad(), select, normalize_global(), scale_by_rho())
+        return chain(normalize_global(), select, scale_by_rho())
+    return chain(select, normalize_global(), scale_by_rho())
 
 
 def build(fraction: float = 0.05, selection: str = "topk", granularity: str = "tensor", normalize_over: str = "all",

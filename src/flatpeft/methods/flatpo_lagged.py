@@ -14,17 +14,15 @@ default here), ``refresh_every = 1``. Experimental: no paper reports it; ``docs/
 from flatpeft._checks import in_range, one_of
 from flatpeft.methods.flatpo import sparse_direction
 from flatpeft.optim.registry import MethodInfo, register_method
-from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import LaggedAscent, Rule
-from flatpeft.perturb.transforms import ema
 
 
 def build(fraction: float = 0.05, selection: str = "topk", granularity: str = "tensor", normalize_over: str = "all",
           scope: str = "adapters", beta: float = 0.9, refresh_every: int = 1) -> list[Rule]:
     one_of("scope", scope, ("adapters", "all"))
     in_range("beta", beta, 0.0, 1.0, low_open=False, high_open=True)
-    transform = chain(sparse_direction(fraction, selection, granularity, normalize_over, refresh_every), ema(beta))
-    return [LaggedAscent(transform, target="adapters" if scope == "adapters" else "trainable")]
+    transform = sparse_direction(fraction, selection, granularity, normalize_over, refresh_every)
+    return [LaggedAscent(transform, target="adapters" if scope == "adapters" else "trainable", beta=beta)]
 
 
 register_method(

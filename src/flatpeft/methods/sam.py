@@ -8,13 +8,13 @@ from flatpeft._checks import positive_int
 from flatpeft.optim.registry import MethodInfo, register_method
 from flatpeft.perturb.base import chain
 from flatpeft.perturb.rules import GradientAscent, Rule
-from flatpeft.perturb.transforms import from_grad, normalize_global, scale_by_rho
+from flatpeft.perturb.transforms import normalize_global, scale_by_rho
 
 
 def build(ascent_every: int = 1) -> list[Rule]:
     """``ascent_every = k > 1``: compute the ascent step every k steps and reuse it in between (one pass)."""
     positive_int("ascent_every", ascent_every)
-    return [GradientAscent(chain(from_grad(), normalize_global(), scale_by_rho()), every=ascent_every)]
+    return [GradientAscent(chain(normalize_global(), scale_by_rho()), every=ascent_every)]
 
 
 register_method(MethodInfo("sam", build, defaults={"rho": 0.05}, summary="SAM / LoRA-SAM: e = rho g / ||g||", reference="Foret et al. 2021",

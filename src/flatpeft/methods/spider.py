@@ -88,9 +88,10 @@ class ImportanceMask(Rule):
             return list(state.trainable)
         return [p for p, is_adapter in zip(state.trainable, state.adapters) if not is_adapter]
 
-    def persistent(self, state: StepState):
+    def materialize(self, state: StepState) -> None:
         params = self._masked(state)
-        return [(key, params, _zeros_fp32) for key in ("theta0", "importance_pre", "grad_sum")]
+        for key in ("theta0", "importance_pre", "grad_sum"):
+            state.buffers(key, params, _zeros_fp32)
 
     def before_update(self, state: StepState) -> None:
         params = self._masked(state)

@@ -399,8 +399,7 @@ class SharpnessAware(torch.optim.Optimizer):
         so the state dict of a fresh optimizer is a complete template for ``torch.distributed.checkpoint.load``."""
         state = self.step_state()
         for rule in self.rules:
-            for key, params, init in rule.persistent(state):
-                state.buffers(key, params, init)
+            rule.materialize(state)
 
     @staticmethod
     def _before_state_dict(opt: "SharpnessAware") -> None:

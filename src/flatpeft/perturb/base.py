@@ -1,15 +1,17 @@
-"""What rules and transforms see of a step: :class:`StepState` (rules) and :class:`StepContext` (transforms).
+"""One view of an optimizer step (:class:`StepState`) and optax-style perturbation transforms (:class:`Transform`).
 
-A *transform* maps a list of direction tensors (aligned with the step's target tensors) to a new list::
+A *transform* is a pair of pure-ish functions, as in optax::
 
-    Transform = Callable[[list[Tensor], StepContext], list[Tensor]]
+    init(params) -> state                                   # state: {name: [tensor per target]}
+    update(updates, state, step) -> (updates, state)        # updates: one tensor per target
 
-Transforms never modify their input in place (they may modify tensors they created). A named method's
-perturbation is a :func:`chain` of such transforms, e.g. SAM is
-``chain(from_grad(), normalize_global(), scale_by_rho())``: ``e = rho * g / ||g||``. Like optax's
-``init``/``update`` pairs, a transform may carry state across steps: it asks ``ctx.buffers(key, init)`` for
-persistent per-target tensors (created by ``init`` on first use, saved by the optimizer's ``state_dict()``);
-:func:`flatpeft.perturb.transforms.ema` is one.
+The chain's input is the gradient of the step's targets (zeros where a target has none); each transform receives
+its own state and returns it (updated in place or replaced), and :func:`chain` threads both. ``step`` is the
+:class:`StepState` restricted to the targets (``step.params``): the radius, the step number, the seed, the LoRA
+factors and the metrics. A named method's perturbation is a chain, e.g. SAM is
+``chain(normalize_global(), scale_by_rho())``: ``e = rho * g / ||g||``. Transforms never modify their input
+updates in place. A transform's state is persistent: the rule that runs it keeps each named entry in the
+optimizer's store, one tensor per target (saved by ``state_dict()``), see :func:`run_transform`.
 
 A *rule* (:mod:`flatpeft.perturb.rules`) places transforms at fixed points of a step and sees only a
 :class:`StepState`: the trainable tensors, the LoRA factors, the radius, the step, the learning rates, the
@@ -17,15 +19,16 @@ persistent buffers and the metrics of this step, never the optimizer itself.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from flatpeft.adapters.lora import LoRAFactors
 
-__all__ = ["StepContext", "StepState", "Transform", "chain", "persistent_buffers", "returned_buffer", "step_generator",
+__all__ = ["StepState", "Transform", "TransformState", "chain", "stateless", "run_transform", "step_generator",
            "seed_of"]
 
 
@@ -46,7 +49,7 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu", *, 
 
 @dataclass
 class StepState:
-    """The narrow view of one optimizer step that rules act on.
+    """The one view of an optimizer step that rules and transforms act on.
 
     Attributes:
         trainable: every tensor the base optimizer updates, in a fixed order (buffers are keyed by position).
@@ -61,6 +64,7 @@ class StepState:
         seed: base seed of the method's private generators; rank: this process's rank (0 without DDP).
         store: persistent buffers, ``store[key][position]`` (saved by ``state_dict()``).
         metrics: diagnostics of this step (device tensors), surfaced as ``opt.metrics``.
+        params / param_names: the targets a transform acts on (set by :meth:`on`; empty for the whole step).
     """
 
     trainable: list[torch.Tensor]
@@ -76,10 +80,21 @@ class StepState:
     store: dict[str, dict[int, torch.Tensor]]
     metrics: dict[str, torch.Tensor]
     _index: dict[int, int] = field(default_factory=dict, repr=False)
+    params: list[torch.Tensor] = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self._index:
             self._index = {id(p): i for i, p in enumerate(self.trainable)}
+
+    @classmethod
+    def of(cls, params: Sequence[torch.Tensor], *, rho: float = 0.0, step: int = 0, seed: int = 0,
+           names: Sequence[str] | None = None, lora: Sequence[LoRAFactors] = ()) -> "StepState":
+        """A stand-alone step over ``params`` (to run a transform outside an optimizer, e.g. in a test)."""
+        params = list(params)
+        names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
+        return cls(params, names, [False] * len(params), [0.0] * len(params), lora, rho, step, None, seed, 0, {}, {},
+                   params=params, param_names=names)
 
     def position(self, p: torch.Tensor) -> int:
         """Position of ``p`` among the trainable tensors."""
@@ -127,73 +142,85 @@ class StepState:
         ]
         return [p for p, _ in pairs], [n for _, n in pairs]
 
-    def context(self, kind: str, *, with_grad_only: bool = True) -> "StepContext":
-        """The :class:`StepContext` a transform sees for ``kind`` (see :meth:`targets`)."""
+    def on(self, kind: str, *, with_grad_only: bool = True) -> "StepState":
+        """This step restricted to the targets ``kind`` (see :meth:`targets`): what a transform sees."""
         params, names = self.targets(kind, with_grad_only=with_grad_only)
-        return StepContext(params, names, self.rho, self.step, self.seed, self.lora, self.metrics, self)
+        return dataclasses.replace(self, params=params, param_names=names)
 
 
-@dataclass
-class StepContext:
-    """What a transform may read during one optimizer step.
-
-    Attributes:
-        params: the target tensors of this step (the ones that get perturbed), in a fixed order.
-        names: their names, same order.
-        rho: the neighbourhood radius for this step (after the rho schedule).
-        step: number of completed optimizer steps (0 on the first step).
-        seed: base seed for random transforms; a step's generator is seeded from ``(seed, step)``.
-        lora: the LoRA factors of the model (empty for non-LoRA models).
-        stats: transforms may put diagnostics here (device tensors), surfaced as ``opt.metrics``.
-        state: the step's :class:`StepState` (persistent buffers); None for a stand-alone context.
-    """
-
-    params: list[torch.Tensor]
-    names: list[str]
-    rho: float
-    step: int
-    seed: int = 0
-    lora: Sequence[LoRAFactors] = ()
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    state: StepState | None = None
-
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A fresh generator seeded from ``(seed, step)`` (:func:`step_generator`), identical on every rank."""
-        return step_generator(self.seed, self.step, device)
-
-    def buffers(self, key: str, init: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Persistent buffers ``key`` aligned with :attr:`params` (a transform's state across steps)."""
-        if self.state is None:
-            raise RuntimeError("a stateful transform needs a StepContext built by the optimizer (StepState.context)")
-        return self.state.buffers(key, self.params, init)
+TransformState = dict[str, list[torch.Tensor]]
+"""A transform's state: named lists of tensors, one per target (empty for a stateless transform)."""
 
 
-Transform = Callable[[list[torch.Tensor], StepContext], list[torch.Tensor]]
+class Transform(NamedTuple):
+    """An optax-style gradient transformation: ``init(params) -> state`` and
+    ``update(updates, state, step) -> (updates, state)`` (see the module docstring)."""
+
+    init: Callable[[list[torch.Tensor]], TransformState]
+    update: Callable[[list[torch.Tensor], TransformState, StepState], tuple[list[torch.Tensor], TransformState]]
+    name: str = "transform"
+
+
+def stateless(fn: Callable[[list[torch.Tensor], StepState], list[torch.Tensor]], name: str | None = None) -> Transform:
+    """A :class:`Transform` without state from ``fn(updates, step) -> updates``."""
+
+    def update(updates: list[torch.Tensor], state: TransformState, step: StepState):
+        return fn(updates, step), state
+
+    return Transform(lambda params: {}, update, name or getattr(fn, "__name__", "transform"))
 
 
 def chain(*transforms: Transform) -> Transform:
-    """Compose transforms left to right: ``chain(f, g)(d, ctx) == g(f(d, ctx), ctx)``."""
+    """Compose transforms left to right (``chain(f, g)`` applies ``f`` then ``g``); the state is the union of the
+    transforms' named states (names must not repeat), each transform seeing and returning its own part."""
 
-    def chained(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
+    def init(params: list[torch.Tensor]) -> TransformState:
+        state: TransformState = {}
         for t in transforms:
-            dirs = t(dirs, ctx)
-        return dirs
+            part = t.init(params)
+            clash = set(part) & set(state)
+            if clash:
+                raise ValueError(f"chain: state {sorted(clash)} of {t.name} repeats another transform's state")
+            state.update(part)
+        return state
 
-    chained.__name__ = "chain(" + ", ".join(getattr(t, "__name__", repr(t)) for t in transforms) + ")"
-    chained.persistent = [b for t in transforms for b in persistent_buffers(t)]  # type: ignore[attr-defined]
-    chained.returns = returned_buffer(transforms[-1]) if transforms else None  # type: ignore[attr-defined]
-    return chained
+    keys: list[list[str]] = [list(t.init([])) for t in transforms]  # names only: init on no targets is free
+
+    def update(updates: list[torch.Tensor], state: TransformState, step: StepState):
+        new: TransformState = {}
+        for t, names in zip(transforms, keys):
+            updates, part = t.update(updates, {k: state[k] for k in names}, step)
+            new.update(part)
+        return updates, new
+
+    return Transform(init, update, "chain(" + ", ".join(t.name for t in transforms) + ")")
 
 
-def returned_buffer(transform: Transform) -> str | None:
-    """The key of the persistent buffer a stateful transform returns as its output (``ema`` returns its ``"ema"``
-    state), or None when its output is a fresh tensor: a rule that keeps the output across steps can then hold it
-    once instead of copying it into a buffer of its own."""
-    return getattr(transform, "returns", None)
+def run_transform(transform: Transform, updates: list[torch.Tensor], step: StepState) -> list[torch.Tensor]:
+    """Run ``transform`` on ``updates`` (aligned with ``step.params``) with its persistent state.
+
+    The state lives in the optimizer's store, one tensor per target position under each state name: entries
+    missing for some targets are created by ``transform.init`` for those targets, and what ``update`` returns is
+    stored back (saved by ``state_dict()``).
+    """
+    params = step.params
+    names = list(transform.init([]))
+    materialize(transform, step)
+    state = {n: [step.store[n][step.position(p)] for p in params] for n in names}
+    out, new = transform.update(updates, state, step)
+    for n, tensors in new.items():
+        slot = step.store.setdefault(n, {})
+        for p, t in zip(params, tensors):
+            slot[step.position(p)] = t
+    return out
 
 
-def persistent_buffers(transform: Transform) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
-    """The persistent buffers a transform keeps across steps, as ``(key, init)``: a stateful transform lists them
-    in its ``persistent`` attribute (``ctx.buffers(key, init)`` with the same key and init), so the optimizer can
-    create them ahead of a checkpoint load (see :meth:`flatpeft.perturb.rules.Rule.persistent`)."""
-    return list(getattr(transform, "persistent", ()))
+def materialize(transform: Transform, step: StepState) -> None:
+    """Create the transform's persistent state for ``step.params`` where it is missing (before a checkpoint load)."""
+    names = list(transform.init([]))
+    missing = [p for p in step.params if any(step.position(p) not in step.store.get(n, {}) for n in names)]
+    if names and missing:
+        for n, tensors in transform.init(missing).items():
+            slot = step.store.setdefault(n, {})
+            for p, t in zip(missing, tensors):
+                slot.setdefault(step.position(p), t)

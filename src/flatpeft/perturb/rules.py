@@ -23,16 +23,16 @@ from collections.abc import Callable
 
 import torch
 
-from flatpeft._dist import locals_
+from flatpeft._dist import local, locals_
 from flatpeft._foreach import clone_all, global_norm
-from flatpeft.perturb.base import StepState, Transform, persistent_buffers, returned_buffer
+from flatpeft.perturb.base import StepState, Transform, materialize, run_transform
 
 
 def zeros_fp32(p: torch.Tensor) -> torch.Tensor:
     """A zero buffer shaped like ``p`` (a DTensor for a DTensor), at least float32."""
     return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
 
-__all__ = ["Rule", "GradientAscent", "LaggedAscent", "Radius", "l2_radius"]
+__all__ = ["Rule", "GradientAscent", "LaggedAscent", "Radius", "gradients", "l2_radius"]
 
 
 class Rule:
@@ -56,11 +56,10 @@ class Rule:
         """Forward+backward passes this rule needs on step ``step`` (completed steps so far)."""
         return self.passes
 
-    def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
-        """The persistent buffers this rule may create, as ``(key, params, init)`` (as passed to
-        ``state.buffers``). The optimizer creates them before saving a state dict, so a state dict of a fresh
-        optimizer is a complete template to load a checkpoint into (``torch.distributed.checkpoint``)."""
-        return []
+    def materialize(self, state: StepState) -> None:
+        """Create every persistent buffer this rule may use (as on first use). The optimizer calls it before saving
+        a state dict, so a state dict of a fresh optimizer is a complete template to load a checkpoint into
+        (``torch.distributed.checkpoint``)."""
 
     def perturb(self, state: StepState) -> None:  # noqa: D102
         pass
@@ -130,22 +129,23 @@ class GradientAscent(_CopyRestore):
     def passes_at(self, step: int) -> int:
         return 2 if step % self.every == 0 else 1
 
-    def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
-        params, _ = state.targets(self.target, with_grad_only=False)
-        own = [("ascent", params, zeros_fp32)] if self.every > 1 else []
-        return own + [(k, params, init) for k, init in persistent_buffers(self.transform)]
+    def materialize(self, state: StepState) -> None:
+        step = state.on(self.target, with_grad_only=False)
+        if self.every > 1:
+            state.buffers("ascent", step.params, zeros_fp32)
+        materialize(self.transform, step)
 
     def perturb(self, state: StepState) -> None:
         if self.every == 1:
-            ctx = state.context(self.target)
-            deltas = self.transform([], ctx)
+            ctx = state.on(self.target)
+            deltas = run_transform(self.transform, gradients(ctx.params), ctx)
         else:
-            ctx = state.context(self.target, with_grad_only=False)
+            ctx = state.on(self.target, with_grad_only=False)
             stored = state.buffers("ascent", ctx.params, zeros_fp32)
             stored = locals_(stored)
             if self.passes_at(state.step) == 2:
                 before = set(state.metrics)
-                fresh = self.transform([], ctx)
+                fresh = run_transform(self.transform, gradients(ctx.params), ctx)
                 torch._foreach_copy_(stored, [f.to(d.dtype) for f, d in zip(fresh, stored)])
                 self._ascent_stats = {k: v for k, v in state.metrics.items() if k not in before}
             else:
@@ -167,37 +167,35 @@ def l2_radius(state: StepState, targets: list[torch.Tensor], deltas: list[torch.
 
 
 class LaggedAscent(_CopyRestore):
-    """Single pass at a perturbation computed on earlier steps (EFlat-LoRA, Deng et al., arXiv 2508.00522).
+    """Single pass at an EMA of perturbations computed on earlier steps (EFlat-LoRA, Deng et al., arXiv 2508.00522).
 
-    Step ``t``: ``w <- w + c_t d_{t-1}`` on the targets (clean values saved); forward+backward there; restore;
-    ``d_t = transform(g~)`` from the gradient at the perturbed point with the *clean* weights; base step. ``d`` is
-    a persistent buffer starting at 0, so step 0 is the base optimizer's step. When the transform's output is its
-    own persistent state (it ends with :func:`~flatpeft.perturb.transforms.ema`, as EFlat-LoRA's does, so ``d`` is
-    the EMA of past perturbations), ``d`` *is* that buffer and is held once; otherwise it is a buffer of its own,
-    ``"lagged"``.
+    Step ``t``: ``w <- w + c_t E`` on the targets (clean values saved); forward+backward there; restore;
+    ``e_t = transform(g~)`` from the gradient at the perturbed point with the *clean* weights;
+    ``E <- beta E + (1 - beta) e_t`` (``beta`` = weight of the past, ``E_0 = 0``: step 0 is the base optimizer's
+    step); base step. ``E`` is one persistent fp32 buffer per target, ``"ema"``.
 
-    ``c_t = min(1, rho_t / radius(d))`` caps the applied perturbation at the step's radius in the method's own
-    metric (``radius``; default the L2 norm): ``d`` mixes perturbations computed at earlier radii (a decaying
+    ``c_t = min(1, rho_t / radius(E))`` caps the applied perturbation at the step's radius in the method's own
+    metric (``radius``; default the L2 norm): ``E`` mixes perturbations computed at earlier radii (a decaying
     ``rho_t``) and, for LoRA-space steps, earlier ``A`` factors, so it can exceed ``rho_t`` although each of its
     terms did not. No bias correction of the EMA (docs/algorithms.md, "EFlat-LoRA"). Metrics:
     ``perturbation_norm`` (L2 norm of the applied perturbation) and ``perturbation_radius`` (its radius).
     """
 
-    def __init__(self, transform: Transform, target: str = "lora_B", radius: Radius = l2_radius) -> None:
+    def __init__(self, transform: Transform, target: str = "lora_B", beta: float = 0.9, radius: Radius = l2_radius) -> None:
         super().__init__()
         self.transform = transform
         self.target = target
+        self.beta = beta
         self.radius = radius
         self.lora_factors = ("B",) if target == "lora_B" else ()
-        self.key = returned_buffer(transform) or "lagged"
 
     def _lagged(self, state: StepState, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return state.buffers(self.key, params, zeros_fp32)
+        return state.buffers("ema", params, zeros_fp32)
 
-    def persistent(self, state: StepState) -> list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
-        params, _ = state.targets(self.target, with_grad_only=False)
-        own = [("lagged", params, zeros_fp32)] if self.key == "lagged" else []
-        return own + [(k, params, init) for k, init in persistent_buffers(self.transform)]
+    def materialize(self, state: StepState) -> None:
+        step = state.on(self.target, with_grad_only=False)
+        self._lagged(state, step.params)
+        materialize(self.transform, step)
 
     def perturb(self, state: StepState) -> None:
         params, _ = state.targets(self.target, with_grad_only=False)
@@ -210,10 +208,13 @@ class LaggedAscent(_CopyRestore):
         self._apply(params, deltas)
 
     def before_update(self, state: StepState) -> None:
-        ctx = state.context(self.target, with_grad_only=False)
-        fresh = self.transform([], ctx)  # a stateful transform updates its buffers (d_t) in place here
-        if self.key != "lagged":
-            return
+        ctx = state.on(self.target, with_grad_only=False)
+        fresh = run_transform(self.transform, gradients(ctx.params), ctx)
         lagged = locals_(self._lagged(state, ctx.params))
         with torch.no_grad():
-            torch._foreach_copy_(lagged, [f.to(d.dtype) for f, d in zip(fresh, lagged)])
+            torch._foreach_lerp_(lagged, [f.to(d.dtype) for f, d in zip(fresh, lagged)], 1.0 - self.beta)
+
+
+def gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The input of a transform chain: the gradient of each target (its local shard; zeros where it has none)."""
+    return [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in params]

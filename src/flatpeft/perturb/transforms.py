@@ -10,10 +10,9 @@ import torch
 from flatpeft._dist import any_sharded, gather_dim0, local, locals_, reduce_rows_, require_unsharded, shard_key
 from flatpeft._foreach import acc_dtype, finite_or_zero, global_norm, sanitize_, sq_norms
 from flatpeft.adapters.lora import LoRAFactors
-from flatpeft.perturb.base import StepContext, Transform
+from flatpeft.perturb.base import StepState, Transform, TransformState, stateless
 
 __all__ = [
-    "from_grad",
     "normalize_global",
     "scale_by_rho",
     "scale_by_param_abs",
@@ -30,41 +29,32 @@ EPS = 1e-12
 """Denominator guard of SAM-style normalisation (davda54/sam uses 1e-12)."""
 
 
-def from_grad() -> Transform:
-    """Direction source: the current gradient of each target tensor, ``d_p = g_p`` (zeros where ``g_p`` is None)."""
-
-    def from_grad_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        return [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in ctx.params]
-
-    return from_grad_
-
-
 def normalize_global(eps: float = EPS) -> Transform:
     """``d_p <- d_p / (N + eps)`` with one global norm ``N = sqrt(sum_p ||d_p||^2)``.
 
     This is the dual vector of the L2 ball (SAM, Foret et al. 2021, eq. 2). When ``N`` is not finite (an
     fp16 overflow, a NaN loss) the result is all zeros: the perturbation is skipped, never written as NaN.
-    The norm is exposed as ``ctx.stats["grad_norm"]``.
+    The norm is exposed as ``step.metrics["grad_norm"]``.
     """
 
-    def normalize_global_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        norm = global_norm(dirs, like=ctx.params)
-        ctx.stats.setdefault("grad_norm", norm)
+    def normalize_global_(dirs: list[torch.Tensor], step: StepState) -> list[torch.Tensor]:
+        norm = global_norm(dirs, like=step.params)
+        step.metrics.setdefault("grad_norm", norm)
         factor = finite_or_zero(1.0 / (norm + eps), norm)
         out = torch._foreach_mul(dirs, factor)
         sanitize_(out)
         return out
 
-    return normalize_global_
+    return stateless(normalize_global_)
 
 
 def scale_by_rho() -> Transform:
-    """``d_p <- rho_t * d_p`` with the step's (scheduled) radius ``ctx.rho``."""
+    """``d_p <- rho_t * d_p`` with the step's (scheduled) radius ``step.rho``."""
 
-    def scale_by_rho_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        return torch._foreach_mul(dirs, ctx.rho)
+    def scale_by_rho_(dirs: list[torch.Tensor], step: StepState) -> list[torch.Tensor]:
+        return torch._foreach_mul(dirs, step.rho)
 
-    return scale_by_rho_
+    return stateless(scale_by_rho_)
 
 
 def scale_by_param_abs(eta: float) -> Transform:
@@ -74,30 +64,32 @@ def scale_by_param_abs(eta: float) -> Transform:
     gives davda54's ``adaptive=True`` convention.
     """
 
-    def scale_by_param_abs_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        t = torch._foreach_abs([local(p).detach() for p in ctx.params])
+    def scale_by_param_abs_(dirs: list[torch.Tensor], step: StepState) -> list[torch.Tensor]:
+        t = torch._foreach_abs([local(p).detach() for p in step.params])
         if eta:
             torch._foreach_add_(t, eta)
         return torch._foreach_mul(dirs, t)
 
-    return scale_by_param_abs_
+    return stateless(scale_by_param_abs_)
 
 
 def ema(beta: float) -> Transform:
-    """Stateful: ``m <- beta * m + (1 - beta) * d``, returns ``m`` (``beta`` = weight of the past; ``m_0 = 0``).
+    """``m <- beta * m + (1 - beta) * d``, returns ``m`` (``beta`` = weight of the past; ``m_0 = 0``).
 
-    The state ``m`` is one persistent buffer per target tensor (``ctx.buffers("ema")``, at least float32),
-    saved with the optimizer. EFlat-LoRA's EMA of past perturbations (Deng et al., arXiv 2508.00522, eq. 18).
+    State: ``{"ema": m}``, one tensor per target (at least float32), updated in place. An exponential moving
+    average of updates as a building block (optax's ``ema``); EFlat-LoRA's average of perturbations is held by its
+    rule (:class:`~flatpeft.perturb.rules.LaggedAscent`), which applies it on the next step.
     """
 
-    def ema_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        state = locals_(ctx.buffers("ema", _zeros_fp32))
-        torch._foreach_lerp_(state, [d.to(m.dtype) for d, m in zip(dirs, state)], 1.0 - beta)
-        return list(state)
+    def init(params: list[torch.Tensor]) -> TransformState:
+        return {"ema": [_zeros_fp32(p) for p in params]}
 
-    ema_.persistent = [("ema", _zeros_fp32)]  # type: ignore[attr-defined]
-    ema_.returns = "ema"  # type: ignore[attr-defined]  # its output is its state (see returned_buffer)
-    return ema_
+    def update(dirs: list[torch.Tensor], state: TransformState, step: StepState):
+        m = locals_(state["ema"])
+        torch._foreach_lerp_(m, [d.to(t.dtype) for d, t in zip(dirs, m)], 1.0 - beta)
+        return list(m), state
+
+    return Transform(init, update, "ema")
 
 
 def _zeros_fp32(p: torch.Tensor) -> torch.Tensor:
@@ -110,7 +102,7 @@ def _count(fraction: float, n: int) -> int:
     return max(1, math.floor(fraction * n + 1e-9))
 
 
-def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float, selection: str, granularity: str) -> list[torch.Tensor]:
+def _selection_masks(dirs: list[torch.Tensor], ctx: StepState, fraction: float, selection: str, granularity: str) -> list[torch.Tensor]:
     """Fresh 0/1 masks (float32, on the device): one scalar per tensor, or one entry per element.
 
     Only targets with a gradient are candidates and count towards ``k`` (an unrouted expert or an unused layer
@@ -119,7 +111,7 @@ def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float
     passed in directly) ranks every direction.
     """
     device = dirs[0].device
-    live = [i for i, p in enumerate(ctx.params) if p.grad is not None]
+    live = [i for i, p in enumerate(ctx.params) if p.grad is not None] if len(ctx.params) == len(dirs) else []
     if not live:
         live = list(range(len(dirs)))
     cand = [dirs[i] for i in live]
@@ -135,7 +127,7 @@ def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float
         else:
             mask = torch.zeros(len(dirs), device=device, dtype=torch.float32)
             mask[live] = picked
-        ctx.stats["selected"] = mask
+        ctx.metrics["selected"] = mask
         return list(mask.unbind())
     require_unsharded(ctx.params, "FlatPO's granularity='element' (a global top-k over entries); use granularity='tensor'")
     sizes = [d.numel() for d in cand]
@@ -150,7 +142,7 @@ def _selection_masks(dirs: list[torch.Tensor], ctx: StepContext, fraction: float
     out = [torch.zeros_like(d, dtype=torch.float32) for d in dirs]
     for i, m in zip(live, mask.split(sizes)):
         out[i] = m.view_as(dirs[i])
-    ctx.stats["selected"] = torch.cat([o.reshape(-1) for o in out])
+    ctx.metrics["selected"] = torch.cat([o.reshape(-1) for o in out])
     return out
 
 
@@ -162,31 +154,34 @@ def select_top_fraction(fraction: float, selection: str = "topk", granularity: s
     all entries. ``selection="topk"`` keeps the ``k`` largest scores (on device, ``torch.topk``);
     ``selection="random"`` keeps ``k`` units drawn uniformly without replacement from a generator on the targets'
     device seeded by ``(seed, step)`` (the paper's random ablation; reproducible and identical on every rank).
-    Exactly ``k`` units are kept (ties do not add units). The kept set is exposed as ``ctx.stats["selected"]``.
+    Exactly ``k`` units are kept (ties do not add units). The kept set is exposed as ``step.metrics["selected"]``.
     ``refresh_every = T > 1`` makes the transform stateful: the selection is made on steps ``0, T, 2T, ...`` and
-    kept (as persistent masks, ``ctx.buffers("selection")``) in between.
+    kept (as its state, ``{"selection": masks}``) in between.
     """
 
-    def init(p: torch.Tensor) -> torch.Tensor:
+    def init_one(p: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32, device=p.device) if granularity == "tensor" else _zeros_fp32(p).float()
 
-    def select_top_fraction_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
+    def select(dirs: list[torch.Tensor], step: StepState) -> list[torch.Tensor]:
         if not dirs:
             return dirs
-        if refresh_every > 1:
-            kept = locals_(ctx.buffers("selection", init))
-            if ctx.step % refresh_every == 0:
-                torch._foreach_copy_(kept, _selection_masks(dirs, ctx, fraction, selection, granularity))
-            else:  # the kept selection is this step's selection
-                ctx.stats["selected"] = torch.cat([m.reshape(-1) for m in kept])
-            masks = kept
-        else:
-            masks = _selection_masks(dirs, ctx, fraction, selection, granularity)
+        masks = _selection_masks(dirs, step, fraction, selection, granularity)
         return torch._foreach_mul(dirs, [m.to(d.dtype) for m, d in zip(masks, dirs)])
 
-    if refresh_every > 1:
-        select_top_fraction_.persistent = [("selection", init)]  # type: ignore[attr-defined]
-    return select_top_fraction_
+    if refresh_every == 1:
+        return stateless(select, "select_top_fraction")
+
+    def update(dirs: list[torch.Tensor], state: TransformState, step: StepState):
+        if not dirs:
+            return dirs, state
+        kept = locals_(state["selection"])
+        if step.step % refresh_every == 0:
+            torch._foreach_copy_(kept, _selection_masks(dirs, step, fraction, selection, granularity))
+        else:  # the kept selection is this step's selection
+            step.metrics["selected"] = torch.cat([m.reshape(-1) for m in kept])
+        return torch._foreach_mul(dirs, [m.to(d.dtype) for m, d in zip(kept, dirs)]), state
+
+    return Transform(lambda params: {"selection": [init_one(p) for p in params]}, update, "select_top_fraction")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,12 +362,12 @@ def lora_realised_radius(layers: Sequence[LoRAFactors], deltas: Sequence[torch.T
 def lora_full_space(norm_scope: str = "global", damping: float | None = None, eps: float = EPS) -> Transform:
     """Direction source for Flat-LoRA (Deng et al.): unit-W-radius perturbations of every LoRA ``B``.
 
-    Reads ``g_A, g_B`` of every layer in ``ctx.lora`` (targets must be the ``B`` factors, same order), builds the
+    Reads ``g_A, g_B`` of every layer in ``step.lora`` (targets must be the ``B`` factors, same order), builds the
     full-weight gradient estimate per layer (:func:`full_space_lora_perturbation`, batched over layers of one
     shape), normalises by ``N = sqrt(sum_l ||G_hat_l||^2)`` (``norm_scope="global"``, the recommended default) or
     per layer (``"layer"``, the third-party behaviour: each layer gets radius rho), and returns ``E_B`` with
     W-space norm at most 1 before :func:`scale_by_rho`. The algebra runs in float64 (cast back to the factors'
-    dtype, at least float32); ``damping=None`` is :func:`default_damping` of the factors' dtype. The result is all zeros when ``N`` is not finite. ``ctx.stats["grad_norm"]`` is ``N``. The per-layer scales are
+    dtype, at least float32); ``damping=None`` is :func:`default_damping` of the factors' dtype. The result is all zeros when ``N`` is not finite. ``ctx.metrics["grad_norm"]`` is ``N``. The per-layer scales are
     put on the device once (cached), never copied from the host inside a step.
     """
     scales: dict[tuple, torch.Tensor] = {}
@@ -384,7 +379,7 @@ def lora_full_space(norm_scope: str = "global", damping: float | None = None, ep
             scales[key] = torch.stack([torch.full((), layers[i].scale, dtype=dtype, device=device) for i in idx])
         return scales[key]
 
-    def lora_full_space_(dirs: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
+    def lora_full_space_(dirs: list[torch.Tensor], ctx: StepState) -> list[torch.Tensor]:
         layers = ctx.lora
         out: list[torch.Tensor | None] = [None] * len(layers)
         norm_sq: list[torch.Tensor | None] = [None] * len(layers)
@@ -403,15 +398,15 @@ def lora_full_space(norm_scope: str = "global", damping: float | None = None, ep
         if norm_scope == "global":
             norm = nsq_all.sum().sqrt()
             factors = finite_or_zero(1.0 / (norm + eps), norm).expand(len(layers))
-            ctx.stats.setdefault("grad_norm", norm)
+            ctx.metrics.setdefault("grad_norm", norm)
         else:
             norms = nsq_all.sqrt()
             factors = finite_or_zero(1.0 / (norms + eps), norms)
-            ctx.stats.setdefault("grad_norm", nsq_all.sum().sqrt())
+            ctx.metrics.setdefault("grad_norm", nsq_all.sum().sqrt())
         result = [
             (e * f.to(e.dtype)).reshape(local(layers[i].B).shape) for i, (e, f) in enumerate(zip(out, factors.unbind()))
         ]
         sanitize_(result)
         return result
 
-    return lora_full_space_
+    return stateless(lora_full_space_)
