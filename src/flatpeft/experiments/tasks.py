@@ -96,6 +96,13 @@ class Task(abc.ABC):
         parse_dataclass(cls.args_cls, cfg.task_args, "task_args.")
         resolve_device(cfg.train.device)
 
+    @classmethod
+    def data_paths(cls, cfg: ExperimentConfig) -> dict[str, Path]:
+        """The user's data files a run of ``cfg`` reads (``{"train": path, "test": path}``), found without
+        building the task; their sha256 goes into ``eval.json`` (``data_sha256``), and a resumed run whose
+        recorded hashes differ from the current files' is never reused. Default: none."""
+        return {}
+
     # ---- required -------------------------------------------------------------------------------
     @abc.abstractmethod
     def train_batches(self) -> Iterator[Any]:

@@ -1,0 +1,188 @@
+"""Every run names the code that trained it, and resume never mixes code, data or settings silently.
+
+Compare, preference and the suite reuse a finished run only when its resolved settings, the sha256 of its data
+files and its code are the current ones: a run of other code is retrained (or, with ``--keep-other-code``,
+kept and named in the tables), changed data are refused. Older code is faked by editing the recorded hash.
+Tiny BERT + synthetic reviews (``_fixtures``); every run is two steps.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import _fixtures as F
+from flatpeft.experiments import provenance
+from flatpeft.experiments.runner import compare, train_run
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+OLD = "0" * 64  # the source hash of a faked older flatpeft
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny config whose data files belong to this test (they are changed in place below)."""
+    return F.tiny_config(tmp_path / "fx", train={"steps": 2, "log_every": 1})
+
+
+def fake_old_code(run: Path, source: str | None = OLD) -> None:
+    """Make ``run`` look trained by another flatpeft: its recorded source hash becomes ``source`` (``None``:
+    no code recorded at all, as runs trained before flatpeft recorded it)."""
+    for name in (".flatpeft-run.json", "eval.json"):
+        path = run / name
+        data = json.loads(path.read_text())
+        if source is None:
+            data.pop("code")
+        else:
+            data["code"] = {**data["code"], "source_sha256": source, "git_commit": "1" * 40}
+        path.write_text(json.dumps(data))
+
+
+# ------------------------------------------------------------------ a run names its code
+def test_run_directory_names_its_code(tiny, tmp_path):
+    import peft
+    import transformers
+
+    import flatpeft
+
+    metrics = train_run(tiny, out_dir=tmp_path / "r", progress=False)
+    manifest = json.loads((tmp_path / "r" / ".flatpeft-run.json").read_text())
+    saved = json.loads((tmp_path / "r" / "eval.json").read_text())
+    code = manifest["code"]
+    assert saved["code"] == code == metrics["code"]
+    assert code["flatpeft"] == flatpeft.__version__
+    assert (code["torch"], code["transformers"], code["peft"]) == (torch.__version__, transformers.__version__,
+                                                                    peft.__version__)
+    assert len(code["source_sha256"]) == 64 and code["source_sha256"] == provenance.source_sha256()
+    package = Path(flatpeft.__file__).parent
+    git = shutil.which("git")
+    head = (subprocess.run([git, "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+            if git else None)
+    if head is not None and head.returncode == 0:   # run from a checkout: the commit and whether it is dirty
+        assert code["git_commit"] == head.stdout.strip() and isinstance(code["git_dirty"], bool)
+    else:
+        assert code["git_commit"] is None
+
+
+def test_source_hash_follows_the_sources_and_needs_no_git(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "sub" / "m.py").write_text("y = 2\n")
+    monkeypatch.setattr(provenance, "_PACKAGE", pkg)
+    first = provenance.source_sha256.__wrapped__()
+    assert provenance.git_state.__wrapped__() == {"git_commit": None, "git_dirty": None}   # not in a repository
+    monkeypatch.setattr(provenance.shutil, "which", lambda name: None)                    # no git at all
+    assert provenance.git_state.__wrapped__() == {"git_commit": None, "git_dirty": None}
+    assert provenance.source_sha256.__wrapped__() == first
+    (pkg / "sub" / "m.py").write_text("y = 3\n")
+    assert provenance.source_sha256.__wrapped__() != first
+
+
+# ------------------------------------------------------------------ compare --resume and other code
+def test_resumed_compare_retrains_runs_of_other_code(tiny, tmp_path, capfd):
+    out = tmp_path / "cmp"
+    compare(tiny, ["base", "sam"], 1, out_dir=out, progress=False)
+    sam_before = (out / "sam" / "seed0" / "eval.json").read_bytes()
+    fake_old_code(out / "base" / "seed0")
+    res = compare(tiny, ["base", "sam"], 1, out_dir=out, resume=True, progress=False)
+    assert "base/seed0 was trained by flatpeft" in capfd.readouterr().err
+    for name in (".flatpeft-run.json", "eval.json"):   # retrained by the current code
+        assert json.loads((out / "base" / "seed0" / name).read_text())["code"] == provenance.code_record()
+    assert (out / "sam" / "seed0" / "eval.json").read_bytes() == sam_before   # the current code's run is kept
+    assert list(res.runs["method"].astype(str)) == ["base", "sam"]
+    label = provenance.code_label(provenance.code_record())
+    assert f"Code: every run trained by {label} (the current code)." in res.markdown
+    # a run that recorded no code at all counts as other code too
+    fake_old_code(out / "sam" / "seed0", None)
+    compare(tiny, ["base", "sam"], 1, out_dir=out, resume=True, progress=False)
+    assert json.loads((out / "sam" / "seed0" / "eval.json").read_text())["code"] == provenance.code_record()
+
+
+def test_keep_other_code_keeps_them_and_the_table_names_every_version(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    compare(tiny, ["base", "sam"], 2, out_dir=out, progress=False)
+    fake_old_code(out / "base" / "seed1")
+    fake_old_code(out / "sam" / "seed1", None)
+    before = {r: (out / r / "eval.json").read_bytes() for r in ("base/seed1", "sam/seed1")}
+    res = compare(tiny, ["base", "sam"], 2, out_dir=out, resume=True, keep_other_code=True, progress=False)
+    assert {r: (out / r / "eval.json").read_bytes() for r in before} == before          # kept, not retrained
+    assert len(res.runs) == 4
+    md = (out / "results.md").read_text()
+    assert "**Code: runs of 3 code versions in this table** (kept with --keep-other-code" in md
+    assert f"* {provenance.code_label(provenance.code_record())} (the current code): base seed 0, sam seed 0" in md
+    assert "git 1111111" in md and "source 000000000000" in md and md.count(": base seed 1") == 1
+    assert f"* {provenance.NOT_RECORDED}: sam seed 1" in md
+    with pytest.raises(ValueError, match="--keep-other-code .* with --resume"):
+        compare(tiny, ["base"], 1, out_dir=tmp_path / "other", keep_other_code=True, progress=False)
+
+
+# ------------------------------------------------------------------ issue 20 item 3: data changed in place
+def test_resumed_compare_refuses_runs_trained_on_other_data(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    compare(tiny, ["base"], 1, out_dir=out, progress=False)
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()
+              and not p.name.endswith("flatpeft-lock")}
+    train = Path(tiny.data.train)
+    df = pd.read_csv(train)
+    df["label"] = df["label"].map({"great": "other", "other": "great"})   # flip every label, in place
+    df.to_csv(train, index=False)
+    with pytest.raises(ValueError) as err:
+        compare(tiny, ["base"], 2, out_dir=out, resume=True, progress=False)
+    msg = str(err.value)
+    assert "data differ" in msg and f"data.train ({train}" in msg and "base/seed0" in msg and "--overwrite" in msg
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()
+            and not p.name.endswith("flatpeft-lock")} == before                       # nothing trained or rewritten
+    with pytest.raises(ValueError, match="data differ"):                              # keeping other code: still no
+        compare(tiny, ["base"], 2, out_dir=out, resume=True, keep_other_code=True, progress=False)
+    res = compare(tiny, ["base"], 2, out_dir=out, overwrite=True, progress=False)     # asked for: redone on the new file
+    new = json.loads((out / "base" / "seed0" / "eval.json").read_text())["data_sha256"]["train"]
+    assert len(res.runs) == 2 and new == __import__("hashlib").sha256(train.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ issue 20 item 4: preference --resume
+def test_preference_resume_refuses_other_task_args_and_data_and_retrains_other_code(tiny, tmp_path):
+    from flatpeft.analysis.preference import run_preference
+
+    out = tmp_path / "pref"
+    kw = dict(fractions=(1.0,), seeds=1, out_dir=out, eig_ncv=4, progress=False)
+    run_preference(tiny, **kw)
+    runs = ("base/seed0", "flatpo-top-1/seed0")
+    before = {r: (out / r / "eval.json").read_bytes() for r in runs}
+    noisy = copy.deepcopy(tiny)
+    noisy.task_args = {"label_noise": 0.3}
+    with pytest.raises(ValueError, match=r"task_args.label_noise \('<unset>' -> 0.3\)"):
+        run_preference(noisy, resume=True, **kw)
+    train = Path(tiny.data.train)
+    train.write_text(train.read_text().replace(",great\n", ",other\n", 1))   # one label changed in place
+    with pytest.raises(ValueError, match="data.train"):
+        run_preference(tiny, resume=True, **kw)
+    with pytest.raises(ValueError, match="data.train"):
+        run_preference(tiny, resume=True, keep_other_code=True, **kw)
+    assert {r: (out / r / "eval.json").read_bytes() for r in runs} == before
+    F.make_sentiment_files(tmp_path / "fx" / "data")                            # the original file again
+    fake_old_code(out / "base" / "seed0")
+    res = run_preference(tiny, resume=True, keep_other_code=True, **kw)        # kept, and named
+    assert (out / "base" / "seed0" / "eval.json").read_bytes() != before["base/seed0"]  # (the faked record)
+    assert json.loads((out / "base" / "seed0" / "eval.json").read_text())["code"]["source_sha256"] == OLD
+    md = (out / "preference.md").read_text()
+    assert "runs of 2 code versions" in md and "source 000000000000" in md
+    res = run_preference(tiny, resume=True, **kw)                              # default: retrained
+    assert json.loads((out / "base" / "seed0" / "eval.json").read_text())["code"] == provenance.code_record()
+    assert (out / "flatpo-top-1" / "seed0" / "eval.json").read_bytes() == before["flatpo-top-1/seed0"]
+    assert [r["label"] for r in res.runs] == ["base", "flatpo-top-1"]
+    assert "Code: every run trained by" in (out / "preference.md").read_text()
