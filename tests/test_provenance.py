@@ -100,7 +100,7 @@ def test_resumed_compare_retrains_runs_of_other_code(tiny, tmp_path, capfd):
     sam_before = (out / "sam" / "seed0" / "eval.json").read_bytes()
     fake_old_code(out / "base" / "seed0")
     res = compare(tiny, ["base", "sam"], 1, out_dir=out, resume=True, progress=False)
-    assert "base/seed0 was trained by flatpeft" in capfd.readouterr().err
+    assert "base/seed0 was trained by other code (flatpeft" in capfd.readouterr().err
     for name in (".flatpeft-run.json", "eval.json"):   # retrained by the current code
         assert json.loads((out / "base" / "seed0" / name).read_text())["code"] == provenance.code_record()
     assert (out / "sam" / "seed0" / "eval.json").read_bytes() == sam_before   # the current code's run is kept

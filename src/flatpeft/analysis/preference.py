@@ -382,8 +382,8 @@ def run_preference(
 
                 from flatpeft.experiments.provenance import code_label
 
-                print(f"flatpeft: note: {arm.label}/seed{seed} was trained by {code_label(match.code)}, not the "
-                      "current code; retraining it (--keep-other-code keeps it)", file=sys.stderr)
+                print(f"flatpeft: note: {arm.label}/seed{seed} was trained by other code ({code_label(match.code)}); "
+                      "retraining it (--keep-other-code keeps it)", file=sys.stderr)
         if reuse:
             metrics = json.loads((run_dir / "eval.json").read_text())
         else:  # in resume mode an unfinished run directory is an interrupted run: replace it

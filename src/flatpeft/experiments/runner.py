@@ -736,8 +736,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
                     if match.settings_match and not match.data and (keep_other_code or match.same_code):
                         continue
                     if match.settings_match and not match.data:
-                        print(f"flatpeft: note: {method}/seed{seed} was trained by {code_label(match.code)}, not "
-                              f"the current code; retraining it ({KEEP_OTHER_CODE_HINT} keeps it)", file=sys.stderr)
+                        print(f"flatpeft: note: {method}/seed{seed} was trained by other code ({code_label(match.code)}); "
+                              f"retraining it ({KEEP_OTHER_CODE_HINT} keeps it)", file=sys.stderr)
                 try:
                     train_run(_with_method(cfg, method), seed=seed, out_dir=run, overwrite=True,
                               extra_eval=extra_eval, progress=progress)
