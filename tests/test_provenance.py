@@ -186,3 +186,78 @@ def test_preference_resume_refuses_other_task_args_and_data_and_retrains_other_c
     assert (out / "flatpo-top-1" / "seed0" / "eval.json").read_bytes() == before["flatpo-top-1/seed0"]
     assert [r["label"] for r in res.runs] == ["base", "flatpo-top-1"]
     assert "Code: every run trained by" in (out / "preference.md").read_text()
+
+
+# ------------------------------------------------------------------ the suite: the page names its code; --reproduce
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith("flatpeft-lock")}
+
+
+def test_suite_page_names_the_code_and_keep_other_code(tmp_path, capsys):
+    from test_suite import _plan
+
+    from flatpeft.cli import main
+
+    plan = _plan(tmp_path, seeds=1)
+    assert main(["--quiet", "suite", str(plan)]) == 0
+    label = provenance.code_label(provenance.code_record())
+    page = (tmp_path / "results.md").read_text()
+    assert f"**Code.** This page was written by {label}. Every run behind its tables (4) was trained by that code." in page
+    assert f"Code: every run of this table was trained by {label} (the code that wrote this page)." in page
+    assert "Reproducibility (text_classification): bit for bit on the same machine with the same torch thread count" in page
+    runs = tmp_path / "runs"
+    fake_old_code(runs / "tiny_noisy" / "sam" / "seed0")
+    kept = (runs / "tiny_noisy" / "sam" / "seed0" / "eval.json").read_bytes()
+    assert main(["--quiet", "suite", str(plan), "--keep-other-code"]) == 0
+    assert (runs / "tiny_noisy" / "sam" / "seed0" / "eval.json").read_bytes() == kept
+    page = (tmp_path / "results.md").read_text()
+    assert "**Its runs were trained by 2 code version(s)**" in page and f"{label}: 3 run(s)" in page
+    assert "Code: **the runs of this table were trained by 2 code versions** (kept with `--keep-other-code`):" in page
+    assert "source 000000000000; " in page and ": sam seeds 0" in page
+    assert "sam seed 0" in (runs / "tiny_noisy" / "results.md").read_text()          # the compare table says so too
+    assert main(["--quiet", "suite", str(plan)]) == 0                                  # default: retrained
+    assert json.loads((runs / "tiny_noisy" / "sam" / "seed0" / "eval.json").read_text())["code"] == \
+        provenance.code_record()
+    assert "Every run behind its tables (4) was trained by that code." in (tmp_path / "results.md").read_text()
+
+
+def test_suite_reproduce_passes_and_fails_on_a_tampered_metric(tmp_path, capsys):
+    from test_suite import _plan
+
+    from flatpeft.cli import main
+
+    plan = _plan(tmp_path, seeds=2)
+    assert main(["--quiet", "suite", str(plan)]) == 0
+    runs = tmp_path / "runs"
+    before = _tree(runs)
+    capsys.readouterr()
+    scratch = tmp_path / "scratch"
+    assert main(["--quiet", "suite", str(plan), "--reproduce", "--scratch", str(scratch)]) == 0
+    out = capsys.readouterr().out
+    assert "reproduce: 4 run(s) of 2 compare directories" in out and "(1 seed(s) per method)" in out
+    assert "| accuracy | 0 | " in out and "| final_loss | 0 | " in out and "time_per_step" not in out
+    assert "reproduce: passed: every metric of 4 run(s) within 1e-06" in out
+    assert _tree(runs) == before                                                  # nothing written under the runs
+    reproduced = json.loads((scratch / "tiny_noisy" / "sam" / "seed0" / "eval.json").read_text())
+    assert reproduced["accuracy"] == json.loads((runs / "tiny_noisy" / "sam" / "seed0" / "eval.json").read_text())[
+        "accuracy"]
+    assert main(["--quiet", "suite", str(plan), "--reproduce", "--scratch", str(scratch)]) == 2   # not empty: refused
+    assert "--scratch" in capsys.readouterr().err
+
+    path = runs / "tiny_noisy" / "sam" / "seed0" / "eval.json"
+    data = json.loads(path.read_text())
+    data["accuracy"] += 0.05                                                       # a tampered recorded metric
+    path.write_text(json.dumps(data))
+    assert main(["--quiet", "suite", str(plan), "--reproduce"]) == 1
+    out = capsys.readouterr().out
+    assert "reproduce: FAILED: 1 difference(s)" in out and "tiny_noisy/sam/seed0: accuracy recorded" in out
+    assert "| accuracy | 0.05 | tiny_noisy/sam/seed0 |" in out
+    # --sample 2 retrains both seeds of every method (8 runs); a seed 1 metric is tampered too
+    path = runs / "tiny_noisy" / "base" / "seed1" / "eval.json"
+    data = json.loads(path.read_text())
+    data["final_loss"] *= 1.001
+    path.write_text(json.dumps(data))
+    assert main(["--quiet", "suite", str(plan), "--reproduce", "--sample", "2", "--tasks", "tiny_noisy"]) == 1
+    out = capsys.readouterr().out
+    assert "reproduce: 8 run(s)" in out and "tiny_noisy/base/seed1: final_loss recorded" in out
