@@ -18,12 +18,24 @@ import pytest
 import torch
 
 import _fixtures as F
-from flatpeft.experiments import provenance
 from flatpeft.experiments.runner import compare, train_run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 OLD = "0" * 64  # the source hash of a faked older flatpeft
+
+
+class _Provenance:
+    """``flatpeft.experiments.provenance``, imported when first used (so that on code without it the tests fail
+    at their assertions, not at collection)."""
+
+    def __getattr__(self, name):
+        import importlib
+
+        return getattr(importlib.import_module("flatpeft.experiments.provenance"), name)
+
+
+provenance = _Provenance()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,10 +95,12 @@ def test_source_hash_follows_the_sources_and_needs_no_git(tmp_path, monkeypatch)
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("x = 1\n")
     (pkg / "sub" / "m.py").write_text("y = 2\n")
-    monkeypatch.setattr(provenance, "_PACKAGE", pkg)
+    import flatpeft.experiments.provenance as prov
+
+    monkeypatch.setattr(prov, "_PACKAGE", pkg)
     first = provenance.source_sha256.__wrapped__()
     assert provenance.git_state.__wrapped__() == {"git_commit": None, "git_dirty": None}   # not in a repository
-    monkeypatch.setattr(provenance.shutil, "which", lambda name: None)                    # no git at all
+    monkeypatch.setattr(prov.shutil, "which", lambda name: None)                          # no git at all
     assert provenance.git_state.__wrapped__() == {"git_commit": None, "git_dirty": None}
     assert provenance.source_sha256.__wrapped__() == first
     (pkg / "sub" / "m.py").write_text("y = 3\n")

@@ -232,14 +232,15 @@ def _code_lines(runs: list[tuple[str, int, dict[str, Any] | None]]) -> list[str]
     return lines + [""]
 
 
-def _code_summary(plan, root: Path) -> str:
-    """The header's sentence on the code: the code that wrote the page and the versions behind its runs."""
+def _code_summary(codes: list[list[tuple[str, int, dict[str, Any] | None]]]) -> str:
+    """The header's sentence on the code: the code that wrote the page and the versions behind its runs
+    (``codes``: :func:`_task_code` of every task)."""
     from .provenance import NOT_RECORDED, code_label, code_record
 
     current = code_label(code_record())
     counts: dict[str, int] = {}
-    for t in plan.tasks:
-        for _, _, code in _task_code(plan, root, t):
+    for task_codes in codes:
+        for _, _, code in task_codes:
             counts[code_label(code)] = counts.get(code_label(code), 0) + 1
     text = f"This page was written by {current}."
     if not counts:
@@ -309,7 +310,8 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
              f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Every number below is read from "
              "the runs' `eval.json` files; nothing is typed in.")
     L.append("")
-    L.append(f"**Code.** {_code_summary(plan, root)} Each task's section names the code behind its table; "
+    codes = {t.name: _task_code(plan, root, t) for t in plan.tasks}
+    L.append(f"**Code.** {_code_summary(list(codes.values()))} Each task's section names the code behind its table; "
              f"`flatpeft suite {plan.path or 'PLAN'} --reproduce` retrains one seed per task and method at the "
              "current code and reports the largest difference of each metric (docs/cli.md).")
     if machine:
@@ -445,7 +447,7 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
             L.append(f"Settings: {_settings_line(d['cfg'])}. Config `{t.config if not Path(t.config).is_absolute() else Path(t.config).name}`"
                      + (f" with `{' '.join('--set ' + s for s in t.set)}`" if t.set else "") + ".")
             L.append("")
-        L.extend(_code_lines(_task_code(plan, root, t)))
+        L.extend(_code_lines(codes[n]))
         task_name = (d["cfg"] or {}).get("task")
         if task_name in DETERMINISM:
             L.append(f"Reproducibility ({task_name}): {DETERMINISM[task_name]}.")
