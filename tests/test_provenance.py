@@ -275,3 +275,30 @@ def test_suite_reproduce_passes_and_fails_on_a_tampered_metric(tmp_path, capsys)
     assert main(["--quiet", "suite", str(plan), "--reproduce", "--sample", "2", "--tasks", "tiny_noisy"]) == 1
     out = capsys.readouterr().out
     assert "reproduce: 8 run(s)" in out and "tiny_noisy/base/seed1: final_loss recorded" in out
+
+
+# ------------------------------------------------------------------ multimodal: the cached pre-alignment is data
+@pytest.mark.parametrize("config,prefix", [("clip_fewshot.yaml", "clip_prealign_"), ("vlm_instruct.yaml", "vlm_prealign_")])
+def test_cached_prealignment_is_hashed_like_a_data_file(config, prefix, tmp_path, monkeypatch):
+    """The pre-aligned projections every multimodal run starts from are cached once, keyed by their settings
+    only: their sha256 is recorded and compared like a data file's, so a rebuilt cache is never mixed."""
+    import hashlib
+
+    from flatpeft.experiments.config import load_config
+    from flatpeft.experiments.runner import data_hashes
+    from flatpeft.experiments.tasks import get_task
+
+    monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / config)
+    assert get_task(cfg.task).data_paths(cfg) == {} and data_hashes(cfg) == {}     # not built yet: nothing to hash
+    task_cls = get_task(cfg.task)
+    from flatpeft.experiments.config import parse_dataclass
+
+    settings = task_cls.prealign_settings(cfg, parse_dataclass(task_cls.args_cls, cfg.task_args, "task_args."))
+    path = tmp_path / "cache" / "multimodal" / f"{prefix}{settings.key()}.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"projections")
+    assert task_cls.data_paths(cfg) == {"prealign": path}
+    assert data_hashes(cfg) == {"prealign": hashlib.sha256(b"projections").hexdigest()}
+    cfg.task_args = {**cfg.task_args, "prealign_steps": 7}                            # another pre-alignment
+    assert task_cls.data_paths(cfg) == {}

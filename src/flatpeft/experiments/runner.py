@@ -281,12 +281,15 @@ def evaluate_task(task: Task, splits: Sequence[str]) -> dict[str, float]:
 
 def _data_record(task: Task, splits: Sequence[str]) -> dict[str, Any]:
     """How many examples each evaluated split had (``<split>_examples``) and the sha256 of the task's data files
-    (``data_sha256``: ``{"train": ..., "test": ...}``), when the task exposes them."""
+    (``data_sha256``: ``{"train": ..., "test": ...}``; the task's ``data_files``, else ``Task.data_paths``),
+    when the task exposes them."""
     rec: dict[str, Any] = {}
     count = getattr(task, "num_examples", None)
     if callable(count):
         rec.update({f"{split}_examples": int(count(split)) for split in splits})
-    files = getattr(task, "data_files", None) or {}
+    files = getattr(task, "data_files", None)
+    if files is None and getattr(task, "cfg", None) is not None:
+        files = type(task).data_paths(task.cfg)
     if files:
         rec["data_sha256"] = {name: _sha256(path) for name, path in files.items()}
     return rec

@@ -37,8 +37,8 @@ DETERMINISM: dict[str, str] = {
         "template draw and the batch order are seeded); the pre-aligned projections and the before-fine-tuning "
         "metrics are computed once and cached in the asset cache (`multimodal/clip_prealign_*`, "
         "`clip_before_*`), keyed by their settings, not by the code or machine that made them: a cache "
-        "built elsewhere or by older code gives other starting weights. Other thread counts, CPUs or a GPU: as "
-        "text_classification"),
+        "built elsewhere or by older code gives other starting weights (their sha256 is recorded with each run "
+        "as `data_sha256.prealign`). Other thread counts, CPUs or a GPU: as text_classification"),
     "vlm_instruct": (
         "bit for bit on the same machine with the same thread count, code and asset cache (shots, caption mix "
         "and batch order are seeded; answers are generated greedily); the pre-aligned projector and the image "
