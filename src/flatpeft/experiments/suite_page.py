@@ -30,8 +30,9 @@ DETERMINISM: dict[str, str] = {
         "random draw is seeded: validation carve, shots, label noise, test subset, head and LoRA initialisation, "
         "dropout, batch order; evaluation batches are length-sorted); another thread count or CPU changes the "
         "order of float sums, and with it the last bits and, after training, possibly some predictions; on a "
-        "GPU the embedding and attention backward kernels are not deterministic (flatpeft does not enable "
-        "torch's deterministic algorithms)"),
+        "GPU some CUDA kernels (atomic-add reductions in backward passes, the memory-efficient attention "
+        "backward) are not deterministic and flatpeft does not turn on torch's deterministic algorithms, so "
+        "bit-for-bit reruns are not guaranteed there"),
     "clip_fewshot": (
         "bit for bit on the same machine with the same thread count, code and asset cache (the shots, the "
         "template draw and the batch order are seeded); the pre-aligned projections and the before-fine-tuning "
