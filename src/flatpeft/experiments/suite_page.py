@@ -28,8 +28,9 @@ DETERMINISM: dict[str, str] = {
     "text_classification": (
         "bit for bit on the same machine with the same torch thread count, code and library versions (every "
         "random draw is seeded: validation carve, shots, label noise, test subset, head and LoRA initialisation, "
-        "dropout, batch order; evaluation batches are length-sorted); another thread count or CPU changes the "
-        "order of float sums, and with it the last bits and, after training, possibly some predictions; on a "
+        "dropout, batch order; evaluation batches are length-sorted); another thread count or CPU can sum "
+        "floats in another order (large matrix products are split across threads), which changes the last bits "
+        "and, over training, possibly some predictions (a tiny model may still agree); on a "
         "GPU some CUDA kernels (atomic-add reductions in backward passes, the memory-efficient attention "
         "backward) are not deterministic and flatpeft does not turn on torch's deterministic algorithms, so "
         "bit-for-bit reruns are not guaranteed there"),
