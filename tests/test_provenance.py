@@ -290,15 +290,53 @@ def test_cached_prealignment_is_hashed_like_a_data_file(config, prefix, tmp_path
 
     monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / config)
-    assert get_task(cfg.task).data_paths(cfg) == {} and data_hashes(cfg) == {}     # not built yet: nothing to hash
     task_cls = get_task(cfg.task)
     from flatpeft.experiments.config import parse_dataclass
 
     settings = task_cls.prealign_settings(cfg, parse_dataclass(task_cls.args_cls, cfg.task_args, "task_args."))
     path = tmp_path / "cache" / "multimodal" / f"{prefix}{settings.key()}.safetensors"
+    assert task_cls.data_paths(cfg) == {"prealign": path} and data_hashes(cfg) == {}   # not built yet: no hash
     path.parent.mkdir(parents=True)
     path.write_bytes(b"projections")
     assert task_cls.data_paths(cfg) == {"prealign": path}
     assert data_hashes(cfg) == {"prealign": hashlib.sha256(b"projections").hexdigest()}
     cfg.task_args = {**cfg.task_args, "prealign_steps": 7}                            # another pre-alignment
-    assert task_cls.data_paths(cfg) == {}
+    assert data_hashes(cfg) == {}
+
+
+def test_resume_refuses_a_rebuilt_or_missing_cache_of_starting_weights(tiny, tmp_path):
+    """A task whose runs start from a cached file (as the multimodal pre-alignment): resume compares the file's
+    sha256; a file the runs recorded that is absent now (to be rebuilt) is refused in compare, not on the page."""
+    from flatpeft.experiments.runner import _run_config, _valid_runs, _with_method, run_dir_for
+    from flatpeft.experiments.tasks import TASKS, register_task
+    from flatpeft.experiments.text_classification import TextClassificationTask
+
+    cache = tmp_path / "cache.bin"
+
+    @register_task("tiny_cached_start")
+    class CachedStart(TextClassificationTask):
+        @classmethod
+        def data_paths(cls, cfg):
+            return {**super().data_paths(cfg), "prealign": cache}
+
+    try:
+        cfg = copy.deepcopy(tiny)
+        cfg.task = "tiny_cached_start"
+        cache.write_bytes(b"weights A")
+        out = tmp_path / "cmp"
+        compare(cfg, ["base"], 1, out_dir=out, progress=False)
+        recorded = json.loads((out / "base" / "seed0" / "eval.json").read_text())["data_sha256"]
+        assert set(recorded) == {"train", "test", "prealign"}
+        cache.unlink()
+        with pytest.raises(ValueError, match=r"data.prealign \(.*cache.bin: .* the file does not exist now"):
+            compare(cfg, ["base"], 2, out_dir=out, resume=True, progress=False)
+        plan = {("base", 0): _run_config(_with_method(cfg, "base"), 0, run_dir_for(out, "base", 0))}
+        assert len(_valid_runs(plan, out, keep_other_code=True, strict_data=False)) == 1   # the page still shows it
+        cache.write_bytes(b"weights B")                                                   # rebuilt: other bytes
+        with pytest.raises(ValueError, match=r"data differ .* data.prealign"):
+            compare(cfg, ["base"], 2, out_dir=out, resume=True, progress=False)
+        assert _valid_runs(plan, out, keep_other_code=True, strict_data=False) == []
+        cache.write_bytes(b"weights A")
+        assert len(compare(cfg, ["base"], 2, out_dir=out, resume=True, progress=False).runs) == 2
+    finally:
+        TASKS.pop("tiny_cached_start", None)

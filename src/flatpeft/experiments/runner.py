@@ -290,6 +290,7 @@ def _data_record(task: Task, splits: Sequence[str]) -> dict[str, Any]:
     files = getattr(task, "data_files", None)
     if files is None and getattr(task, "cfg", None) is not None:
         files = type(task).data_paths(task.cfg)
+    files = {name: path for name, path in (files or {}).items() if Path(path).is_file()}
     if files:
         rec["data_sha256"] = {name: _sha256(path) for name, path in files.items()}
     return rec
@@ -569,13 +570,15 @@ class RunMatch:
 
 
 def match_run(run: Path, run_cfg: ExperimentConfig, data: dict[str, str] | None = None,
-              diff: bool = True) -> RunMatch:
+              diff: bool = True, strict_data: bool = True) -> RunMatch:
     """Compare the finished run ``run`` with the planned resolved config ``run_cfg`` (:func:`_run_config`), the
     current data hashes ``data`` (default: computed from ``run_cfg``) and the current code.
 
-    Data are compared by role (``train``, ``test``) where both the run and the current files have a hash; a run
-    that recorded none (older than data hashes) is judged by its code alone. ``diff=False`` skips reading the
-    recorded config when the fingerprints differ (``settings`` then lists nothing)."""
+    Data are compared by role (``train``, ``test``, ``prealign``) where both the run and the current files have a
+    hash; a run that recorded none (older than data hashes) is judged by its code alone. With ``strict_data`` a
+    file the run recorded that does not exist now (a cache to be rebuilt) differs too; without, it is not
+    compared (the page, which trains nothing). ``diff=False`` skips reading the recorded config when the
+    fingerprints differ (``settings`` then lists nothing)."""
     manifest = read_manifest(run) or {}
     settings_match = manifest.get("settings") == _fingerprint(run_cfg)
     settings: list[str] = []
@@ -585,10 +588,16 @@ def match_run(run: Path, run_cfg: ExperimentConfig, data: dict[str, str] | None 
     current = data_hashes(run_cfg) if data is None else data
     recorded_data = _read_eval(run).get("data_sha256")
     recorded_data = recorded_data if isinstance(recorded_data, dict) else {}
-    files = get_task(run_cfg.task).data_paths(run_cfg) if set(recorded_data) & set(current) else {}
+    files = get_task(run_cfg.task).data_paths(run_cfg) if recorded_data else {}
     changed = [f"data.{role} ({files.get(role, role)}: sha256 {str(recorded_data[role])[:12]}... when trained, "
                f"{current[role][:12]}... now)"
                for role in sorted(set(recorded_data) & set(current)) if recorded_data[role] != current[role]]
+    if strict_data:
+        changed += [f"data.{role} ({files[role]}: sha256 {str(recorded_data[role])[:12]}... when trained, the file "
+                    "does not exist now; a cache is rebuilt by the next run: train one run to rebuild it, then "
+                    "resume compares it)"
+                    for role in sorted(set(recorded_data) - set(current))
+                    if role in files and not Path(files[role]).is_file()]
     code = run_code(run)
     return RunMatch(settings_match, settings, changed, code, same_code(code, code_record()))
 
@@ -614,10 +623,11 @@ def _resume_conflicts(plan: dict[tuple[str, int], ExperimentConfig], out: Path,
 
 
 def _valid_runs(plan: dict[tuple[str, int], ExperimentConfig], out: Path, data: dict[str, str] | None = None,
-                keep_other_code: bool = False) -> list[tuple[str, int, Path]]:
+                keep_other_code: bool = False, strict_data: bool = True) -> list[tuple[str, int, Path]]:
     """Finished runs of ``plan`` whose recorded settings are the planned ones, whose data are the current files
     and (unless ``keep_other_code``) whose code is the current code: a table never mixes settings or data, and
-    mixes code only when asked (and then says so). ``data``: the current data hashes (default: computed once)."""
+    mixes code only when asked (and then says so). ``data``: the current data hashes (default: computed once);
+    ``strict_data``: see :func:`match_run`."""
     rows = []
     for (method, seed), run_cfg in plan.items():
         run = run_dir_for(out, method, seed)
@@ -625,7 +635,7 @@ def _valid_runs(plan: dict[tuple[str, int], ExperimentConfig], out: Path, data: 
             continue
         if data is None:
             data = data_hashes(run_cfg)
-        match = match_run(run, run_cfg, data, diff=False)
+        match = match_run(run, run_cfg, data, diff=False, strict_data=strict_data)
         if match.settings_match and not match.data and (keep_other_code or match.same_code):
             rows.append((method, seed, run))
     return rows

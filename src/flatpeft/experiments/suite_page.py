@@ -184,7 +184,7 @@ def _unit_runs(root: Path, unit: str, methods: list[str], config: str, overrides
         return []
     cfg = load_config(config, overrides or [])
     plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(d, m, s)) for s in seeds for m in methods}
-    return _valid_runs(plan, d, keep_other_code=True)
+    return _valid_runs(plan, d, keep_other_code=True, strict_data=False)
 
 
 def _task_code(plan, root: Path, t) -> list[tuple[str, int, dict[str, Any] | None]]:

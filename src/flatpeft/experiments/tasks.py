@@ -98,9 +98,10 @@ class Task(abc.ABC):
 
     @classmethod
     def data_paths(cls, cfg: ExperimentConfig) -> dict[str, Path]:
-        """The user's data files a run of ``cfg`` reads (``{"train": path, "test": path}``), found without
-        building the task; their sha256 goes into ``eval.json`` (``data_sha256``), and a resumed run whose
-        recorded hashes differ from the current files' is never reused. Default: none."""
+        """The files a run of ``cfg`` reads its data (or cached starting weights) from, by role (``{"train": path,
+        "test": path}``), found without building the task (a cache built on first use may not exist yet); their
+        sha256 goes into ``eval.json`` (``data_sha256``), and a resumed run whose recorded hashes differ from
+        the current files' is never reused. Default: none."""
         return {}
 
     # ---- required -------------------------------------------------------------------------------

@@ -103,14 +103,14 @@ class ClipFewShotTask(Task):
 
     @classmethod
     def data_paths(cls, cfg) -> dict[str, Path]:
-        """The cached pre-aligned projections (``prealign``: the starting weights of every run), once they
-        exist: a cache made by other code or on another machine holds other weights, so their sha256 is
-        recorded and compared like a data file's."""
+        """The cached pre-aligned projections (``prealign``: the starting weights of every run; built on first
+        use): a cache made by other code or on another machine holds other weights, so their sha256 is recorded
+        and compared like a data file's."""
         from flatpeft.experiments.config import parse_dataclass
 
         path = clip_prealign_path(cls.prealign_settings(cfg, parse_dataclass(cls.args_cls, cfg.task_args,
                                                                              "task_args.")))
-        return {"prealign": path} if path.is_file() else {}
+        return {"prealign": path}
 
     def __init__(self, cfg, seed: int) -> None:
         super().__init__(cfg, seed)

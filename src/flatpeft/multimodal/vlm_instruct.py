@@ -285,13 +285,13 @@ class VLMInstructTask(Task):
 
     @classmethod
     def data_paths(cls, cfg) -> dict[str, Path]:
-        """The cached pre-aligned projector (``prealign``: the starting weights of every run), once it exists
-        (see :meth:`flatpeft.multimodal.clip_fewshot.ClipFewShotTask.data_paths`)."""
+        """The cached pre-aligned projector (``prealign``: the starting weights of every run; built on first use;
+        see :meth:`flatpeft.multimodal.clip_fewshot.ClipFewShotTask.data_paths`)."""
         from flatpeft.experiments.config import parse_dataclass
 
         path = vlm_prealign_path(cls.prealign_settings(cfg, parse_dataclass(cls.args_cls, cfg.task_args,
                                                                             "task_args.")))
-        return {"prealign": path} if path.is_file() else {}
+        return {"prealign": path}
 
     def __init__(self, cfg, seed: int) -> None:
         super().__init__(cfg, seed)
