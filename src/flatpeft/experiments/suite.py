@@ -412,8 +412,10 @@ def register_cli(subparsers: Any) -> None:
         "suite", help="run every task of a plan x methods x seeds (resumable) and write the results page",
         description="Runs every task of PLAN (default configs/suite.yaml) with every method and seed as one "
                     "compare directory each under the plan's output_dir, always resuming (finished runs are kept; a "
-                    "finished run with other settings is refused, naming the keys), then rebuilds the results page "
-                    "(docs/results.md) from the runs.")
+                    "finished run with other settings or data is refused, naming the keys or files; one trained by "
+                    "other code is retrained unless --keep-other-code), then rebuilds the results page "
+                    "(docs/results.md) from the runs. --reproduce retrains a sample of the page's runs at the "
+                    "current code and reports the largest difference of each metric.")
     p.add_argument("plan", nargs="?", default="configs/suite.yaml", help="suite plan YAML (default configs/suite.yaml)")
     p.add_argument("--tasks", default=None, help="comma list of task names to run (default: the plan's enabled tasks)")
     p.add_argument("--jobs", type=int, default=None, help="compare directories run in parallel (default: the plan's)")
@@ -437,5 +439,5 @@ def register_cli(subparsers: Any) -> None:
                         "temporary directory, removed afterwards")
     p.add_argument("--tolerance", type=float, default=None,
                    help="with --reproduce: largest allowed |difference| of a metric, relative to max(1, |value|) "
-                        "(default 1e-6: float noise of a JSON round trip; a bit-for-bit rerun gives 0)")
+                        "(default 1e-6: float noise; a bit-for-bit rerun gives 0)")
     p.set_defaults(func=_cmd_suite)
