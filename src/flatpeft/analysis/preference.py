@@ -362,6 +362,10 @@ def run_preference(
     hook = top_eigenvalue_hook(eig_batches, ncv=eig_ncv)
     runs: list[dict[str, Any]] = []
     used: list[tuple[str, int, Path]] = []
+    if resume:  # the data files must resolve before a finished run is judged by their hashes
+        from flatpeft.experiments.tasks import get_task
+
+        get_task(cfg.task).check_config(cfg)
     data = data_hashes(cfg) if resume else {}
     t0 = time.perf_counter()
     jobs = [(s, arm) for s in range(seeds) for arm in arms]

@@ -525,11 +525,20 @@ def _foreign_in_compare_dir(out: Path) -> list[str]:
 KEEP_OTHER_CODE_HINT = "--keep-other-code (keep_other_code=True)"
 
 
+def _data_paths(cfg: ExperimentConfig) -> dict[str, Path]:
+    """:meth:`Task.data_paths` of ``cfg``; empty when they cannot be resolved here (a built-in dataset that is
+    not prepared on this machine: the page is rebuilt without it; train and compare refuse it earlier)."""
+    try:
+        return get_task(cfg.task).data_paths(cfg)
+    except ValueError:
+        return {}
+
+
 def data_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     """sha256 of the data files a run of ``cfg`` reads (:meth:`Task.data_paths`), by role; a file that does not
     exist is left out. Hash once per comparison: every run of it reads the same files."""
     out: dict[str, str] = {}
-    for role, path in get_task(cfg.task).data_paths(cfg).items():
+    for role, path in _data_paths(cfg).items():
         if Path(path).is_file():
             out[role] = _sha256(path)
     return out
@@ -588,7 +597,7 @@ def match_run(run: Path, run_cfg: ExperimentConfig, data: dict[str, str] | None 
     current = data_hashes(run_cfg) if data is None else data
     recorded_data = _read_eval(run).get("data_sha256")
     recorded_data = recorded_data if isinstance(recorded_data, dict) else {}
-    files = get_task(run_cfg.task).data_paths(run_cfg) if recorded_data else {}
+    files = _data_paths(run_cfg) if recorded_data else {}
     changed = [f"data.{role} ({files.get(role, role)}: sha256 {str(recorded_data[role])[:12]}... when trained, "
                f"{current[role][:12]}... now)"
                for role in sorted(set(recorded_data) & set(current)) if recorded_data[role] != current[role]]
