@@ -339,6 +339,9 @@ def run_preference(
     added to an earlier experiment; a run trained by other code is retrained unless ``keep_other_code``, and the
     tables name the code of every run.
     """
+    import sys
+
+    from flatpeft.experiments.provenance import code_label
     from flatpeft.experiments.runner import _run_config, code_notes, data_hashes
     from tqdm.auto import tqdm
 
@@ -382,10 +385,6 @@ def run_preference(
             match = check_resumable(run_dir, _run_config(run_cfg, seed, run_dir), data)
             reuse = keep_other_code or match.same_code
             if not reuse:
-                import sys
-
-                from flatpeft.experiments.provenance import code_label
-
                 print(f"flatpeft: note: {arm.label}/seed{seed} was trained by other code ({code_label(match.code)}); "
                       "retraining it (--keep-other-code keeps it)", file=sys.stderr)
         if reuse:
