@@ -161,10 +161,15 @@ def test_preference_resume_reuses_finished_runs_and_checks_settings(tmp_path):
     calls = []
 
     def fake_train_run(run_cfg, *, seed, out_dir, overwrite, extra_eval):
+        """Writes what train_run records: the resolved config, the manifest with the settings and the code."""
+        from flatpeft.experiments.provenance import code_record
+        from flatpeft.experiments.rundir import write_manifest
+        from flatpeft.experiments.runner import _run_config
+
         calls.append((out_dir.parent.name, seed))
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_cfg.train.seed = seed
-        save_config(run_cfg, out_dir / "config.yaml")
+        save_config(_run_config(run_cfg, seed, out_dir), out_dir / "config.yaml")
+        write_manifest(out_dir, state="finished", code=code_record())
         metrics = {"accuracy": 0.5 + 0.1 * seed, "train_accuracy": 0.9, "top_eigenvalue": 1.0}
         (out_dir / "eval.json").write_text(json.dumps(metrics))
         return metrics

@@ -3,7 +3,7 @@
     flatpeft train CONFIG [--set k=v ...] [--output-dir D] [--overwrite]
     flatpeft eval RUN_DIR [--data PATH] [--splits test,val]
     flatpeft compare CONFIG --methods base,sam,flatpo,eflat-lora --seeds 3 [--set ...] [--output-dir D]
-                     [--overwrite | --resume]
+                     [--overwrite | --resume [--keep-other-code]]
     flatpeft data prepare [--only NAMES] [--force]
     flatpeft data verify [--only NAMES]         check the prepared assets' sizes and sha256
     flatpeft config CONFIG [--set ...]          print the resolved config (validation only)
@@ -99,7 +99,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cfg = _load_checked(args, methods or None)
     result = compare(cfg, methods, _parse_seeds(args.seeds), out_dir=args.output_dir, overwrite=args.overwrite,
-                     resume=args.resume, progress=not args.quiet)
+                     resume=args.resume, progress=not args.quiet, keep_other_code=args.keep_other_code)
     print(result.markdown)
     print("written: " + ", ".join(str(p) for p in result.paths.values()), file=sys.stderr)
     if result.failed:
@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="3", help="number of seeds (from train.seed) or a comma list (default: 3)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace existing runs in the output directory")
-    group.add_argument("--resume", action="store_true", help="keep finished runs (eval.json present), redo the rest")
+    group.add_argument("--resume", action="store_true",
+                       help="keep finished runs trained with the same settings, data and code; train the rest "
+                            "(changed settings or data files are refused; runs of other code are retrained)")
+    p.add_argument("--keep-other-code", action="store_true",
+                   help="with --resume: keep finished runs trained by other code (the tables name the code of "
+                        "every run) instead of retraining them")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("data", help="offline models and datasets",

@@ -107,6 +107,7 @@ def cmd_preference(args: argparse.Namespace) -> int:
         out_dir=out,
         overwrite=args.overwrite,
         resume=args.resume,
+        keep_other_code=args.keep_other_code,
         eig_batches=args.eig_batches,
         eig_ncv=args.eig_ncv,
         progress=not getattr(args, "quiet", False),
@@ -168,7 +169,11 @@ def register_cli(subparsers: Any) -> None:
     q.add_argument("--output-dir", default=None, help="output directory (default <output_dir>/preference)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--resume", action="store_true",
-                   help="reuse finished runs in the output directory (same settings) and train only the missing ones")
+                   help="reuse finished runs in the output directory (same settings, data and code) and train only "
+                        "the missing ones (other settings or data are refused; runs of other code are retrained)")
+    q.add_argument("--keep-other-code", action="store_true",
+                   help="with --resume: keep finished runs trained by other code (the table names the code of "
+                        "every run) instead of retraining them")
     q.add_argument("--eig-batches", type=int, default=1,
                    help="training batches for the final top-eigenvalue measurement (default 1)")
     q.add_argument("--eig-ncv", type=int, default=12,

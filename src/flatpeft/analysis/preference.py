@@ -129,26 +129,21 @@ def top_eigenvalue_hook(
     return hook
 
 
-def check_resumable(run_dir: Path, run_cfg: Any) -> None:
-    """Raise ``ValueError`` unless the finished run in ``run_dir`` was trained with ``run_cfg``'s method (name,
-    fraction, selection, rho), model, peft, data sampling and training settings (the seed excepted)."""
-    from flatpeft.experiments import load_config
+def check_resumable(run_dir: Path, run_cfg: Any, data: dict[str, str] | None = None) -> Any:
+    """Raise ``ValueError`` unless the finished run in ``run_dir`` was trained with the resolved settings of
+    ``run_cfg`` (every key that changes a run: method, model, peft, data, training and ``task_args``; ``run_cfg``
+    is the run's config as ``train_run`` resolves it, seed included) on the current data files (their sha256,
+    ``data``: computed when not given). Returns the :class:`~flatpeft.experiments.runner.RunMatch`, which names
+    the code that trained the run (a run of other code is retrained unless ``keep_other_code``)."""
+    from flatpeft.experiments.runner import match_run
 
-    saved = load_config(run_dir / "config.yaml")
-    checks = {
-        "model": (saved.model, run_cfg.model),
-        "peft": (dataclasses.asdict(saved.peft), dataclasses.asdict(run_cfg.peft)),
-        "train": ({k: v for k, v in dataclasses.asdict(saved.train).items() if k != "seed"},
-                  {k: v for k, v in dataclasses.asdict(run_cfg.train).items() if k != "seed"}),
-        "data": ({k: getattr(saved.data, k) for k in ("shots", "val_size", "val_seed", "max_length")},
-                 {k: getattr(run_cfg.data, k) for k in ("shots", "val_size", "val_seed", "max_length")}),
-    }
-    for key in ("name", "fraction", "selection", "rho"):
-        checks[f"method.{key}"] = (saved.method.get(key), run_cfg.method.get(key))
-    for name, (old, new) in checks.items():
-        if old != new:
-            raise ValueError(f"--resume: run {str(run_dir)!r} was trained with {name}={old!r}, the experiment "
-                             f"asks for {new!r}; use a new --output-dir or --overwrite")
+    match = match_run(run_dir, run_cfg, data)
+    problems = match.settings + match.data
+    if problems:
+        raise ValueError(f"--resume: run {str(run_dir)!r} was trained with other settings or data than the "
+                         f"experiment asks for: {'; '.join(problems[:6])}{'; ...' if len(problems) > 6 else ''}; "
+                         "use a new --output-dir or --overwrite")
+    return match
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -229,6 +224,7 @@ def preference_markdown(result: PreferenceResult) -> str:
         f"Seeds: {list(result.seeds)}; fractions: {list(result.fractions)}; wall time {result.wall_seconds:.0f} s.",
         "Values are mean ± std over seeds; gap = train accuracy - test accuracy (percentage points);",
         "diff to base = paired difference of test accuracy (same seed). At f = 1 the random arm equals the top arm.",
+        *(["", *result.settings["code"]] if result.settings.get("code") else []),
         "",
         "| arm | f | test accuracy (%) | gap (pp) | top eigenvalue | diff to base (pp) | 95 % CI | seeds better |",
         "|---|---|---|---|---|---|---|---|",
@@ -331,15 +327,22 @@ def run_preference(
     train_run: Callable[..., dict] | None = None,
     progress: bool = True,
     resume: bool = False,
+    keep_other_code: bool = False,
 ) -> PreferenceResult:
     """Train every arm of :func:`preference_arms` for seeds ``0..seeds-1`` with ``train_run`` and summarise.
 
     ``cfg`` is an ``ExperimentConfig``; each arm gets a deep copy with ``method`` replaced and
     ``train.eval_splits`` including ``train`` (for the gap).  Runs go to ``out_dir/<arm>/seed<s>``.
     Raises ``ValueError`` if ``out_dir`` exists and is not empty, unless ``overwrite`` or ``resume``.
-    With ``resume`` a finished run (``eval.json`` present) whose saved config matches the arm (see
-    :func:`check_resumable`) is read instead of retrained, so seeds can be added to an earlier experiment.
+    With ``resume`` a finished run (``eval.json`` present) whose saved config and data match the arm (see
+    :func:`check_resumable`; other settings or data are refused) is read instead of retrained, so seeds can be
+    added to an earlier experiment; a run trained by other code is retrained unless ``keep_other_code``, and the
+    tables name the code of every run.
     """
+    import sys
+
+    from flatpeft.experiments.provenance import code_label
+    from flatpeft.experiments.runner import _run_config, code_notes, data_hashes
     from tqdm.auto import tqdm
 
     if train_run is None:
@@ -352,6 +355,8 @@ def run_preference(
     out_dir = Path(out_dir)
     if overwrite and resume:
         raise ValueError("--overwrite and --resume are mutually exclusive")
+    if keep_other_code and not resume:
+        raise ValueError("--keep-other-code keeps finished runs of other code when resuming: use it with --resume")
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise ValueError(f"output directory {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it "
                          "(or --resume to reuse its finished runs)")
@@ -359,6 +364,12 @@ def run_preference(
     arms = preference_arms(dict(cfg.method), fractions)
     hook = top_eigenvalue_hook(eig_batches, ncv=eig_ncv)
     runs: list[dict[str, Any]] = []
+    used: list[tuple[str, int, Path]] = []
+    if resume:  # the data files must resolve before a finished run is judged by their hashes
+        from flatpeft.experiments.tasks import get_task
+
+        get_task(cfg.task).check_config(cfg)
+    data = data_hashes(cfg) if resume else {}
     t0 = time.perf_counter()
     jobs = [(s, arm) for s in range(seeds) for arm in arms]
     for seed, arm in tqdm(jobs, desc="preference runs", disable=not progress):
@@ -369,11 +380,18 @@ def run_preference(
         run_dir = out_dir / arm.label / f"seed{seed}"
         run_cfg.output_dir = str(run_dir)
         t = time.perf_counter()
+        reuse = False
         if resume and (run_dir / "eval.json").is_file():
-            check_resumable(run_dir, run_cfg)
+            match = check_resumable(run_dir, _run_config(run_cfg, seed, run_dir), data)
+            reuse = keep_other_code or match.same_code
+            if not reuse:
+                print(f"flatpeft: note: {arm.label}/seed{seed} was trained by other code ({code_label(match.code)}); "
+                      "retraining it (--keep-other-code keeps it)", file=sys.stderr)
+        if reuse:
             metrics = json.loads((run_dir / "eval.json").read_text())
         else:  # in resume mode an unfinished run directory is an interrupted run: replace it
             metrics = train_run(run_cfg, seed=seed, out_dir=run_dir, overwrite=overwrite or resume, extra_eval=hook)
+        used.append((arm.label, seed, run_dir))
         record = {
             "label": arm.label,
             "method": arm.method["name"],
@@ -395,7 +413,8 @@ def run_preference(
         summary=tuple(summarize_preference(runs, arms)),
         wall_seconds=round(wall, 1),
         settings={"eig_batches": eig_batches, "eig_ncv": eig_ncv, "method": dict(cfg.method),
-                  "train": dataclasses.asdict(cfg.train) if dataclasses.is_dataclass(cfg.train) else str(cfg.train)},
+                  "train": dataclasses.asdict(cfg.train) if dataclasses.is_dataclass(cfg.train) else str(cfg.train),
+                  "code": code_notes(used)},
     )
     write_preference_outputs(result, out_dir)
     return result

@@ -237,9 +237,10 @@ def _write_table_files(out_dir: Path, markdown: str, summary: pd.DataFrame) -> d
 
 def collect_and_write(out_dir: str | Path, methods: Sequence[str] | None = None, metric: str = "accuracy",
                       notes: Sequence[str] = (), runs: Sequence[tuple[str, int, Path]] | None = None,
-                      failed: dict[str, dict[str, Any]] | None = None) -> CompareResult:
+                      failed: dict[str, dict[str, Any]] | None = None, code: Sequence[str] = ()) -> CompareResult:
     """Collect finished runs under ``out_dir`` (or the given ``runs``) and write ``results.csv``, ``results.md``
-    and ``results.png``; ``failed`` (``{"sam/seed0": {"method", "seed", "step", "error"}}``) marks failed runs."""
+    and ``results.png``; ``failed`` (``{"sam/seed0": {"method", "seed", "step", "error"}}``) marks failed runs;
+    ``code``: lines naming the code behind the runs (``runner.code_notes``), shown under the notes."""
     import os
 
     out_dir = Path(out_dir)
@@ -251,6 +252,8 @@ def collect_and_write(out_dir: str | Path, methods: Sequence[str] | None = None,
         "the seeds both have, with its 95 % Student-t confidence interval. A method is called better or worse "
         "only when the interval excludes zero. Accuracy-like metrics in %, differences in percentage points; "
         "time per step excludes evaluation, × base is the ratio of mean step times."]
+    if code:
+        notes += ["", *code]
     if failed:
         notes.append("")
         notes.append("**Failed runs** (not in the statistics): " + "; ".join(

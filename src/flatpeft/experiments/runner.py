@@ -10,7 +10,10 @@ stream of one pass.
 
 A run directory holds ``.flatpeft-run.json`` (its manifest, written first), ``config.yaml`` (the resolved
 config, absolute paths, ``train.seed`` = the run seed), ``metrics.jsonl`` and ``tb/`` (TensorBoard) with the
-training log, ``adapter/`` (peft ``save_pretrained``), and ``eval.json``. A run is built aside and renamed
+training log, ``adapter/`` (peft ``save_pretrained``), and ``eval.json``. The manifest and ``eval.json`` name
+the code that trained the run (``code``: :func:`flatpeft.experiments.provenance.code_record`) and
+``eval.json`` the sha256 of its data files (``data_sha256``); a resumed comparison reuses a finished run only
+when its settings, data hashes and code are the current ones (:func:`match_run`). A run is built aside and renamed
 into place only when it finished (:mod:`flatpeft.experiments.rundir`), so a run directory always holds a
 whole run; a run whose loss (either pass of a two-pass method) or trainable weights become non-finite stops
 with :class:`RunDivergedError` and leaves nothing behind.
@@ -18,6 +21,7 @@ with :class:`RunDivergedError` and leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,11 +38,13 @@ from .config import (SEED_MAX, ExperimentConfig, absolutize_paths, config_from_d
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
                      check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
                      staging_dir, write_json, write_manifest)
+from .provenance import code_label, code_record, group_by_code, same_code
 from .tasks import Task, get_task
 
 __all__ = ["RUN_FILES", "RunExistsError", "RunDivergedError", "DirectoryLockedError", "train_run", "evaluate_run",
            "compare", "method_kwargs_for", "run_dir_for", "is_finished", "check_method_name", "validate_config",
-           "load_run_config", "run_settings", "settings_diff"]
+           "load_run_config", "run_settings", "settings_diff", "RunMatch", "match_run", "data_hashes", "run_code",
+           "KEEP_OTHER_CODE_HINT"]
 
 #: Files and folders a run writes (``--overwrite`` removes exactly these, nothing else).
 RUN_FILES = (RUN_MANIFEST, *RUN_ENTRIES)
@@ -277,12 +283,16 @@ def evaluate_task(task: Task, splits: Sequence[str]) -> dict[str, float]:
 
 def _data_record(task: Task, splits: Sequence[str]) -> dict[str, Any]:
     """How many examples each evaluated split had (``<split>_examples``) and the sha256 of the task's data files
-    (``data_sha256``: ``{"train": ..., "test": ...}``), when the task exposes them."""
+    (``data_sha256``: ``{"train": ..., "test": ...}``; the task's ``data_files``, else ``Task.data_paths``),
+    when the task exposes them."""
     rec: dict[str, Any] = {}
     count = getattr(task, "num_examples", None)
     if callable(count):
         rec.update({f"{split}_examples": int(count(split)) for split in splits})
-    files = getattr(task, "data_files", None) or {}
+    files = getattr(task, "data_files", None)
+    if files is None and getattr(task, "cfg", None) is not None:
+        files = type(task).data_paths(task.cfg)
+    files = {name: path for name, path in (files or {}).items() if Path(path).is_file()}
     if files:
         rec["data_sha256"] = {name: _sha256(path) for name, path in files.items()}
     return rec
@@ -348,8 +358,8 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
 
     ``eval.json`` holds ``accuracy``, ``macro_f1`` (test split), ``<split>_accuracy`` / ``<split>_macro_f1``
     for the other ``train.eval_splits``, ``<split>_examples``, ``data_sha256``, ``time_per_step`` (s, no
-    evaluation), ``train_time_s``, ``eval_time_s``, ``final_loss``, ``steps``, ``seed``, ``method``, ``task``
-    and what ``extra_eval`` returns.
+    evaluation), ``train_time_s``, ``eval_time_s``, ``final_loss``, ``steps``, ``seed``, ``method``, ``task``,
+    ``code`` (the code that trained the run, also in the manifest) and what ``extra_eval`` returns.
     """
     seed = cfg.train.seed if seed is None else int(seed)
     out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
@@ -364,7 +374,8 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
         opt = build_optimizer(task, cfg, seed)
         staging = staging_dir(out)
         staging.mkdir(parents=True)
-        ident = {"method": cfg.method["name"], "seed": seed, "task": cfg.task, "settings": _fingerprint(cfg)}
+        ident = {"method": cfg.method["name"], "seed": seed, "task": cfg.task, "settings": _fingerprint(cfg),
+                 "code": code_record()}
         try:
             write_manifest(staging, state="running", **ident)
             save_config(cfg, staging / "config.yaml")
@@ -376,7 +387,7 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
                 metrics.update(extra_eval(task))
             metrics.update(timing, eval_time_s=time.perf_counter() - start, steps=cfg.train.steps, seed=seed,
                            method=cfg.method["name"], task=cfg.task)
-            metrics.update(_data_record(task, cfg.train.eval_splits))
+            metrics.update(_data_record(task, cfg.train.eval_splits), code=code_record())
             task.save(staging)
             write_json(staging / "eval.json", _finite_or_none(metrics))  # strict JSON: a NaN metric is null
             write_manifest(staging, state="finished", **ident)
@@ -512,33 +523,152 @@ def _foreign_in_compare_dir(out: Path) -> list[str]:
     return foreign
 
 
-def _resume_conflicts(plan: dict[tuple[str, int], ExperimentConfig], out: Path) -> list[str]:
-    """For every finished run of ``plan`` in ``out``: the settings that differ from the recorded ones."""
-    conflicts: dict[str, list[str]] = {}
+#: How the tables and errors name the flag that keeps runs of other code.
+KEEP_OTHER_CODE_HINT = "--keep-other-code (keep_other_code=True)"
+
+
+def _data_paths(cfg: ExperimentConfig) -> dict[str, Path]:
+    """:meth:`Task.data_paths` of ``cfg``; empty when they cannot be resolved here (a built-in dataset that is
+    not prepared on this machine: the page is rebuilt without it; train and compare refuse it earlier)."""
+    try:
+        return get_task(cfg.task).data_paths(cfg)
+    except ValueError:
+        return {}
+
+
+def data_hashes(cfg: ExperimentConfig) -> dict[str, str]:
+    """sha256 of the data files a run of ``cfg`` reads (:meth:`Task.data_paths`), by role; a file that does not
+    exist is left out. Hash once per comparison: every run of it reads the same files."""
+    out: dict[str, str] = {}
+    for role, path in _data_paths(cfg).items():
+        if Path(path).is_file():
+            out[role] = _sha256(path)
+    return out
+
+
+def run_code(run_dir: str | Path) -> dict[str, Any] | None:
+    """The code record of a finished run (its manifest's ``code``, else its ``eval.json``'s); ``None`` when the
+    run recorded none (trained before flatpeft recorded the code of each run)."""
+    manifest = read_manifest(run_dir) or {}
+    code = manifest.get("code")
+    if not isinstance(code, dict):
+        code = _read_eval(Path(run_dir)).get("code")
+    return code if isinstance(code, dict) else None
+
+
+def _read_eval(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/eval.json`` as a dict (empty when absent or unreadable)."""
+    try:
+        data = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclasses.dataclass
+class RunMatch:
+    """How a finished run compares with the run a resume would train now (:func:`match_run`).
+
+    ``settings_match``: the recorded settings fingerprint is the planned one; ``settings``: the differing keys
+    (``settings_diff``); ``data``: the data files whose recorded sha256 differs from the current file's;
+    ``code``: the run's recorded code (``None``: not recorded); ``same_code``: it is the current code."""
+
+    settings_match: bool
+    settings: list[str]
+    data: list[str]
+    code: dict[str, Any] | None
+    same_code: bool
+
+
+def match_run(run: Path, run_cfg: ExperimentConfig, data: dict[str, str] | None = None,
+              diff: bool = True, strict_data: bool = True) -> RunMatch:
+    """Compare the finished run ``run`` with the planned resolved config ``run_cfg`` (:func:`_run_config`), the
+    current data hashes ``data`` (default: computed from ``run_cfg``) and the current code.
+
+    Data are compared by role (``train``, ``test``, ``prealign``) where both the run and the current files have a
+    hash; a run that recorded none (older than data hashes) is judged by its code alone. With ``strict_data`` a
+    file the run recorded that does not exist now (a cache to be rebuilt) differs too; without, it is not
+    compared (the page, which trains nothing). ``diff=False`` skips reading the recorded config when the
+    fingerprints differ (``settings`` then lists nothing)."""
+    manifest = read_manifest(run) or {}
+    settings_match = manifest.get("settings") == _fingerprint(run_cfg)
+    settings: list[str] = []
+    if diff and not settings_match:
+        recorded = run_settings(config_to_dict(load_run_config(run)))
+        settings = settings_diff(recorded, run_settings(config_to_dict(run_cfg)))
+    current = data_hashes(run_cfg) if data is None else data
+    recorded_data = _read_eval(run).get("data_sha256")
+    recorded_data = recorded_data if isinstance(recorded_data, dict) else {}
+    files = _data_paths(run_cfg) if recorded_data else {}
+    changed = [f"data.{role} ({files.get(role, role)}: sha256 {str(recorded_data[role])[:12]}... when trained, "
+               f"{current[role][:12]}... now)"
+               for role in sorted(set(recorded_data) & set(current)) if recorded_data[role] != current[role]]
+    if strict_data:
+        changed += [f"data.{role} ({files[role]}: sha256 {str(recorded_data[role])[:12]}... when trained, the file "
+                    "does not exist now; a cache is rebuilt by the next run: train one run to rebuild it, then "
+                    "resume compares it)"
+                    for role in sorted(set(recorded_data) - set(current))
+                    if role in files and not Path(files[role]).is_file()]
+    code = run_code(run)
+    return RunMatch(settings_match, settings, changed, code, same_code(code, code_record()))
+
+
+def _resume_conflicts(plan: dict[tuple[str, int], ExperimentConfig], out: Path,
+                      data: dict[str, str]) -> tuple[list[str], list[str]]:
+    """For every finished run of ``plan`` in ``out``: the settings, and the data files, that differ from the
+    recorded ones (each item naming up to three runs)."""
+    settings: dict[str, list[str]] = {}
+    changed: dict[str, list[str]] = {}
     for (method, seed), run_cfg in plan.items():
         run = run_dir_for(out, method, seed)
         if not is_finished(run):
             continue
-        recorded = run_settings(config_to_dict(load_run_config(run)))
-        for item in settings_diff(recorded, run_settings(config_to_dict(run_cfg))):
-            conflicts.setdefault(item, []).append(f"{method}/seed{seed}")
-    return [f"{item} in {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}" for item, runs in conflicts.items()]
+        match = match_run(run, run_cfg, data)
+        for item in match.settings:
+            settings.setdefault(item, []).append(f"{method}/seed{seed}")
+        for item in match.data:
+            changed.setdefault(item, []).append(f"{method}/seed{seed}")
+    fmt = lambda d: [f"{item} in {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}"  # noqa: E731
+                     for item, runs in d.items()]
+    return fmt(settings), fmt(changed)
 
 
-def _valid_runs(plan: dict[tuple[str, int], ExperimentConfig], out: Path) -> list[tuple[str, int, Path]]:
-    """Finished runs of ``plan`` whose recorded settings are the planned ones (a table never mixes settings)."""
+def _valid_runs(plan: dict[tuple[str, int], ExperimentConfig], out: Path, data: dict[str, str] | None = None,
+                keep_other_code: bool = False, strict_data: bool = True) -> list[tuple[str, int, Path]]:
+    """Finished runs of ``plan`` whose recorded settings are the planned ones, whose data are the current files
+    and (unless ``keep_other_code``) whose code is the current code: a table never mixes settings or data, and
+    mixes code only when asked (and then says so). ``data``: the current data hashes (default: computed once);
+    ``strict_data``: see :func:`match_run`."""
     rows = []
     for (method, seed), run_cfg in plan.items():
         run = run_dir_for(out, method, seed)
-        manifest = read_manifest(run)
-        if is_finished(run) and manifest is not None and manifest.get("settings") == _fingerprint(run_cfg):
+        if not is_finished(run):
+            continue
+        if data is None:
+            data = data_hashes(run_cfg)
+        match = match_run(run, run_cfg, data, diff=False, strict_data=strict_data)
+        if match.settings_match and not match.data and (keep_other_code or match.same_code):
             rows.append((method, seed, run))
     return rows
 
 
+def code_notes(runs: Sequence[tuple[str, int, Path]]) -> list[str]:
+    """Lines for a table naming the code behind its runs: one version, or every version with its runs."""
+    groups = group_by_code((f"{method} seed {seed}", run_code(run)) for method, seed, run in runs)
+    current = code_label(code_record())
+    if len(groups) <= 1:
+        return [f"Code: every run trained by {label}{' (the current code)' if label == current else ''}."
+                for label in groups]
+    lines = [f"**Code: runs of {len(groups)} code versions in this table** (kept with {KEEP_OTHER_CODE_HINT}; "
+             "their numbers do not all come from one code):"]
+    lines += [f"* {label}{' (the current code)' if label == current else ''}: {', '.join(names)}"
+              for label, names in groups.items()]
+    return lines
+
+
 def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] | int, out_dir: str | Path | None = None,
             overwrite: bool = False, resume: bool = False, extra_eval: Callable[[Task], dict[str, float]] | None = None,
-            progress: bool = True) -> "Any":
+            progress: bool = True, keep_other_code: bool = False) -> "Any":
     """Train every method with every seed (seed-major: all methods of seed 0, then seed 1, ...) and tabulate.
 
     Args:
@@ -547,9 +677,11 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
         out_dir: default ``cfg.output_dir`` (``~`` expanded); runs go to ``<out_dir>/<method>/seed<k>``. It must
             be absent, empty, or a compare directory flatpeft wrote holding nothing else.
         overwrite: replace existing runs (each one only once its new run finished). resume: keep finished runs
-            and train the missing ones; refused (naming the keys) when a setting that changes a run differs
-            from a finished run's recorded config. Without either, an output directory that already holds
-            runs is refused.
+            and train the missing ones; refused (naming the keys, or the data files) when a setting that changes a
+            run differs from a finished run's recorded config, or a data file's sha256 from the one recorded in
+            its ``eval.json``. A finished run trained by other code (:mod:`~flatpeft.experiments.provenance`) is
+            retrained, unless ``keep_other_code``: then it is kept and the tables name the code of every run.
+            Without either, an output directory that already holds runs is refused.
 
     A run that diverges (:class:`RunDivergedError`) is recorded as failed (``compare_plan.json`` and the
     tables) and the comparison carries on; ``result.failed`` lists such runs.
@@ -575,6 +707,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
                          f"runs train.seed .. train.seed+N-1 = {seed_list[0]} .. {seed_list[-1]})"
                          if isinstance(seeds, int) else f"--seeds: seed {bad[0]} is out of range: seeds are integers "
                          "in 0 .. 2**32 - 1")
+    if keep_other_code and not resume:
+        raise ValueError("--keep-other-code keeps finished runs of other code when resuming: use it with --resume")
     validate_config(cfg, methods)
     if "test" not in cfg.train.eval_splits:
         raise ValueError(f"train.eval_splits: compare tabulates test accuracy, so it must include test "
@@ -594,13 +728,19 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
             raise RunExistsError(f"output directory {str(out)!r} already holds runs ({', '.join(existing[:4])}"
                                  f"{', ...' if len(existing) > 4 else ''}); pass --overwrite to replace them or "
                                  "--resume to keep finished runs and redo the rest")
+        data = data_hashes(plan[next(iter(plan))]) if existing and not overwrite else {}
         if resume and not overwrite:
-            conflicts = _resume_conflicts(plan, out)
+            conflicts, changed = _resume_conflicts(plan, out, data)
             if conflicts:
                 raise ValueError(f"compare --resume: settings differ from the finished runs in {str(out)!r}: "
                                  + "; ".join(conflicts[:6]) + ("; ..." if len(conflicts) > 6 else "")
                                  + ". A table never mixes settings: use another --output-dir, or --overwrite to "
                                  "redo every run with the new settings")
+            if changed:
+                raise ValueError(f"compare --resume: data differ from those the finished runs in {str(out)!r} "
+                                 "were trained on: " + "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+                                 + ". A table never mixes data: use another --output-dir, or --overwrite to redo "
+                                 "every run on the current files")
         old = read_manifest(out, COMPARE_MANIFEST) or {}
         write_manifest(out, COMPARE_MANIFEST, entries=list(COMPARE_FILES),
                        methods=sorted(set(old.get("methods", [])) | set(methods)))
@@ -610,7 +750,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
         write_json(out / "compare_plan.json", state)
 
         def write_tables():
-            return tables.collect_and_write(out, methods=methods, runs=_valid_runs(plan, out), failed=failed)
+            runs = _valid_runs(plan, out, data, keep_other_code)
+            return tables.collect_and_write(out, methods=methods, runs=runs, failed=failed, code=code_notes(runs))
 
         if existing:
             write_tables()  # fresh tables of what is there (a killed process may have finished a run after them)
@@ -620,8 +761,13 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
             for seed, method in outer:
                 outer.set_postfix_str(f"{method} seed {seed}")
                 run = run_dir_for(out, method, seed)
-                if not overwrite and (method, seed, run) in _valid_runs({(method, seed): plan[method, seed]}, out):
-                    continue
+                if not overwrite and is_finished(run):
+                    match = match_run(run, plan[method, seed], data, diff=False)
+                    if match.settings_match and not match.data and (keep_other_code or match.same_code):
+                        continue
+                    if match.settings_match and not match.data:
+                        print(f"flatpeft: note: {method}/seed{seed} was trained by other code ({code_label(match.code)}); "
+                              f"retraining it ({KEEP_OTHER_CODE_HINT} keeps it)", file=sys.stderr)
                 try:
                     train_run(_with_method(cfg, method), seed=seed, out_dir=run, overwrite=True,
                               extra_eval=extra_eval, progress=progress)

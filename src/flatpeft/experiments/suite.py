@@ -4,9 +4,11 @@ A *plan* (YAML, default ``configs/suite.yaml``) lists tasks; each task is an exp
 the methods to run, the seeds, the metrics to report, and optional *ablations* (one method with extra
 settings, paired with the task's ``base`` runs). Every task (and every ablation) is one ``compare`` directory
 under ``output_dir`` and is run through :func:`flatpeft.experiments.runner.compare` with ``resume=True``, so
-the machinery is compare's: paired seeds, the settings guard (a finished run with other settings is refused,
-naming the keys), failed-run records, atomic tables. Running the same command again trains only what is
-missing and rewrites the page.
+the machinery is compare's: paired seeds, the settings guard (a finished run with other settings or data is
+refused, naming the keys or files; one trained by other code is retrained unless ``--keep-other-code``),
+failed-run records, atomic tables. Running the same command again trains only what is missing and rewrites
+the page. ``--reproduce`` (:mod:`flatpeft.experiments.reproduce`) retrains a sample of the page's runs at the
+current code in a scratch directory and reports the largest difference of each metric.
 
 The page (default ``docs/results.md``) is rebuilt from the runs' ``eval.json`` files after the runs: per task a
 table of every reported metric (mean ± std over seeds, paired difference to ``base`` with its 95 % Student-t
@@ -170,9 +172,11 @@ def _load_unit_config(unit: Unit):
     return load_config(unit.task.config, unit.overrides)
 
 
-def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int = 2) -> dict[str, Any]:
+def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int = 2,
+              keep_other_code: bool = False) -> dict[str, Any]:
     """Run one compare directory with resume; returns a log record (wall time, load, failures). An error is
-    retried ``retries`` times (resuming), except a settings conflict, which is final."""
+    retried ``retries`` times (resuming), except a settings or data conflict, which is final.
+    ``keep_other_code``: keep finished runs of other code (compare's flag)."""
     import torch
 
     from .runner import compare
@@ -186,7 +190,8 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
     for attempt in range(1 + retries):
         try:
             cfg = _load_unit_config(unit)
-            result = compare(cfg, unit.methods, unit.seeds, out_dir=out, resume=True, progress=progress)
+            result = compare(cfg, unit.methods, unit.seeds, out_dir=out, resume=True, progress=progress,
+                             keep_other_code=keep_other_code)
             status, error, failed = "finished", "", sorted(result.failed)
             break
         except KeyboardInterrupt:
@@ -194,7 +199,7 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
         except Exception as err:  # noqa: BLE001 - one unit's error (a settings conflict, a vanished file) is
             # recorded and the others carry on; a retry resumes (finished runs are kept)
             status, error = "error", f"{type(err).__name__}: {err}"
-            if "settings differ" in str(err):
+            if "settings differ" in str(err) or "data differ" in str(err):
                 break
             print(f"suite: {unit.name}: {error}" + ("; retrying in 30 s" if attempt < retries else ""),
                   file=sys.stderr, flush=True)
@@ -214,7 +219,7 @@ def _transformers_verbosity() -> int | None:
 
 
 def _unit_worker(args: tuple) -> dict[str, Any]:
-    plan_path, unit_name, out, threads, progress, only, verbosity = args
+    plan_path, unit_name, out, threads, progress, only, verbosity, keep_other_code = args
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if verbosity is not None:  # a spawned process starts with transformers' defaults: keep the parent's (the CLI's)
         import transformers
@@ -222,7 +227,7 @@ def _unit_worker(args: tuple) -> dict[str, Any]:
         transformers.logging.set_verbosity(verbosity)
     plan = load_plan(plan_path)
     unit = next(u for u in units(plan, only) if u.name == unit_name)
-    return _run_unit(unit, out, threads, progress)
+    return _run_unit(unit, out, threads, progress, keep_other_code=keep_other_code)
 
 
 class _LoadSampler:
@@ -266,11 +271,14 @@ def machine_info() -> dict[str, Any]:
 
 def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: str | Path | None = None,
               only: Sequence[str] | None = None, jobs: int | None = None, threads: int | None = None,
-              train: bool = True, progress: bool = False, echo: Callable[[str], None] = print) -> Path:
+              train: bool = True, progress: bool = False, echo: Callable[[str], None] = print,
+              keep_other_code: bool = False) -> Path:
     """Run (resume) every unit of ``plan`` and write the page; returns the page's path.
 
     ``only``: task names to run (also disabled ones); ``train=False`` rebuilds the page from what exists.
     ``jobs``: compare directories run in parallel processes (each with ``threads`` torch threads).
+    ``keep_other_code``: keep finished runs trained by other code (the page names the code of every table)
+    instead of retraining them.
     """
     from .rundir import write_json
 
@@ -298,7 +306,7 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
         try:
             if jobs <= 1:
                 for u in todo:
-                    rec = _run_unit(u, str(root / u.name), threads, progress)
+                    rec = _run_unit(u, str(root / u.name), threads, progress, keep_other_code=keep_other_code)
                     inv["units"].append(rec)
                     echo(f"suite: {u.name}: {rec['status']} in {rec['wall_s'] / 60:.1f} min")
             else:
@@ -308,7 +316,8 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
                 with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
                     verbosity = _transformers_verbosity()
                     futs = {pool.submit(_unit_worker, (plan.path, u.name, str(root / u.name), threads, progress,
-                                                       list(only) if only else None, verbosity)): u for u in todo}
+                                                       list(only) if only else None, verbosity,
+                                                       keep_other_code)): u for u in todo}
                     for fut in cf.as_completed(futs):
                         rec = fut.result()
                         inv["units"].append(rec)
@@ -379,6 +388,12 @@ def _cmd_suite(args: Any) -> int:
         unknown = [s for s in only if s not in known]
         if unknown:
             raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)} (plan has: {', '.join(sorted(known))})")
+    if args.reproduce:
+        from .reproduce import reproduce
+
+        report = reproduce(plan, output_dir=args.output_dir, only=only, sample=args.sample, scratch=args.scratch,
+                           threads=args.threads, tolerance=args.tolerance, progress=args.progress)
+        return 0 if report.passed else 1
     if args.list:
         for u in units(plan, only):
             print(f"{u.name}: {u.task.config} methods={','.join(u.methods)} seeds={len(u.seeds)} "
@@ -388,7 +403,8 @@ def _cmd_suite(args: Any) -> int:
                 print(f"{t.name}: not in the default plan ({t.skip_reason or 'disabled'})")
         return 0
     run_suite(plan, output_dir=args.output_dir, page=args.page, only=only, jobs=args.jobs, threads=args.threads,
-              train=not args.page_only, progress=not getattr(args, "quiet", False) and args.progress)
+              train=not args.page_only, progress=not getattr(args, "quiet", False) and args.progress,
+              keep_other_code=args.keep_other_code)
     return 0
 
 
@@ -398,8 +414,10 @@ def register_cli(subparsers: Any) -> None:
         "suite", help="run every task of a plan x methods x seeds (resumable) and write the results page",
         description="Runs every task of PLAN (default configs/suite.yaml) with every method and seed as one "
                     "compare directory each under the plan's output_dir, always resuming (finished runs are kept; a "
-                    "finished run with other settings is refused, naming the keys), then rebuilds the results page "
-                    "(docs/results.md) from the runs.")
+                    "finished run with other settings or data is refused, naming the keys or files; one trained by "
+                    "other code is retrained unless --keep-other-code), then rebuilds the results page "
+                    "(docs/results.md) from the runs. --reproduce retrains a sample of the page's runs at the "
+                    "current code and reports the largest difference of each metric.")
     p.add_argument("plan", nargs="?", default="configs/suite.yaml", help="suite plan YAML (default configs/suite.yaml)")
     p.add_argument("--tasks", default=None, help="comma list of task names to run (default: the plan's enabled tasks)")
     p.add_argument("--jobs", type=int, default=None, help="compare directories run in parallel (default: the plan's)")
@@ -409,4 +427,19 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--page-only", action="store_true", help="train nothing; rebuild the page from the runs")
     p.add_argument("--list", action="store_true", help="print the plan's compare directories and exit")
     p.add_argument("--progress", action="store_true", help="progress bars of every run")
+    p.add_argument("--keep-other-code", action="store_true",
+                   help="keep finished runs trained by other code (the page names the code behind every table) "
+                        "instead of retraining them")
+    p.add_argument("--reproduce", action="store_true",
+                   help="train nothing under output_dir: retrain a sample of the page's runs at the current code "
+                        "in a scratch directory and report the largest difference of each metric; exit 1 when one "
+                        "differs beyond --tolerance")
+    p.add_argument("--sample", type=int, default=1,
+                   help="with --reproduce: seeds retrained per task and method (default 1, the lowest seeds)")
+    p.add_argument("--scratch", default=None,
+                   help="with --reproduce: directory for the retrained runs (absent or empty; kept). Default: a "
+                        "temporary directory, removed afterwards")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="with --reproduce: largest allowed |difference| of a metric, relative to max(1, |value|) "
+                        "(default 1e-6: float noise; a bit-for-bit rerun gives 0)")
     p.set_defaults(func=_cmd_suite)

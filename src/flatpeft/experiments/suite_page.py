@@ -2,7 +2,9 @@
 
 Every number on the page is read from a run directory of the suite (or its ``suite_log.json`` for wall time
 and load); nothing is typed in. Statistics: :func:`flatpeft.experiments.stats.paired_difference` (paired over
-the seeds both methods have, 95 % Student-t interval).
+the seeds both methods have, 95 % Student-t interval). The page names the code behind every table (the code
+each run recorded, :mod:`flatpeft.experiments.provenance`) and states per task whether its runs reproduce bit
+for bit (:data:`DETERMINISM`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,35 @@ from .stats import mean_std, paired_difference
 
 #: tolerance of the "matches" claims (equivalence): the interval's lower end must be above -MARGIN
 MARGIN = 0.01
+
+#: Per built-in task: does a rerun reproduce its numbers bit for bit, and when not, why (docs/cli.md, "Determinism").
+DETERMINISM: dict[str, str] = {
+    "text_classification": (
+        "bit for bit on the same machine with the same torch thread count, code and library versions (every "
+        "random draw is seeded: validation carve, shots, label noise, test subset, head and LoRA initialisation, "
+        "dropout, batch order; evaluation batches are length-sorted); another thread count or CPU can sum "
+        "floats in another order (large matrix products are split across threads), which changes the last bits "
+        "and, over training, possibly some predictions (a tiny model may still agree); on a "
+        "GPU some CUDA kernels (atomic-add reductions in backward passes, the memory-efficient attention "
+        "backward) are not deterministic and flatpeft does not turn on torch's deterministic algorithms, so "
+        "bit-for-bit reruns are not guaranteed there"),
+    "clip_fewshot": (
+        "bit for bit on the same machine with the same thread count, code and asset cache (the shots, the "
+        "template draw and the batch order are seeded); the pre-aligned projections and the before-fine-tuning "
+        "metrics are computed once and cached in the asset cache (`multimodal/clip_prealign_*`, "
+        "`clip_before_*`), keyed by their settings, not by the code or machine that made them: a cache "
+        "built elsewhere or by older code gives other starting weights (their sha256 is recorded with each run "
+        "as `data_sha256.prealign`). Other thread counts, CPUs or a GPU: as text_classification"),
+    "vlm_instruct": (
+        "bit for bit on the same machine with the same thread count, code and asset cache (shots, caption mix "
+        "and batch order are seeded; answers are generated greedily); the pre-aligned projector and the image "
+        "features are computed once and cached in the asset cache (`multimodal/vlm_prealign_*`, `features_*`, "
+        "`vlm_before_*`), keyed by their settings, not by the code or machine that made them. Other thread "
+        "counts, CPUs or a GPU: as text_classification, and greedy generation can then pick another token"),
+    "hf_vlm": (
+        "in float32 on a CPU as text_classification; the GPU recipe (bfloat16) is not bit for bit: its attention "
+        "and reduction kernels are not deterministic and bfloat16 rounding amplifies the differences"),
+}
 
 
 def _fmt(v: float, pct: bool, digits: int = 1, sign: bool = False) -> str:
@@ -132,17 +163,96 @@ def _task_runs(root: Path, unit: str, methods: list[str], config: str | None = N
         return pd.DataFrame(columns=["method", "seed"])
     runs_list = None
     if config is not None and seeds is not None:
-        from .config import load_config
-        from .runner import _run_config, _valid_runs, _with_method, run_dir_for
-
-        cfg = load_config(config, overrides or [])
-        plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(d, m, s)) for s in seeds for m in methods}
-        runs_list = _valid_runs(plan, d)
+        runs_list = _unit_runs(root, unit, methods, config, overrides, seeds)
     runs = collect_runs(d, methods, runs_list)
     if "seen_classes_accuracy" in runs and "seen_classes_accuracy_before" in runs:
         before = runs["seen_classes_accuracy_before"].replace(0, np.nan)
         runs["retained_fraction"] = runs["seen_classes_accuracy"] / before
     return runs
+
+
+def _unit_runs(root: Path, unit: str, methods: list[str], config: str, overrides: list[str] | None,
+               seeds: list[int]) -> list[tuple[str, int, Path]]:
+    """``(method, seed, run dir)`` of the finished runs of one compare directory whose recorded settings are the
+    planned ones and whose data are the current files (compare's check), whatever code trained them: the page
+    shows them and names their code."""
+    from .config import load_config
+    from .runner import _run_config, _valid_runs, _with_method, run_dir_for
+
+    d = root / unit
+    if not d.is_dir():
+        return []
+    cfg = load_config(config, overrides or [])
+    plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(d, m, s)) for s in seeds for m in methods}
+    return _valid_runs(plan, d, keep_other_code=True, strict_data=False)
+
+
+def _task_code(plan, root: Path, t) -> list[tuple[str, int, dict[str, Any] | None]]:
+    """``(method label, seed, code record)`` of every run shown for task ``t`` (its groups and ablations)."""
+    from .runner import run_code
+    from .suite import task_groups
+
+    seeds = plan.task_seeds(t)
+    out = []
+    for name, ms in task_groups(plan, t):
+        out += [(m, s, run_code(r)) for m, s, r in _unit_runs(root, name, ms, t.config, t.set, seeds)]
+    for a in t.ablations:
+        out += [(f"{a.method} ({a.name})", s, run_code(r))
+                for _, s, r in _unit_runs(root, f"{t.name}__{a.name}", [a.method], t.config, [*t.set, *a.set], seeds)]
+    return out
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts, start = [], None
+    for i, s in enumerate(sorted(seeds)):
+        if start is None:
+            start = s
+        nxt = sorted(seeds)[i + 1] if i + 1 < len(seeds) else None
+        if nxt != s + 1:
+            parts.append(f"{start}" if start == s else f"{start}-{s}")
+            start = None
+    return ", ".join(parts)
+
+
+def _code_lines(runs: list[tuple[str, int, dict[str, Any] | None]]) -> list[str]:
+    """The code behind one task's table: one version, or each version with the runs it trained."""
+    from .provenance import code_label, code_record
+
+    current = code_label(code_record())
+    groups: dict[str, dict[str, list[int]]] = {}
+    for method, seed, code in runs:
+        groups.setdefault(code_label(code), {}).setdefault(method, []).append(seed)
+    mark = lambda label: " (the code that wrote this page)" if label == current else ""  # noqa: E731
+    if len(groups) == 1:
+        (label,) = groups
+        return [f"Code: every run of this table was trained by {label}{mark(label)}."]
+    lines = [f"Code: **the runs of this table were trained by {len(groups)} code versions** (kept with "
+             "`--keep-other-code`):"]
+    for label, per in groups.items():
+        lines.append(f"* {label}{mark(label)}: " + "; ".join(f"{m} seeds {_seeds_text(s)}" for m, s in per.items()))
+    return lines + [""]
+
+
+def _code_summary(codes: list[list[tuple[str, int, dict[str, Any] | None]]]) -> str:
+    """The header's sentence on the code: the code that wrote the page and the versions behind its runs
+    (``codes``: :func:`_task_code` of every task)."""
+    from .provenance import NOT_RECORDED, code_label, code_record
+
+    current = code_label(code_record())
+    counts: dict[str, int] = {}
+    for task_codes in codes:
+        for _, _, code in task_codes:
+            counts[code_label(code)] = counts.get(code_label(code), 0) + 1
+    text = f"This page was written by {current}."
+    if not counts:
+        return text
+    if list(counts) == [current]:
+        return text + f" Every run behind its tables ({counts[current]}) was trained by that code."
+    versions = "; ".join(f"{label}: {n} run(s)" for label, n in counts.items())
+    note = (" Runs whose code is not recorded may come from any earlier code: their numbers need not be what "
+            "the current code gives." if NOT_RECORDED in counts else "")
+    return text + f" **Its runs were trained by {len(counts)} code version(s)**: {versions}.{note}"
 
 
 def _failed(root: Path, unit: str) -> dict[str, Any]:
@@ -196,11 +306,16 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
     L: list[str] = []
     L.append("# Results: every built-in task x methods x seeds")
     L.append("")
-    L.append(f"Produced by `flatpeft suite {plan.path or 'PLAN'}` (with `--resume` semantics: finished runs are "
-             f"kept, missing ones trained) from the runs under `{plan.output_dir}`; regenerated "
+    L.append(f"Produced by `flatpeft suite {plan.path or 'PLAN'}` (with `--resume` semantics: finished runs with "
+             "the same settings, data and code are kept, missing ones trained) from the runs under "
+             f"`{plan.output_dir}`; regenerated "
              f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Every number below is read from "
              "the runs' `eval.json` files; nothing is typed in.")
     L.append("")
+    codes = {t.name: _task_code(plan, root, t) for t in plan.tasks}
+    L.append(f"**Code.** {_code_summary(list(codes.values()))} Each task's section names the code behind its table; "
+             f"`flatpeft suite {plan.path or 'PLAN'} --reproduce` retrains one seed per task and method at the "
+             "current code and reports the largest difference of each metric (docs/cli.md).")
     if machine:
         L.append(f"**Machine.** {machine.get('cores')} CPU cores ({machine.get('cpu')}), no GPU used"
                  f"{'' if not machine.get('gpu') else ' (a GPU was visible)'}; torch {machine.get('torch')}, "
@@ -334,6 +449,11 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
             L.append(f"Settings: {_settings_line(d['cfg'])}. Config `{t.config if not Path(t.config).is_absolute() else Path(t.config).name}`"
                      + (f" with `{' '.join('--set ' + s for s in t.set)}`" if t.set else "") + ".")
             L.append("")
+        L.extend(_code_lines(codes[n]))
+        task_name = (d["cfg"] or {}).get("task")
+        if task_name in DETERMINISM:
+            L.append(f"Reproducibility ({task_name}): {DETERMINISM[task_name]}.")
+        L.append("")
         seeds = sorted(set(runs["seed"].astype(int)))
         names = [name for name, _ in task_groups(plan, t)] + [f"{n}__{a.name}" for a in t.ablations]
         wall = sum(per_unit.get(name, 0.0) for name in names)

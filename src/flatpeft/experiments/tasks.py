@@ -116,6 +116,14 @@ class Task(abc.ABC):
         parse_dataclass(cls.args_cls, cfg.task_args, "task_args.")
         resolve_device(cfg.train.device)
 
+    @classmethod
+    def data_paths(cls, cfg: ExperimentConfig) -> dict[str, Path]:
+        """The files a run of ``cfg`` reads its data (or cached starting weights) from, by role (``{"train": path,
+        "test": path}``), found without building the task (a cache built on first use may not exist yet); their
+        sha256 goes into ``eval.json`` (``data_sha256``), and a resumed run whose recorded hashes differ from
+        the current files' is never reused. Default: none."""
+        return {}
+
     # ---- required -------------------------------------------------------------------------------
     @abc.abstractmethod
     def train_batches(self) -> Iterator[Any]:

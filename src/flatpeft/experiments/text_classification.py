@@ -400,21 +400,27 @@ class TextClassificationTask(Task):
             raise ValueError(f"data.val_size is 0, so there is no validation split, but {what}: set data.val_size "
                              "to a positive number or drop the validation evaluation")
 
+    @classmethod
+    def data_paths(cls, cfg: ExperimentConfig) -> dict[str, Path]:
+        """The train pool and, when there is one, the test file."""
+        test_ref = resolve_test_ref(cfg.data)
+        return {"train": resolve_data_path(cfg.data.train, "data.train"),
+                **({"test": resolve_data_path(test_ref, "data.test")} if test_ref is not None else {})}
+
     def __init__(self, cfg: ExperimentConfig, seed: int) -> None:
         super().__init__(cfg, seed)
         self.check_config(cfg)
         d = cfg.data
         cols = (d.text_column, d.label_column)
-        train_path = resolve_data_path(d.train, "data.train")
-        test_ref = resolve_test_ref(d)
-        test_path = resolve_data_path(test_ref, "data.test") if test_ref is not None else None
+        paths = self.data_paths(cfg)
+        train_path, test_path = paths["train"], paths.get("test")
         if test_path is None:
             import sys
 
             print(f"flatpeft: note: no test set (data.test is not set): evaluating only on "
                   f"{', '.join(cfg.train.eval_splits)}", file=sys.stderr)
         #: the files the examples come from (their sha256 goes into eval.json)
-        self.data_files: dict[str, Path] = {"train": train_path, **({"test": test_path} if test_path else {})}
+        self.data_files: dict[str, Path] = paths
         pool = read_examples(train_path, cols, "data.train", d.drop_missing)
         test = read_examples(test_path, cols, "data.test", d.drop_missing) if test_path is not None else pool.iloc[:0]
         if self.args.shift is not None:

@@ -29,7 +29,8 @@ from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
 from .data import (CLASS_NAMES, DOWNSTREAM_CLASSES, SEEN_CLASSES, TRAIN_TEMPLATES, UNSEEN_TEMPLATES,
                    eval_subset, load_fashion_mnist, sample_shots, to_pixels)
-from .dual_encoder import IMAGE_LORA_TARGETS, ClipPrealignSettings, lora_target_regex, pretrained_dual_encoder
+from .dual_encoder import (IMAGE_LORA_TARGETS, ClipPrealignSettings, clip_prealign_path, lora_target_regex,
+                           pretrained_dual_encoder)
 
 __all__ = ["ClipFewShotArgs", "ClipFewShotTask", "epoch_batches"]
 
@@ -93,6 +94,24 @@ class ClipFewShotTask(Task):
 
     args_cls = ClipFewShotArgs
 
+    @staticmethod
+    def prealign_settings(cfg, a: ClipFewShotArgs) -> ClipPrealignSettings:
+        """The pre-alignment of the dual encoder that ``cfg`` fine-tunes."""
+        return ClipPrealignSettings(text_model=cfg.model, image_size=a.image_size, embed_dim=a.embed_dim,
+                                    logit_scale=a.logit_scale, per_class=a.prealign_per_class,
+                                    steps=a.prealign_steps)
+
+    @classmethod
+    def data_paths(cls, cfg) -> dict[str, Path]:
+        """The cached pre-aligned projections (``prealign``: the starting weights of every run; built on first
+        use): a cache made by other code or on another machine holds other weights, so their sha256 is recorded
+        and compared like a data file's."""
+        from flatpeft.experiments.config import parse_dataclass
+
+        path = clip_prealign_path(cls.prealign_settings(cfg, parse_dataclass(cls.args_cls, cfg.task_args,
+                                                                             "task_args.")))
+        return {"prealign": path}
+
     def __init__(self, cfg, seed: int) -> None:
         super().__init__(cfg, seed)
         from peft import LoraConfig, get_peft_model
@@ -102,9 +121,7 @@ class ClipFewShotTask(Task):
             raise ValueError(f"peft.type: clip_fewshot supports lora only, got {cfg.peft.type!r}")
         if cfg.data.shots is None:
             raise ValueError("data.shots: clip_fewshot needs a number of shots per class (e.g. 1, 4 or 16)")
-        self.settings = ClipPrealignSettings(text_model=cfg.model, image_size=a.image_size, embed_dim=a.embed_dim,
-                                             logit_scale=a.logit_scale, per_class=a.prealign_per_class,
-                                             steps=a.prealign_steps)
+        self.settings = self.prealign_settings(cfg, a)
         base = pretrained_dual_encoder(self.settings)
         if a.text_dropout:
             for mod in base.text_encoder.modules():

@@ -276,14 +276,29 @@ class VLMInstructTask(Task):
 
     args_cls = VLMInstructArgs
 
+    @staticmethod
+    def prealign_settings(cfg, a: VLMInstructArgs) -> VLMPrealignSettings:
+        """The pre-alignment of the small VLM that ``cfg`` fine-tunes."""
+        return VLMPrealignSettings(language_model=cfg.model, image_size=a.image_size,
+                                   num_visual_tokens=a.num_visual_tokens, system_prompt=a.system_prompt,
+                                   per_class=a.prealign_per_class, steps=a.prealign_steps)
+
+    @classmethod
+    def data_paths(cls, cfg) -> dict[str, Path]:
+        """The cached pre-aligned projector (``prealign``: the starting weights of every run; built on first use;
+        see :meth:`flatpeft.multimodal.clip_fewshot.ClipFewShotTask.data_paths`)."""
+        from flatpeft.experiments.config import parse_dataclass
+
+        path = vlm_prealign_path(cls.prealign_settings(cfg, parse_dataclass(cls.args_cls, cfg.task_args,
+                                                                            "task_args.")))
+        return {"prealign": path}
+
     def __init__(self, cfg, seed: int) -> None:
         super().__init__(cfg, seed)
         a: VLMInstructArgs = self.args
         if cfg.data.shots is None:
             raise ValueError("data.shots: vlm_instruct needs a number of training images per class")
-        self.settings = VLMPrealignSettings(language_model=cfg.model, image_size=a.image_size,
-                                            num_visual_tokens=a.num_visual_tokens, system_prompt=a.system_prompt,
-                                            per_class=a.prealign_per_class, steps=a.prealign_steps)
+        self.settings = self.prealign_settings(cfg, a)
         vlm = pretrained_small_vlm(self.settings).to(self.device)
         tok = vlm.tokenizer
         xtr, ytr, xte, yte = load_fashion_mnist()
