@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 __all__ = ["RUN_MANIFEST", "RUN_ENTRIES", "COMPARE_MANIFEST", "RunExistsError", "DirectoryLockedError",
            "write_atomic", "write_json", "read_manifest", "write_manifest", "run_lock", "dir_lock", "staging_dir",
-           "old_dir", "lock_path", "foreign_entries", "check_replaceable", "recover", "install_run", "is_finished"]
+           "old_dir", "lock_path", "foreign_entries", "check_replaceable", "recover", "install_run", "is_finished",
+           "check_output_dir"]
 
 #: The manifest file of a run directory.
 RUN_MANIFEST = ".flatpeft-run.json"
@@ -83,6 +84,30 @@ def is_finished(run_dir: str | Path) -> bool:
     """A run is finished when its manifest says so and its ``eval.json`` exists."""
     manifest = read_manifest(run_dir)
     return manifest is not None and manifest.get("state") == "finished" and (Path(run_dir) / "eval.json").is_file()
+
+
+def check_output_dir(path: str | Path, what: str = "--output-dir", *, run: bool = False) -> Path:
+    """Refuse (``ValueError``) an output directory flatpeft must not own: the file-system root, the home or the
+    current directory itself, or a place inside the asset cache (``flatpeft data prepare --force`` rebuilds it).
+    With ``run`` (a run directory, which is swapped as a whole) a symbolic link is refused as well: give its
+    target. Returns ``path``."""
+    from flatpeft.assets import cache_dir
+
+    path = Path(path).expanduser()
+    if run and path.is_symlink():
+        raise ValueError(f"{what} {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); a run directory is "
+                         "replaced as a whole, so give the real directory instead of the link")
+    resolved = path.resolve()
+    for name, place in (("the file-system root", Path(resolved.anchor)), ("the home directory", Path.home()),
+                        ("the current directory", Path.cwd())):
+        if resolved == place.resolve():
+            raise ValueError(f"{what} {str(path)!r} is {name} itself; give a directory of its own for the results "
+                             "(e.g. runs/NAME)")
+    cache = cache_dir().resolve()
+    if resolved == cache or cache in resolved.parents:
+        raise ValueError(f"{what} {str(path)!r} is inside the flatpeft asset cache {str(cache)!r}, which "
+                         "`flatpeft data prepare --force` rebuilds; write results elsewhere")
+    return path
 
 
 def staging_dir(run_dir: Path) -> Path:

@@ -32,7 +32,7 @@ import torch
 from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
                      read_config_mapping, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
-                     check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
+                     check_output_dir, check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
                      staging_dir, write_json, write_manifest)
 from .tasks import Task, get_task
 
@@ -350,7 +350,7 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
     and what ``extra_eval`` returns.
     """
     seed = cfg.train.seed if seed is None else int(seed)
-    out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
+    out = check_output_dir(Path(cfg.output_dir if out_dir is None else out_dir).expanduser(), run=True)
     cfg = _run_config(cfg, seed, out, warn=True)
     validate_config(cfg)
     task_cls = get_task(cfg.task)
@@ -560,7 +560,7 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
 
     from . import results as tables
 
-    out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
+    out = check_output_dir(Path(cfg.output_dir if out_dir is None else out_dir).expanduser())
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("--methods: give at least one method")

@@ -1,0 +1,163 @@
+"""Runs never lie, round two (issue 20): the suite, analyze, assets, output directories and environment faults.
+
+One test (or more) per case; each failed before the fix. Tiny BERT + synthetic reviews (``_fixtures``); the few
+runs that train are two steps.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import _fixtures as F
+from flatpeft import cli
+from flatpeft.experiments.config import config_to_dict, save_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return F.tiny_config(tmp_path_factory.mktemp("tiny"), train={"steps": 2, "log_every": 1})
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny, tmp_path_factory):
+    return save_config(tiny, tmp_path_factory.mktemp("cfg") / "tiny.yaml")
+
+
+def run(argv, capsys):
+    code = cli.main(["--quiet", *[str(a) for a in argv]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes (lock files excluded)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith("flatpeft-lock")}
+
+
+# ---- flatpeft suite ---------------------------------------------------------------------------------------
+def _plan(tmp_path: Path, tiny_file: Path, **changes) -> Path:
+    plan = {"output_dir": str(tmp_path / "runs"), "seeds": 1, "methods": ["base"], "threads": 1, "jobs": 1,
+            "tasks": [{"name": "tiny", "config": str(tiny_file),
+                       "ablations": [{"name": "rho", "method": "sam", "set": ["method.rho=0.1"]}]}]}
+    for key, value in changes.items():
+        if key.startswith("task_"):
+            plan["tasks"][0][key[5:]] = value
+        else:
+            plan[key] = value
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_suite_checks_every_unit_before_training_and_fails_loudly(tmp_path, tiny_file, capsys):
+    """Issue 20, wrong result 1: an ablation with an unknown method was retried twice with 30 s sleeps and the
+    suite exited 0 (74 s). Now the plan is checked up front: exit 2 at once, nothing trained."""
+    plan = _plan(tmp_path, tiny_file, task_ablations=[{"name": "bad", "method": "nosuch"}])
+    start = time.time()
+    code, out, err = run(["suite", plan], capsys)
+    assert code == 2 and time.time() - start < 20
+    assert "unknown method 'nosuch'" in err and "tiny__bad" in err
+    assert not list(tmp_path.glob("runs/**/eval.json")) and "retrying" not in out + err
+
+
+def test_suite_unit_error_is_not_retried_and_exits_nonzero(tmp_path, tiny_file, capsys):
+    """A unit that fails at run time (here: its directory holds a file flatpeft did not write) is final at
+    once (no 30 s retries of a deterministic error), the page is still written, and the suite exits 2."""
+    plan = _plan(tmp_path, tiny_file, task_ablations=[])
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "notes.txt").write_text("mine")
+    start = time.time()
+    code, out, err = run(["suite", plan], capsys)
+    assert code == 2 and time.time() - start < 25
+    assert "retrying" not in out + err and "notes.txt" in err and "did not finish" in err
+    assert (tmp_path / "runs" / "results.md").is_file()
+    assert (tmp_path / "runs" / "tiny" / "notes.txt").read_text() == "mine"
+    log = json.loads((tmp_path / "runs" / "suite_log.json").read_text())
+    assert log["invocations"][-1]["units"][0]["status"] == "error"
+
+
+@pytest.mark.parametrize("task_name,abl_name", [("../../escaped_task", "a"), ("tiny", "../../escaped"),
+                                                ("/tmp/abs", "a"), ("tiny", "x/y"), (".hidden", "a"), ("", "a")])
+def test_suite_names_cannot_leave_the_output_dir(tmp_path, tiny_file, capsys, monkeypatch, task_name, abl_name):
+    """Issue 20, wrong result 2: `name: ../../escaped_task` wrote runs outside output_dir (an ablation's landed
+    in the working directory). Names must be plain identifiers; the error names the plan file and the key."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    plan = _plan(tmp_path, tiny_file, task_name=task_name,
+                 task_ablations=[{"name": abl_name, "method": "sam"}])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out, err = run(["suite", plan, "--list"], capsys)
+    assert code == 2 and str(plan) in err and ".name" in err and "plain name" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("change,key", [({"seeds": "abc"}, "seeds"), ({"jobs": "x"}, "jobs"),
+                                        ({"methods": "base"}, "methods"), ({"task_set": "train.lr=0.1"}, "set"),
+                                        ({"task_seeds": [0, "a"]}, "seeds"), ({"task_metrics": "accuracy"}, "metrics"),
+                                        ({"task_enabled": "no"}, "enabled"), ({"threads": -1}, "threads"),
+                                        ({"seeds": 0}, "seeds")])
+def test_suite_plan_values_of_the_wrong_type_are_named(tmp_path, tiny_file, capsys, change, key):
+    """Issue 20, tracebacks: `seeds: abc`, `jobs: x` gave tracebacks and a string where a list belongs was split
+    into characters (methods 'b', 'a', 's', 'e'). Each is an error naming the plan file and the key."""
+    plan = _plan(tmp_path, tiny_file, **change)
+    code, out, err = run(["suite", plan, "--list"], capsys)
+    assert code == 2 and str(plan) in err and f"{key}:" in err and "Traceback" not in err
+
+
+def test_suite_corrupt_log_is_named_and_kept(tmp_path, tiny_file, capsys):
+    plan = _plan(tmp_path, tiny_file)
+    (tmp_path / "runs").mkdir()
+    log = tmp_path / "runs" / "suite_log.json"
+    log.write_text('{"invocations": [')
+    code, out, err = run(["suite", plan, "--page-only"], capsys)
+    assert code == 2 and str(log) in err and log.read_text() == '{"invocations": ['
+    log.write_text('[1, 2]')
+    code, out, err = run(["suite", plan, "--page-only"], capsys)
+    assert code == 2 and str(log) in err and "not a suite log" in err
+
+
+def test_suite_page_defaults_inside_output_dir_and_never_replaces_foreign_files(tmp_path, tiny_file, capsys,
+                                                                                monkeypatch):
+    """Issue 20, files lost 1: a plan without `page:` run in a project with its own docs/results.md overwrote it
+    and its images. The default page is <output_dir>/results.md, and a page or plot flatpeft did not write is
+    never replaced."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    own = {"docs/results.md": b"# My results\n", "docs/results/tiny.png": b"my plot"}
+    for name, data in own.items():
+        (tmp_path / name).write_bytes(data)
+    plan = _plan(tmp_path, tiny_file)
+    code, out, err = run(["suite", plan, "--page-only"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "results.md").read_text().startswith("# Results: every built-in task")
+    assert all((tmp_path / name).read_bytes() == data for name, data in own.items())
+    # an explicit page that is someone else's file is refused, nothing written
+    code, out, err = run(["suite", plan, "--page-only", "--page", "docs/results.md"], capsys)
+    assert code == 2 and "docs/results.md" in err and "not written by flatpeft" in err
+    (tmp_path / "docs" / "results.md").unlink()
+    code, out, err = run(["suite", plan, "--page-only", "--page", "docs/results.md"], capsys)
+    assert code == 2 and "tiny.png" in err
+    assert not (tmp_path / "docs" / "results.md").exists() and (tmp_path / "docs/results/tiny.png").read_bytes() == b"my plot"
+    # a page flatpeft wrote is rewritten
+    code, out, err = run(["suite", plan, "--page-only"], capsys)
+    assert code == 0
