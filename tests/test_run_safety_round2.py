@@ -161,3 +161,49 @@ def test_suite_page_defaults_inside_output_dir_and_never_replaces_foreign_files(
     # a page flatpeft wrote is rewritten
     code, out, err = run(["suite", plan, "--page-only"], capsys)
     assert code == 0
+
+
+# ---- flatpeft analyze ---------------------------------------------------------------------------------------
+ANALYZE = ["--points-1d", "0", "--points-2d", "0", "--ascent-steps", "1", "--no-progress"]
+
+
+def test_analyze_reads_the_run_config_as_strictly_as_eval(tmp_path, tiny_file, capsys):
+    """Issue 20, wrong result 7: analyze filled defaults into a cut config.yaml that eval refuses."""
+    out = tmp_path / "run"
+    assert run(["train", tiny_file, "--output-dir", out], capsys)[0] == 0
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    del raw["peft"]["alpha"]
+    (out / "config.yaml").write_text(yaml.safe_dump(raw))
+    before = tree(out)
+    code_eval, _, err_eval = run(["eval", out], capsys)
+    code, _, err = run(["analyze", out, *ANALYZE], capsys)
+    assert code_eval == code == 2 and "peft.alpha" in err_eval and "peft.alpha" in err and "incomplete" in err
+    assert tree(out) == before
+
+
+def test_analysis_files_belong_to_the_run(tmp_path, tiny_file, capsys):
+    """Issue 20, wrong result 8: `train --overwrite` carried the old run's analysis files into the new run; and
+    (issue 19) `compare --resume` refused a compare directory after `flatpeft analyze` of one of its runs."""
+    out = tmp_path / "run"
+    assert run(["train", tiny_file, "--output-dir", out], capsys)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(["analyze", out, *ANALYZE], capsys)
+    assert code == 0, err
+    assert (out / "sharpness.json").is_file() and (out / "sharpness_elements.npz").is_file()
+    manifest = json.loads((out / ".flatpeft-run.json").read_text())
+    assert {"sharpness.json", "sharpness_elements.npz"} <= set(manifest["entries"])
+    assert run(["train", tiny_file, "--output-dir", out, "--overwrite"], capsys)[0] == 0
+    assert not (out / "sharpness.json").exists() and not (out / "sharpness_elements.npz").exists()
+    assert (out / "notes.txt").read_text() == "mine"                # the user's file is kept
+
+    cmp_dir = tmp_path / "cmp"
+    argv = ["compare", tiny_file, "--methods", "base", "--seeds", "1", "--output-dir", cmp_dir]
+    assert run(argv, capsys)[0] == 0
+    seed0 = cmp_dir / "base" / "seed0"
+    assert run(["analyze", seed0, *ANALYZE], capsys)[0] == 0
+    before = tree(seed0)
+    code, _, err = run([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert tree(seed0) == before                                   # finished run kept, with its analysis
+    assert run([*argv, "--overwrite"], capsys)[0] == 0
+    assert not (seed0 / "sharpness.json").exists()

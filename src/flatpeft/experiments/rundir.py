@@ -28,7 +28,7 @@ from typing import Any, Iterator
 __all__ = ["RUN_MANIFEST", "RUN_ENTRIES", "COMPARE_MANIFEST", "RunExistsError", "DirectoryLockedError",
            "write_atomic", "write_json", "read_manifest", "write_manifest", "run_lock", "dir_lock", "staging_dir",
            "old_dir", "lock_path", "foreign_entries", "check_replaceable", "recover", "install_run", "is_finished",
-           "check_output_dir"]
+           "check_output_dir", "register_entries"]
 
 #: The manifest file of a run directory.
 RUN_MANIFEST = ".flatpeft-run.json"
@@ -78,6 +78,18 @@ def write_manifest(directory: str | Path, name: str = RUN_MANIFEST, **fields: An
     """Write (atomically) the manifest of a run (``name=RUN_MANIFEST``) or compare directory."""
     entries = list(RUN_ENTRIES) if name == RUN_MANIFEST else fields.pop("entries", [])
     return write_json(Path(directory) / name, {"flatpeft": 1, "entries": entries, **fields})
+
+
+def register_entries(run_dir: str | Path, names: list[str]) -> bool:
+    """Add ``names`` (files flatpeft writes into a finished run later, e.g. ``flatpeft analyze``'s) to the entries
+    of the run's manifest, so they are the run's own: replaced with it on ``--overwrite``, not foreign to
+    ``compare --resume``. Call under :func:`run_lock` before writing them. False when ``run_dir`` has no manifest."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return False
+    entries = list(dict.fromkeys([*manifest.get("entries", []), *names]))
+    write_json(Path(run_dir) / RUN_MANIFEST, {**manifest, "entries": entries})
+    return True
 
 
 def is_finished(run_dir: str | Path) -> bool:
