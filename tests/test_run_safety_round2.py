@@ -207,3 +207,145 @@ def test_analysis_files_belong_to_the_run(tmp_path, tiny_file, capsys):
     assert tree(seed0) == before                                   # finished run kept, with its analysis
     assert run([*argv, "--overwrite"], capsys)[0] == 0
     assert not (seed0 / "sharpness.json").exists()
+
+
+# ---- the asset cache ----------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_finefoods(tmp_path, monkeypatch):
+    """``prepare`` of Fine Foods, run for real, from an R data set stood in for by two small data frames (the
+    Debian package needs the registry); the cache is ``tmp_path/cache``."""
+    import pandas as pd
+
+    import flatpeft.assets as assets
+
+    def frames(root, names):
+        make = lambda n: pd.DataFrame({"review": [f"review {i} good" for i in range(n)],
+                                       "score": ["great" if i % 2 else "other" for i in range(n)],
+                                       "product": [f"p{i % 7}" for i in range(n)]})
+        return {"training_data": make(400), "testing_data": make(100)}
+
+    monkeypatch.setattr(assets, "_r_package_dir", lambda *a: tmp_path)
+    monkeypatch.setattr(assets, "read_r_lazyload", frames)
+    monkeypatch.setattr(assets, "_HASHED", {})
+    monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
+    assets.prepare(["finefoods"], progress=False)
+    return tmp_path / "cache"
+
+
+def _cut(path: Path, rows: int) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: rows + 1]))
+
+
+def test_damaged_cache_file_is_never_recorded(fake_finefoods, tmp_path, monkeypatch, capsys):
+    """Issue 20, wrong result 5: with test.csv cut and FLATPEFT_CACHE spelled through `..`, a load recorded the
+    damaged file into the manifest (train reported the cut test set) and `data verify` then said ok."""
+    import flatpeft.assets as assets
+
+    manifest = (fake_finefoods / "manifests" / "finefoods.json").read_bytes()
+    test_csv = fake_finefoods / "finefoods" / "test.csv"
+    _cut(test_csv, 30)
+    (tmp_path / "x").mkdir()
+    monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "x" / ".." / "cache"))
+    with pytest.raises(assets.AssetCorruptError, match="test.csv has .* bytes"):
+        assets.finefoods_splits()
+    code, out, err = run(["data", "verify", "--only", "finefoods"], capsys)
+    assert code == 2 and "test.csv" in err
+    assert (fake_finefoods / "manifests" / "finefoods.json").read_bytes() == manifest
+    # without a manifest the cut copy is not recorded either: loads refuse, `data prepare` redoes it
+    (fake_finefoods / "manifests" / "finefoods.json").unlink()
+    with pytest.raises(assets.AssetCorruptError, match="no manifest"):
+        assets.finefoods_splits()
+    code, out, err = run(["data", "verify", "--only", "finefoods"], capsys)
+    assert code == 2 and "no manifest" in err
+    assets.prepare(["finefoods"], progress=False)
+    assert len(test_csv.read_text().splitlines()) == 101
+    files = lambda data: json.loads(data)["files"]  # noqa: E731
+    assert files((fake_finefoods / "manifests" / "finefoods.json").read_bytes()) == files(manifest)
+    assert run(["data", "verify", "--only", "finefoods"], capsys)[0] == 0
+
+
+def test_corrupt_manifest_is_named(fake_finefoods, capsys):
+    """Issue 20, wrong result 5: a corrupt manifest made `verify` print `not prepared` with exit 0."""
+    import flatpeft.assets as assets
+
+    path = fake_finefoods / "manifests" / "finefoods.json"
+    path.write_text('{"asset": "finefoods", "root"')
+    code, out, err = run(["data", "verify"], capsys)
+    assert code == 2 and str(path) in err and "damaged" in err
+    with pytest.raises(assets.AssetCorruptError, match="manifest"):
+        assets.finefoods_splits()
+    assets.prepare(["finefoods"], progress=False)                  # prepare redoes the asset and its manifest
+    assert run(["data", "verify", "--only", "finefoods"], capsys)[0] == 0
+
+
+def test_loads_hash_the_files_like_verify(fake_finefoods, monkeypatch):
+    """Issue 20, wrong result 6: bytes changed in place (same size) were used by loads, which checked sizes
+    only. A load now compares sha256 as verify does (once per process and file: an unchanged file is not
+    hashed again)."""
+    import flatpeft.assets as assets
+
+    calls = []
+    sha = assets._sha256
+    monkeypatch.setattr(assets, "_sha256", lambda p: calls.append(Path(p).name) or sha(p))
+    assets.finefoods_splits()
+    assets.finefoods_splits()
+    assert sorted(calls) == ["test.csv", "train.csv"]               # hashed once in this process
+    test_csv = fake_finefoods / "finefoods" / "test.csv"
+    data = bytearray(test_csv.read_bytes())
+    data[-40:-20] = b"\0" * 20
+    test_csv.write_bytes(bytes(data))
+    with pytest.raises(assets.AssetCorruptError, match="test.csv has a different sha256"):
+        assets.finefoods_splits()
+    with pytest.raises(assets.AssetCorruptError, match="test.csv"):
+        assets.verify(["finefoods"])
+
+
+def test_package_asset_is_checked_against_its_pip_record(tmp_path, monkeypatch):
+    """A pip package's model file changed in place before flatpeft first saw it is not recorded as good: the
+    first manifest is written only after the files match the package's own RECORD hashes."""
+    import base64
+    import hashlib
+    import importlib
+
+    import flatpeft.assets as assets
+
+    site = tmp_path / "site"
+    pkg = site / "fakeminilm"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model" / "config.json").write_text('{"model_type": "bert"}')
+    (pkg / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    info = site / "fakeminilm-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeminilm\nVersion: 0.1\n")
+    (info / "top_level.txt").write_text("fakeminilm\n")
+    rows = []
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file():
+            digest = base64.urlsafe_b64encode(hashlib.sha256(f.read_bytes()).digest()).rstrip(b"=").decode()
+            rows.append(f"{f.relative_to(site)},sha256={digest},{f.stat().st_size}")
+    (info / "RECORD").write_text("\n".join(rows) + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(assets, "MINILM_MODULE", "fakeminilm")
+    monkeypatch.setattr(assets, "_HASHED", {})
+    monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
+    weights = pkg / "model" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"\0" * 4096 + good[4096:])                # zeroed in place, same size
+    with pytest.raises(assets.AssetCorruptError, match="model.safetensors differs from the sha256 its pip package"):
+        assets.minilm_path()
+    assert not (tmp_path / "cache" / "manifests" / "minilm.json").exists()
+    weights.write_bytes(good)
+    assert assets.minilm_path() == pkg / "model"
+    assert (tmp_path / "cache" / "manifests" / "minilm.json").is_file()
+
+
+def test_cache_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cachefile"))
+    code, out, err = run(["data", "verify"], capsys)
+    assert code == 2 and "cachefile" in err and "is a file" in err
+    code, out, err = run(["data", "prepare", "--only", "finefoods"], capsys)
+    assert code == 2 and "cachefile" in err and "is a file" in err
