@@ -285,10 +285,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:  # AssetMissingError names the asset and the command that installs it
         from flatpeft.assets import AssetMissingError
 
-        if not isinstance(err, AssetMissingError):
-            raise
-        print(f"flatpeft: error: {err}", file=sys.stderr)
-        return 2
+        if isinstance(err, AssetMissingError):
+            print(f"flatpeft: error: {err}", file=sys.stderr)
+            return 2
+        return _environment_error(err)
+    except Exception as err:  # noqa: BLE001 - file-system faults (disk full, read-only, name too long) get one line
+        return _environment_error(err)
+
+
+def _environment_error(err: Exception) -> int:
+    """Print a file-system fault (an ``OSError``, or a library's wrapper of one) as one named line and return 2;
+    re-raise anything else (a bug, which needs its traceback)."""
+    from flatpeft.experiments.rundir import as_os_error, describe_os_error
+
+    os_err = as_os_error(err)
+    if os_err is None:
+        raise err
+    print(f"flatpeft: error: {describe_os_error(os_err)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ import torch
 from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
                      read_config_mapping, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
-                     check_output_dir, check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
+                     as_os_error, check_output_dir, check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
                      staging_dir, write_json, write_manifest)
 from .tasks import Task, get_task
 
@@ -379,8 +379,11 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
             write_json(staging / "eval.json", _finite_or_none(metrics))  # strict JSON: a NaN metric is null
             write_manifest(staging, state="finished", **ident)
             install_run(staging, out)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            os_err = as_os_error(err, out) if isinstance(err, Exception) else None
+            if os_err is not None and os_err is not err:  # disk full inside safetensors: a named OSError
+                raise os_err from err
             raise
     return metrics
 
