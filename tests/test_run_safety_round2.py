@@ -515,3 +515,68 @@ def test_old_run_is_removed_manifest_last(tmp_path, finished_run, monkeypatch):
     assert (old / ".flatpeft-run.json").is_file()
     rundir.recover(run_dir)
     assert not old.exists() and (run_dir / "eval.json").is_file()
+
+
+def test_corrupt_compare_plan_is_named(tmp_path, tiny_file, capsys):
+    plan = _plan(tmp_path, tiny_file, task_ablations=[])
+    bad = tmp_path / "runs" / "tiny" / "compare_plan.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"failed": ')
+    code, out, err = run(["suite", plan, "--page-only"], capsys)
+    assert code == 2 and str(bad) in err and "damaged" in err
+
+
+# ---- eval and preference ------------------------------------------------------------------------------------
+def test_eval_after_the_run_config_or_data_changed_is_named(tmp_path, finished_run, capsys):
+    """Issue 20: `eval` after the run's peft.r was edited, or after its train file gained a label, ended in a
+    size-mismatch traceback."""
+    import pandas as pd
+
+    out = _fresh_run(finished_run, tmp_path / "run")
+    cfg_path = out / "config.yaml"
+    raw = yaml.safe_load(cfg_path.read_text())
+    edited = {**raw, "peft": {**raw["peft"], "r": 8}}
+    cfg_path.write_text(yaml.safe_dump(edited))
+    code, _, err = run(["eval", out], capsys)
+    assert code == 2 and "do not fit" in err and "peft.r" in err and "Traceback" not in err
+    train = tmp_path / "train.csv"
+    df = pd.read_csv(raw["data"]["train"])
+    pd.concat([df, pd.DataFrame({"text": ["the box was odd"] * 12, "label": ["zzz"] * 12})]).to_csv(train, index=False)
+    cfg_path.write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "train": str(train)}}))
+    code, _, err = run(["eval", out], capsys)
+    assert code == 2 and "do not fit" in err and "gain a label" in err
+
+
+def test_eval_of_a_run_without_a_test_set_names_evals_own_flags(tmp_path, tiny, capsys):
+    from flatpeft.experiments.runner import train_run
+
+    cfg = config_to_dict(tiny)
+    cfg["data"]["test"] = None
+    cfg["train"]["eval_splits"] = ["val"]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert run(["train", path, "--output-dir", out], capsys)[0] == 0
+    code, _, err = run(["eval", out], capsys)
+    assert code == 2 and "--data FILE" in err and "--splits val" in err and "train.eval_splits" not in err
+    code, stdout, err = run(["eval", out, "--splits", "val"], capsys)
+    assert code == 0 and "val_accuracy" in stdout
+
+
+@pytest.mark.parametrize("change,words", [({"train": {"eval_splits": ["train"]}}, "train.eval_splits"),
+                                          ({"data": {"test": None}, "train": {"eval_splits": ["val"]}},
+                                           "train.eval_splits"),
+                                          ({"data": {"test": None}}, "data.test")])
+def test_preference_refuses_what_would_fail_after_training(tmp_path, tiny, capsys, change, words):
+    """Issue 20: `preference` with eval_splits=[train] or without a test set trained every run and then failed
+    with KeyError: 'accuracy'. Refused before anything trains."""
+    cfg = config_to_dict(tiny)
+    for section, values in change.items():
+        cfg[section] = {**cfg[section], **values}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    start = time.time()
+    code, _, err = run(["preference", path, "--fractions", "0.5", "--seeds", "1", "--output-dir",
+                        tmp_path / "pref"], capsys)
+    assert code == 2 and words in err and "Traceback" not in err and time.time() - start < 20
+    assert not (tmp_path / "pref").exists()

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
-                     read_config_mapping, save_config)
+                     read_config_mapping, resolve_test_ref, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
                      as_os_error, check_output_dir, check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
                      staging_dir, write_json, write_manifest)
@@ -427,7 +427,14 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
         raise ValueError(f"--splits: entries must be test, train or val, got {list(splits)}")
     cfg.train.eval_splits = list(splits)
     task_cls = get_task(cfg.task)
-    task_cls.check_config(cfg)
+    try:
+        task_cls.check_config(cfg)
+    except ValueError:
+        if data is None and "test" in splits and resolve_test_ref(cfg.data) is None:
+            raise ValueError(f"run {str(run_dir)!r} has no test set (it was trained on your own data.train without "
+                             "data.test): pass --data FILE to evaluate on a file with the same columns, or --splits "
+                             "val (or train,val)") from None
+        raise
     _set_seed(cfg.train.seed)
     task = task_cls.load(run_dir, cfg)
     return {**evaluate_task(task, splits), **_data_record(task, splits)}

@@ -146,10 +146,18 @@ def _task_runs(root: Path, unit: str, methods: list[str], config: str | None = N
 
 
 def _failed(root: Path, unit: str) -> dict[str, Any]:
+    """The failed runs ``compare_plan.json`` of a unit records; a damaged file is an error naming it."""
     path = root / unit / "compare_plan.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text()).get("failed", {}) or {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        data = err
+    if not isinstance(data, dict) or not isinstance(data.get("failed") or {}, dict):
+        raise ValueError(f"{path}: damaged (not the compare plan flatpeft wrote: {str(data)[:80]}); run the suite "
+                         f"again to rewrite it (its compare directory resumes), or move it away")
+    return data.get("failed") or {}
 
 
 def _trained(inv: dict[str, Any]) -> bool:
