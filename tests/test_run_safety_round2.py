@@ -226,7 +226,7 @@ def fake_finefoods(tmp_path, monkeypatch):
 
     monkeypatch.setattr(assets, "_r_package_dir", lambda *a: tmp_path)
     monkeypatch.setattr(assets, "read_r_lazyload", frames)
-    monkeypatch.setattr(assets, "_HASHED", {})
+    monkeypatch.setattr(assets, "_HASHED", {}, raising=False)
     monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
     assets.prepare(["finefoods"], progress=False)
     return tmp_path / "cache"
@@ -329,7 +329,7 @@ def test_package_asset_is_checked_against_its_pip_record(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     monkeypatch.setattr(assets, "MINILM_MODULE", "fakeminilm")
-    monkeypatch.setattr(assets, "_HASHED", {})
+    monkeypatch.setattr(assets, "_HASHED", {}, raising=False)
     monkeypatch.setenv("FLATPEFT_CACHE", str(tmp_path / "cache"))
     weights = pkg / "model" / "model.safetensors"
     good = weights.read_bytes()
