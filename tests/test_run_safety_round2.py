@@ -451,8 +451,11 @@ def test_real_file_system_faults_are_named(tmp_path, tiny_file, capsys):
     expected: each a one-line error naming the path, exit 2, no traceback."""
     (tmp_path / "afile").write_text("x")
     cases = [(tmp_path / ("n" * 300), "File name too long"), (tmp_path / "afile" / "run", "a file is where a directory")]
-    if not os.access("/sys", os.W_OK) or os.geteuid() == 0:
-        cases.append((Path("/sys/flatpeft-test-run"), "choose an --output-dir you can write to"))
+    try:  # /sys refuses new folders even to root: a real permission fault without chmod
+        Path("/sys/flatpeft-probe").mkdir()
+        Path("/sys/flatpeft-probe").rmdir()
+    except OSError:
+        cases.append((Path("/sys/flatpeft-test-run"), "choose a place you can write to"))
     for out, words in cases:
         code, _, err = run(["train", tiny_file, "--output-dir", out], capsys)
         assert code == 2 and words in err and "Traceback" not in err, err
@@ -580,3 +583,56 @@ def test_preference_refuses_what_would_fail_after_training(tmp_path, tiny, capsy
                         tmp_path / "pref"], capsys)
     assert code == 2 and words in err and "Traceback" not in err and time.time() - start < 20
     assert not (tmp_path / "pref").exists()
+
+
+KILL_CHILD = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from flatpeft import cli
+from flatpeft.experiments import rundir
+
+fault = sys.argv[1]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if fault == "first-manifest":  # killed while the first manifest of the staging folder is written
+    write = rundir.write_atomic
+    def torn(path, data):
+        if str(path).endswith(rundir.RUN_MANIFEST):
+            with open(str(path) + ".flatpeft-tmp", "w") as fh:
+                fh.write(data[: len(data) // 2])
+            die()
+        return write(path, data)
+    rundir.write_atomic = torn
+elif fault == "remove-old":  # killed while the replaced run is removed, right after its manifest went
+    old = os.path.join(os.path.dirname(sys.argv[-1]), ".run.flatpeft-old")
+    unlink = os.unlink
+    def killed(path, *a, **k):
+        unlink(path, *a, **k)
+        if os.path.basename(str(path)) == rundir.RUN_MANIFEST and os.path.isdir(old):
+            die()
+    os.unlink = killed
+sys.exit(cli.main(["--quiet", "train", *sys.argv[2:]]))
+"""
+
+
+@pytest.mark.parametrize("fault", ["first-manifest", "remove-old"])
+def test_a_kill_never_blocks_the_next_run(tmp_path, tiny_file, finished_run, capsys, fault):
+    """Fault injection (SIGKILL in a child running the real CLI): killed while writing the first manifest of
+    the staging folder, or while removing the replaced run. The next run recovers what the kill left (issue 20:
+    both used to block every later run until removed by hand) and no leftover remains."""
+    import signal
+    import subprocess
+    import sys
+
+    out = _fresh_run(finished_run, tmp_path / "run")
+    (tmp_path / "child.py").write_text(KILL_CHILD)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "child.py"), fault, str(tiny_file), "--overwrite",
+                           "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = {".run.flatpeft-new", ".run.flatpeft-old"} & {p.name for p in tmp_path.iterdir()}
+    assert left, "the fault left nothing to recover"
+    code, _, err = run(["train", tiny_file, "--overwrite", "--output-dir", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.flatpeft-lock", "child.py", "run"]
+    assert (out / "eval.json").is_file() and json.loads((out / ".flatpeft-run.json").read_text())["state"] == "finished"

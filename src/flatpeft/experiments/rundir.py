@@ -70,9 +70,11 @@ _OS_ADVICE = {
     errno.ENOSPC: "no space left on the device: free some space (or choose an --output-dir on another disk) and "
                   "run again",
     errno.EDQUOT: "disk quota exceeded: free some space (or choose an --output-dir elsewhere) and run again",
-    errno.EACCES: "permission denied: choose an --output-dir you can write to (or fix its permissions)",
-    errno.EPERM: "operation not permitted: choose an --output-dir you can write to (or fix its permissions)",
-    errno.EROFS: "read-only file system: choose an --output-dir on a writable file system",
+    errno.EACCES: "permission denied: choose a place you can write to (--output-dir, FLATPEFT_CACHE) or fix its "
+                  "permissions",
+    errno.EPERM: "operation not permitted: choose a place you can write to (--output-dir, FLATPEFT_CACHE) or fix "
+                 "its permissions",
+    errno.EROFS: "read-only file system: choose a place on a writable file system (--output-dir, FLATPEFT_CACHE)",
     errno.ENAMETOOLONG: "file name too long: choose a shorter --output-dir (or shorter task/method names)",
     errno.ENOTDIR: "a file is where a directory is expected: move the file away or choose another --output-dir",
     errno.EEXIST: "a file is where a directory is expected: move the file away or choose another --output-dir",
@@ -149,7 +151,7 @@ def check_output_dir(path: str | Path, what: str = "--output-dir", *, run: bool 
     current directory itself, or a place inside the asset cache (``flatpeft data prepare --force`` rebuilds it).
     With ``run`` (a run directory, which is swapped as a whole) a symbolic link is refused as well: give its
     target. Returns ``path``."""
-    from flatpeft.assets import cache_dir
+    from flatpeft.assets import AssetMissingError, cache_dir
 
     path = Path(path).expanduser()
     if run and path.is_symlink():
@@ -161,7 +163,10 @@ def check_output_dir(path: str | Path, what: str = "--output-dir", *, run: bool 
         if resolved == place.resolve():
             raise ValueError(f"{what} {str(path)!r} is {name} itself; give a directory of its own for the results "
                              "(e.g. runs/NAME)")
-    cache = cache_dir().resolve()
+    try:
+        cache = cache_dir().resolve()
+    except AssetMissingError:  # FLATPEFT_CACHE is a file: no cache to protect (a load names the problem)
+        return path
     if resolved == cache or cache in resolved.parents:
         raise ValueError(f"{what} {str(path)!r} is inside the flatpeft asset cache {str(cache)!r}, which "
                          "`flatpeft data prepare --force` rebuilds; write results elsewhere")
