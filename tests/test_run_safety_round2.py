@@ -31,6 +31,13 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own directory: run against the old code, a plan without `page:` wrote the
+    repository's docs/results.md (the bug these tests catch)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return F.tiny_config(tmp_path_factory.mktemp("tiny"), train={"steps": 2, "log_every": 1})

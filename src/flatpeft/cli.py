@@ -12,8 +12,9 @@
 Other parts add sub-commands: every module of :data:`PLUGIN_MODULES` that imports gets
 ``register_cli(subparsers)`` called; each of its sub-commands sets ``func`` with ``set_defaults``.
 User errors (``ValueError``: bad config, missing file, existing run, a diverged run; ``AssetMissingError``) print
-``flatpeft: error: ...`` and exit with status 2; ``compare`` exits with 2 after its tables are written when a run
-failed; Ctrl-C exits with 130 after the finished runs' tables are written.
+``flatpeft: error: ...`` and exit with status 2, and so do file-system faults (disk full, a folder that cannot be
+written, a name too long: one line naming the path and what to do); ``compare`` exits with 2 after its tables are
+written when a run failed; Ctrl-C exits with 130 after the finished runs' tables are written.
 """
 from __future__ import annotations
 
