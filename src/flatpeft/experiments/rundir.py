@@ -14,7 +14,12 @@ Rules (``docs/cli.md``, "Files flatpeft writes"):
   (``.<name>.flatpeft-lock`` beside a run directory, ``.flatpeft-lock`` inside a compare directory, via the
   ``filelock`` package); a second process is refused with a message naming the directory.
 * Small files (``eval.json``, tables) are written to a temporary sibling and renamed, so a reader never sees
-  half a file.
+  half a file; a failed write removes the temporary file.
+* A replaced run is removed manifest last, and a leftover sibling that holds only what a run writes is removed
+  by :func:`recover` (a kill while the first manifest was written, or while an old run was being removed).
+* Output directories flatpeft must not own are refused (:func:`check_output_dir`: the root, the home or current
+  directory itself, the asset cache; a symlinked run directory). File-system faults are described in one line
+  (:func:`describe_os_error`).
 """
 from __future__ import annotations
 

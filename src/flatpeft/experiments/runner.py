@@ -32,8 +32,8 @@ import torch
 from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
                      read_config_mapping, resolve_test_ref, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
-                     as_os_error, check_output_dir, check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
-                     staging_dir, write_json, write_manifest)
+                     as_os_error, check_output_dir, check_replaceable, dir_lock, install_run, is_finished,
+                     read_manifest, recover, run_lock, staging_dir, write_json, write_manifest)
 from .tasks import Task, get_task
 
 __all__ = ["RUN_FILES", "RunExistsError", "RunDivergedError", "DirectoryLockedError", "train_run", "evaluate_run",
