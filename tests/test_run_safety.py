@@ -222,8 +222,9 @@ def test_case6_zeroed_model_bytes_found_by_data_verify(tmp_path, monkeypatch, ca
     data = bytearray(weights.read_bytes())
     data[-4096:] = bytes(4096)  # zero a block of tensor data: same size, loads fine
     weights.write_bytes(bytes(data))
-    assets.smollm2_path()  # the cheap size check cannot see it ...
-    code, _, err = run(["data", "verify"], capsys)  # ... the hash does
+    with pytest.raises(assets.AssetCorruptError, match="sha256"):
+        assets.smollm2_path()  # a load hashes like verify (issue 20: it used to check sizes only)
+    code, _, err = run(["data", "verify"], capsys)
     assert code == 2 and "model.safetensors" in err and "sha256" in err and "data prepare --force" in err
 
 

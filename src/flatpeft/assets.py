@@ -20,10 +20,15 @@ Fine Foods labels: ``label = 1`` for the R factor level ``"great"`` and ``0`` fo
 interrupted run is redone and a finished one is never repeated unless ``force=True``.
 
 Integrity: preparation records each asset's files with their size and sha256 in
-``<cache>/manifests/<name>.json``. Every loader checks the sizes (a ``stat`` per file), so a file cut short
-(300 of 1000 reviews) is refused; ``flatpeft data verify`` (:func:`verify`) compares the hashes too, which
-also catches bytes changed in place (a zeroed block of a model). Both errors name the file and
-``flatpeft data prepare --force``. An asset prepared before manifests existed gets one on first use.
+``<cache>/manifests/<name>.json``, right after producing them; a manifest never records files flatpeft did not
+just produce or check. Every loader compares the files with it, sizes and sha256 (the hash of a file is computed
+once per process and reused while its size, mtime and inode stay the same), exactly as ``flatpeft data verify``
+(:func:`verify`) does, so a file cut short (300 of 1000 reviews) or changed in place (a zeroed block of a model)
+is refused, naming the file and ``flatpeft data prepare --force``. Locations are compared resolved (a cache
+path spelled through ``..`` or a link is the same cache). A cache asset without a manifest (prepared by an
+older flatpeft, or the manifest removed) is refused by loads and redone by ``flatpeft data prepare``; the files
+of a pip package (MiniLM, EfficientNet) are checked against the package's own ``RECORD`` hashes before their
+manifest is first written. A manifest that cannot be read is an error naming it.
 
 Example::
 
@@ -121,9 +126,15 @@ class AssetCorruptError(AssetMissingError):
 
 
 def cache_dir() -> Path:
-    """The flatpeft cache: ``$FLATPEFT_CACHE`` if set, else ``~/.cache/flatpeft`` (not created here)."""
+    """The flatpeft cache: ``$FLATPEFT_CACHE`` if set, else ``~/.cache/flatpeft`` (not created here). A path that
+    exists but is not a directory raises :class:`AssetMissingError` naming it."""
     env = os.environ.get("FLATPEFT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "flatpeft"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "flatpeft"
+    if path.exists() and not path.is_dir():
+        where = "FLATPEFT_CACHE" if env else "the default cache"
+        raise AssetMissingError(f"{where} {str(path)!r} is a file, not a directory; point FLATPEFT_CACHE at a "
+                                "directory (it is created if absent), or move the file away")
+    return path
 
 
 def _is_done(d: Path) -> bool:
@@ -216,14 +227,27 @@ def record_manifest(name: str, root: Path) -> Path:
 
 
 def _read_manifest(name: str) -> dict | None:
-    """The manifest of ``name`` (``root``, ``files``), or ``None`` when there is none readable."""
-    try:
-        data = json.loads(_manifest_path(name).read_text())
-    except (OSError, ValueError):
+    """The manifest of ``name`` (``root``, ``files``), or ``None`` when there is none. A manifest file that cannot
+    be read or is not a manifest raises :class:`AssetCorruptError` naming it."""
+    path = _manifest_path(name)
+    if not path.exists():
         return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        data = err
     ok = isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("root", "base")) and \
-        isinstance(data.get("files"), dict)
-    return data if ok else None
+        isinstance(data.get("files"), dict) and all(isinstance(m, dict) and isinstance(m.get("size"), int) and
+                                                    isinstance(m.get("sha256"), str) for m in data["files"].values())
+    if not ok:
+        raise AssetCorruptError(f"asset {name!r}: its manifest {path} is damaged (not the JSON flatpeft wrote); run "
+                                f"`flatpeft data prepare --force --only {name}` to redo the asset and its manifest")
+    return data
+
+
+def _same_place(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings name the same location (``/x/../cache`` and ``/cache``; a link and its target)."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _corrupt(name: str, path: str, why: str) -> AssetCorruptError:
@@ -235,38 +259,94 @@ def _corrupt(name: str, path: str, why: str) -> AssetCorruptError:
     return AssetCorruptError(f"asset {name!r}: {path} {why}; the prepared file is damaged: run {fix}")
 
 
-def check_asset(name: str, root: Path, *, full: bool = False) -> Path:
-    """Compare the files of asset ``name`` at ``root`` with its manifest: sizes always, sha256 when ``full`` or a
-    size differs. Raise :class:`AssetCorruptError` naming the file. When there is no manifest yet (an asset
-    prepared by an older flatpeft), or it was recorded for another location (a package asset in another
-    environment), one is recorded for ``root``. Returns ``root``."""
+#: pip packages holding an asset's files (their ``RECORD`` lists each file's sha256).
+_PACKAGE_MODULES = {"minilm": lambda: MINILM_MODULE, "efficientnet": lambda: EFFNET_WEIGHTS_MODULE}
+
+
+def _package_hashes(module: str) -> dict[Path, str]:
+    """``{resolved file: sha256 hex}`` from the ``RECORD`` of the pip distribution(s) providing ``module``."""
+    import base64
+    import importlib.metadata as md
+
+    out: dict[Path, str] = {}
+    for dist_name in md.packages_distributions().get(module, []):
+        dist = md.distribution(dist_name)
+        for f in dist.files or []:
+            if f.hash is not None and f.hash.mode == "sha256":
+                digest = base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4)).hex()
+                out[Path(dist.locate_file(f)).resolve()] = digest
+    return out
+
+
+def _is_cache_asset(root: Path) -> bool:
+    """Whether ``root`` lies in the flatpeft cache (produced by ``prepare``, so it can be redone there)."""
+    cache = cache_dir().resolve()
+    return cache in Path(root).resolve().parents
+
+
+def _first_manifest(name: str, root: Path) -> None:
+    """Write the first manifest of an asset found without one, from files whose origin is checked: the files of
+    a pip package against its ``RECORD``; a system data package's files as installed. A cache asset is refused:
+    only ``prepare`` records what it produced."""
+    if _is_cache_asset(root):
+        raise AssetCorruptError(f"asset {name!r}: {root} has no manifest of its files (prepared by an older flatpeft, "
+                                f"or {_manifest_path(name)} was removed), so it cannot be checked; run "
+                                f"`flatpeft data prepare --force --only {name}`")
+    module = _PACKAGE_MODULES.get(name)
+    if module is not None:
+        recorded = _package_hashes(module())
+        for f in _files_of(root):
+            want = recorded.get(f.resolve())
+            if want is not None and _sha256(f) != want:
+                raise _corrupt(name, str(f), "differs from the sha256 its pip package recorded at installation")
+    record_manifest(name, root)
+
+
+def check_asset(name: str, root: Path, *, full: bool = True) -> Path:
+    """Compare the files of asset ``name`` at ``root`` with its manifest (sizes, and sha256 once per process and
+    file, see :func:`_compare_files`); raise :class:`AssetCorruptError` naming the file. An asset without a
+    manifest, or one recorded for another location, gets one only through :func:`_first_manifest`. Returns
+    ``root``. ``full=False`` compares sizes only."""
     manifest = _read_manifest(name)
-    if manifest is None or manifest["root"] != str(root):
-        record_manifest(name, root)
+    if manifest is None or not _same_place(manifest["root"], root):
+        _first_manifest(name, root)
         return root
     _compare_files(name, Path(manifest["base"]), manifest["files"], full)
     return root
 
 
-def _compare_files(name: str, base: Path, files: dict[str, dict], full: bool) -> None:
-    """Raise :class:`AssetCorruptError` for the first of ``files`` (relative to ``base``) that differs."""
+#: ``(path, size, mtime_ns, inode) -> sha256`` of the asset files hashed by this process.
+_HASHED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _hash_once(path: Path, st: os.stat_result, cached: bool) -> str:
+    """sha256 of ``path``, reused while its size, mtime and inode stay the same (``cached=False`` always reads)."""
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if not cached or key not in _HASHED:
+        _HASHED[key] = _sha256(path)
+    return _HASHED[key]
+
+
+def _compare_files(name: str, base: Path, files: dict[str, dict], full: bool, cached: bool = True) -> None:
+    """Raise :class:`AssetCorruptError` for the first of ``files`` (relative to ``base``) that differs: in size,
+    or (``full``) in sha256."""
     for key, meta in files.items():
         path = base / key
         if not path.is_file():
             raise _corrupt(name, str(path), "is missing")
-        size = path.stat().st_size
-        if size != meta["size"] or full:
-            if _sha256(path) != meta["sha256"]:
-                why = (f"has {size} bytes, {meta['size']} were recorded at preparation" if size != meta["size"]
-                       else "has a different sha256 than recorded at preparation (changed in place)")
-                raise _corrupt(name, str(path), why)
+        st = path.stat()
+        if st.st_size != meta["size"]:
+            raise _corrupt(name, str(path), f"has {st.st_size} bytes, {meta['size']} were recorded at preparation")
+        if full and _hash_once(path, st, cached) != meta["sha256"]:
+            raise _corrupt(name, str(path), "has a different sha256 than recorded at preparation (changed in place)")
 
 
 def verify(names: Iterable[str] | None = None) -> dict[str, str]:
     """Hash every file of the prepared assets (default: all with a manifest) against the manifest.
 
-    Returns ``{name: "ok (N files)"}`` (``"not prepared"`` for a named asset without a manifest); raises
-    :class:`AssetCorruptError` naming every damaged file and ``flatpeft data prepare --force``.
+    Returns ``{name: "ok (N files)"}`` (``"not prepared"`` for an asset without a manifest and without files in
+    the cache); raises :class:`AssetCorruptError` naming every damaged file, damaged manifest, and cache asset
+    without a manifest, with ``flatpeft data prepare --force``.
     """
     selected = list(ASSET_NAMES) if names is None else list(names)
     unknown = [n for n in selected if n not in ASSET_NAMES]
@@ -274,12 +354,15 @@ def verify(names: Iterable[str] | None = None) -> dict[str, str]:
         raise ValueError(f"--only: unknown asset(s) {unknown}; known: {list(ASSET_NAMES)}")
     report, problems = {}, []
     for name in selected:
-        manifest = _read_manifest(name)
-        if manifest is None:
-            report[name] = "not prepared (no manifest; run `flatpeft data prepare`)"
-            continue
         try:
-            _compare_files(name, Path(manifest["base"]), manifest["files"], True)
+            manifest = _read_manifest(name)
+            if manifest is None:
+                if _found_unrecorded(name):
+                    raise AssetCorruptError(f"asset {name!r}: {cache_dir() / _CACHE_DIRS[name]} has no manifest of "
+                                            f"its files; run `flatpeft data prepare --force --only {name}`")
+                report[name] = "not prepared (no manifest; run `flatpeft data prepare`)"
+                continue
+            _compare_files(name, Path(manifest["base"]), manifest["files"], True, cached=False)
             report[name] = f"ok ({len(manifest['files'])} file(s), sizes and sha256 match)"
         except AssetCorruptError as err:
             problems.append(str(err))
@@ -676,6 +759,41 @@ def _prepare_smollm2(force: bool) -> Path:
     return smollm2_path()
 
 
+#: Where ``prepare`` produces each cache asset (relative to the cache; marked finished by a ``.done`` file).
+_CACHE_DIRS = {"finefoods": "finefoods", "janeausten": "janeausten", "smollm2": "smollm2",
+               "fashion_mnist": "debs/dataset-fashion-mnist"}
+
+
+def _found_unrecorded(name: str) -> bool:
+    """Whether the cache holds a finished copy of asset ``name`` that has no usable manifest."""
+    try:
+        if _read_manifest(name) is not None:
+            return False
+    except AssetCorruptError:
+        pass
+    return name in _CACHE_DIRS and _is_done(cache_dir() / _CACHE_DIRS[name])
+
+
+def _prepare_one(name: str, force: bool) -> Path:
+    """Prepare one asset and record its manifest from the files just produced (a pip package's files after
+    checking them against the package's record). A finished cache asset found without a usable manifest (older
+    flatpeft, removed or damaged manifest) is redone, never recorded as found."""
+    force = force or _found_unrecorded(name)
+    try:
+        manifest = None if force else _read_manifest(name)
+    except AssetCorruptError:
+        manifest = None
+    if manifest is None:
+        _manifest_path(name).unlink(missing_ok=True)
+    root = _ASSETS[name].prepare(force)
+    if manifest is None:
+        if _is_cache_asset(root):
+            record_manifest(name, root)      # files this call produced
+        elif _read_manifest(name) is None:
+            _first_manifest(name, root)
+    return root
+
+
 def prepare(names: Iterable[str] | str | None = None, *, force: bool = False, progress: bool = True) -> dict[str, Path]:
     """Make the named assets (default: all of ``ASSET_NAMES``) available offline; return ``{name: path}``.
 
@@ -697,11 +815,7 @@ def prepare(names: Iterable[str] | str | None = None, *, force: bool = False, pr
     bar = tqdm(selected, desc="flatpeft assets", unit="asset", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        if force:
-            _manifest_path(name).unlink(missing_ok=True)
-        out[name] = _ASSETS[name].prepare(force)
-        if force or _read_manifest(name) is None:
-            record_manifest(name, out[name])
+        out[name] = _prepare_one(name, force)
         if progress:
             bar.write(f"{name}: {out[name]}")
     bar.close()

@@ -12,8 +12,9 @@
 Other parts add sub-commands: every module of :data:`PLUGIN_MODULES` that imports gets
 ``register_cli(subparsers)`` called; each of its sub-commands sets ``func`` with ``set_defaults``.
 User errors (``ValueError``: bad config, missing file, existing run, a diverged run; ``AssetMissingError``) print
-``flatpeft: error: ...`` and exit with status 2; ``compare`` exits with 2 after its tables are written when a run
-failed; Ctrl-C exits with 130 after the finished runs' tables are written.
+``flatpeft: error: ...`` and exit with status 2, and so do file-system faults (disk full, a folder that cannot be
+written, a name too long: one line naming the path and what to do); ``compare`` exits with 2 after its tables are
+written when a run failed; Ctrl-C exits with 130 after the finished runs' tables are written.
 """
 from __future__ import annotations
 
@@ -303,10 +304,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:  # AssetMissingError names the asset and the command that installs it
         from flatpeft.assets import AssetMissingError
 
-        if not isinstance(err, AssetMissingError):
-            raise
-        print(f"flatpeft: error: {err}", file=sys.stderr)
-        return 2
+        if isinstance(err, AssetMissingError):
+            print(f"flatpeft: error: {err}", file=sys.stderr)
+            return 2
+        return _environment_error(err)
+    except Exception as err:  # noqa: BLE001 - file-system faults (disk full, read-only, name too long) get one line
+        return _environment_error(err)
+
+
+def _environment_error(err: Exception) -> int:
+    """Print a file-system fault (an ``OSError``, or a library's wrapper of one) as one named line and return 2;
+    re-raise anything else (a bug, which needs its traceback)."""
+    from flatpeft.experiments.rundir import as_os_error, describe_os_error
+
+    os_err = as_os_error(err)
+    if os_err is None:
+        raise err
+    print(f"flatpeft: error: {describe_os_error(os_err)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,36 +11,46 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .pipeline import AnalysisSettings, SharpnessReport, analyze_model, write_report
+from .pipeline import AnalysisSettings, SharpnessReport, analyze_model, report_files, write_report
 
 __all__ = ["register_cli", "analyze_run", "load_run_task", "cmd_analyze", "cmd_preference"]
 
 
 def load_run_task(run_dir: str | Path) -> Any:
-    """Rebuild the task of a finished run: ``config.yaml`` of ``run_dir`` + ``Task.load`` (trained weights)."""
-    from flatpeft.experiments import load_config
+    """Rebuild the task of a finished run: ``config.yaml`` of ``run_dir`` + ``Task.load`` (trained weights).
+
+    The config is read as ``flatpeft eval`` reads it (:func:`~flatpeft.experiments.runner.load_run_config`): a
+    recorded config that lacks keys is refused, never filled with defaults."""
+    from flatpeft.experiments.runner import load_run_config
     from flatpeft.experiments.tasks import get_task
 
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ValueError(f"run directory {str(run_dir)!r} has no config.yaml (is it a flatpeft train run?)")
-    cfg = load_config(cfg_path)  # the runner writes the run seed into train.seed
-    return get_task(cfg.task).load(run_dir, cfg)
+    cfg = load_run_config(run_dir)  # the runner writes the run seed into train.seed
+    task_cls = get_task(cfg.task)
+    task_cls.check_config(cfg)
+    return task_cls.load(run_dir, cfg)
 
 
 def analyze_run(
     run_dir: str | Path, *, batches: int = 1, settings: AnalysisSettings = AnalysisSettings(),
     echo: Any = None,
 ) -> SharpnessReport:
-    """Analyse the adapter of ``run_dir`` on ``batches`` training batches; write ``sharpness.json`` and plots there."""
+    """Analyse the adapter of ``run_dir`` on ``batches`` training batches; write ``sharpness.json`` and plots there.
+
+    The files are first registered in the run's manifest (:func:`~flatpeft.experiments.rundir.register_entries`),
+    under the run's lock: they belong to the run, so ``train --overwrite`` replaces them with it and
+    ``compare --resume`` does not take them for files of the user."""
+    from flatpeft.experiments.rundir import register_entries, run_lock
+
     if not isinstance(batches, int) or batches < 1:
         raise ValueError(f"--batches must be a positive integer, got {batches!r}")
     task = load_run_task(run_dir)
     report = analyze_model(task.model, task.loss, task.analysis_batches(batches), settings, echo=echo)
     report = dataclasses.replace(report, extra={"run_dir": str(Path(run_dir).resolve()), "task": task.cfg.task,
                                                 "model": task.cfg.model, "method": dict(task.cfg.method)})
-    write_report(report, run_dir, title=f"{task.cfg.method.get('name', '')} ({Path(run_dir).name})")
+    with run_lock(Path(run_dir)):
+        register_entries(run_dir, report_files(report))
+        write_report(report, run_dir, title=f"{task.cfg.method.get('name', '')} ({Path(run_dir).name})")
     return report
 
 

@@ -299,6 +299,13 @@ def _tensor_sums(flat: np.ndarray, numels: Sequence[int]) -> np.ndarray:
     return np.array([flat[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
 
 
+def report_files(report: SharpnessReport) -> list[str]:
+    """The names of the files :func:`write_report` writes for ``report``."""
+    figs = report.figures
+    return ["sharpness.json", *(["sharpness_elements.npz"] if report.elements else []),
+            *(f"{name}.png" for name in ("landscape_1d", "landscape_2d", "concentration") if name in figs)]
+
+
 def write_report(report: SharpnessReport, out_dir: str | Path, *, title: str = "") -> dict[str, Path]:
     """Write ``sharpness.json``, the per-element scores ``sharpness_elements.npz`` (tensor ``names``, ``numels``,
     flat ``gradient``, ``hess_diag``, ``hess_diag_std_error``; read with ``np.load(path, allow_pickle=False)``)

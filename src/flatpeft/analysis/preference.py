@@ -315,6 +315,23 @@ def _number(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _check_preference_config(cfg: Any, arms: Sequence[Any], out_dir: Path) -> None:
+    """Everything that would fail only after training, checked first: the test split is evaluated (the table
+    reports test accuracy) and exists, every arm's method and keywords are valid, the output directory is one
+    flatpeft may own. Raises ``ValueError`` naming the key."""
+    from flatpeft.experiments.rundir import check_output_dir
+    from flatpeft.experiments.runner import validate_config
+
+    if "test" not in cfg.train.eval_splits:
+        raise ValueError(f"train.eval_splits: the preference experiment reports test accuracy, so it must include "
+                         f"test (got {list(cfg.train.eval_splits)}; train is added for the gap)")
+    check_output_dir(out_dir)
+    for arm in arms:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.method = dict(arm.method)
+        validate_config(run_cfg)
+
+
 def run_preference(
     cfg: Any,
     *,
@@ -353,6 +370,7 @@ def run_preference(
         raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
     fractions = parse_fractions(fractions)
     out_dir = Path(out_dir)
+    _check_preference_config(cfg, preference_arms(dict(cfg.method), fractions), out_dir)
     if overwrite and resume:
         raise ValueError("--overwrite and --resume are mutually exclusive")
     if keep_other_code and not resume:

@@ -14,10 +14,16 @@ Rules (``docs/cli.md``, "Files flatpeft writes"):
   (``.<name>.flatpeft-lock`` beside a run directory, ``.flatpeft-lock`` inside a compare directory, via the
   ``filelock`` package); a second process is refused with a message naming the directory.
 * Small files (``eval.json``, tables) are written to a temporary sibling and renamed, so a reader never sees
-  half a file.
+  half a file; a failed write removes the temporary file.
+* A replaced run is removed manifest last, and a leftover sibling that holds only what a run writes is removed
+  by :func:`recover` (a kill while the first manifest was written, or while an old run was being removed).
+* Output directories flatpeft must not own are refused (:func:`check_output_dir`: the root, the home or current
+  directory itself, the asset cache; a symlinked run directory). File-system faults are described in one line
+  (:func:`describe_os_error`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,7 +33,8 @@ from typing import Any, Iterator
 
 __all__ = ["RUN_MANIFEST", "RUN_ENTRIES", "COMPARE_MANIFEST", "RunExistsError", "DirectoryLockedError",
            "write_atomic", "write_json", "read_manifest", "write_manifest", "run_lock", "dir_lock", "staging_dir",
-           "old_dir", "lock_path", "foreign_entries", "check_replaceable", "recover", "install_run", "is_finished"]
+           "old_dir", "lock_path", "foreign_entries", "check_replaceable", "recover", "install_run", "is_finished",
+           "check_output_dir", "register_entries", "describe_os_error", "as_os_error"]
 
 #: The manifest file of a run directory.
 RUN_MANIFEST = ".flatpeft-run.json"
@@ -47,15 +54,62 @@ class DirectoryLockedError(ValueError):
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename: readers see the old or the new file."""
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: readers see the old or the new file;
+    a failed write (disk full) removes the temporary file and leaves the old file as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + _TMP)
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+#: What to do about a file-system error, by errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free some space (or choose an --output-dir on another disk) and "
+                  "run again",
+    errno.EDQUOT: "disk quota exceeded: free some space (or choose an --output-dir elsewhere) and run again",
+    errno.EACCES: "permission denied: choose a place you can write to (--output-dir, FLATPEFT_CACHE) or fix its "
+                  "permissions",
+    errno.EPERM: "operation not permitted: choose a place you can write to (--output-dir, FLATPEFT_CACHE) or fix "
+                 "its permissions",
+    errno.EROFS: "read-only file system: choose a place on a writable file system (--output-dir, FLATPEFT_CACHE)",
+    errno.ENAMETOOLONG: "file name too long: choose a shorter --output-dir (or shorter task/method names)",
+    errno.ENOTDIR: "a file is where a directory is expected: move the file away or choose another --output-dir",
+    errno.EEXIST: "a file is where a directory is expected: move the file away or choose another --output-dir",
+    errno.EISDIR: "a directory is where a file is expected: move it away or choose another path",
+    errno.ENOENT: "no such file or directory: check the path",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system error: the path(s), what happened and what to do."""
+    where = " -> ".join(repr(str(f)) for f in (err.filename, err.filename2) if f is not None)
+    advice = _OS_ADVICE.get(err.errno or 0, "check the path and the file system")
+    what = err.strerror or str(err)
+    return f"{where + ': ' if where else ''}{what} ({advice})"
+
+
+def as_os_error(err: BaseException, path: str | Path | None = None) -> OSError | None:
+    """``err`` as an :class:`OSError` when it is one, or a library's wrapper of one (safetensors' ``SafetensorError
+    ... Os { code: 28 ...}``); ``None`` otherwise. ``path`` names where it happened when ``err`` does not."""
+    import re
+
+    if isinstance(err, OSError):
+        if err.filename is None and path is not None:
+            return OSError(err.errno, err.strerror or str(err), str(path))
+        return err
+    m = re.search(r"\bOs \{ code: (\d+)|os error (\d+)", str(err))
+    if m is None:
+        return None
+    code = int(m.group(1) or m.group(2))
+    return OSError(code, os.strerror(code), None if path is None else str(path))
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -79,10 +133,49 @@ def write_manifest(directory: str | Path, name: str = RUN_MANIFEST, **fields: An
     return write_json(Path(directory) / name, {"flatpeft": 1, "entries": entries, **fields})
 
 
+def register_entries(run_dir: str | Path, names: list[str]) -> bool:
+    """Add ``names`` (files flatpeft writes into a finished run later, e.g. ``flatpeft analyze``'s) to the entries
+    of the run's manifest, so they are the run's own: replaced with it on ``--overwrite``, not foreign to
+    ``compare --resume``. Call under :func:`run_lock` before writing them. False when ``run_dir`` has no manifest."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return False
+    entries = list(dict.fromkeys([*manifest.get("entries", []), *names]))
+    write_json(Path(run_dir) / RUN_MANIFEST, {**manifest, "entries": entries})
+    return True
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """A run is finished when its manifest says so and its ``eval.json`` exists."""
     manifest = read_manifest(run_dir)
     return manifest is not None and manifest.get("state") == "finished" and (Path(run_dir) / "eval.json").is_file()
+
+
+def check_output_dir(path: str | Path, what: str = "--output-dir", *, run: bool = False) -> Path:
+    """Refuse (``ValueError``) an output directory flatpeft must not own: the file-system root, the home or the
+    current directory itself, or a place inside the asset cache (``flatpeft data prepare --force`` rebuilds it).
+    With ``run`` (a run directory, which is swapped as a whole) a symbolic link is refused as well: give its
+    target. Returns ``path``."""
+    from flatpeft.assets import AssetMissingError, cache_dir
+
+    path = Path(path).expanduser()
+    if run and path.is_symlink():
+        raise ValueError(f"{what} {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); a run directory is "
+                         "replaced as a whole, so give the real directory instead of the link")
+    resolved = path.resolve()
+    for name, place in (("the file-system root", Path(resolved.anchor)), ("the home directory", Path.home()),
+                        ("the current directory", Path.cwd())):
+        if resolved == place.resolve():
+            raise ValueError(f"{what} {str(path)!r} is {name} itself; give a directory of its own for the results "
+                             "(e.g. runs/NAME)")
+    try:
+        cache = cache_dir().resolve()
+    except AssetMissingError:  # FLATPEFT_CACHE is a file: no cache to protect (a load names the problem)
+        return path
+    if resolved == cache or cache in resolved.parents:
+        raise ValueError(f"{what} {str(path)!r} is inside the flatpeft asset cache {str(cache)!r}, which "
+                         "`flatpeft data prepare --force` rebuilds; write results elsewhere")
+    return path
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -163,6 +256,31 @@ def _carry_foreign(run_dir: Path, new: Path) -> None:
         os.replace(run_dir / name, new / name)
 
 
+def _own_leftover(d: Path) -> bool:
+    """Whether ``d`` (a ``.<name>.flatpeft-new`` / ``-old`` sibling) provably holds only what flatpeft wrote: a
+    manifest and the entries it lists, or no manifest and nothing but names a run writes (what a process killed
+    while writing the first manifest, or while removing an old run, leaves)."""
+    if read_manifest(d) is not None:
+        return not foreign_entries(d)
+    own = {RUN_MANIFEST, *RUN_ENTRIES}
+    own |= {f"{e}{_TMP}" for e in own}
+    return all(p.name in own for p in d.iterdir())
+
+
+def _remove_run(d: Path) -> None:
+    """Remove a run directory flatpeft wrote, its manifest last: a kill part-way leaves the manifest (or an empty
+    directory), so :func:`recover` still knows every remaining entry as flatpeft's."""
+    for p in sorted(d.iterdir()):
+        if p.name == RUN_MANIFEST:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    (d / RUN_MANIFEST).unlink(missing_ok=True)
+    d.rmdir()
+
+
 def _swap(new: Path, run_dir: Path) -> None:
     """Steps of the swap from any state a kill can leave: user files carried over, old run aside, new in place,
     old removed. Each step is one rename, so a kill between two leaves a state this function finishes."""
@@ -175,25 +293,26 @@ def _swap(new: Path, run_dir: Path) -> None:
             run_dir.rmdir()
     if new.exists() and not run_dir.exists():
         os.replace(new, run_dir)
-    if old.exists() and not foreign_entries(old):
-        shutil.rmtree(old)
+    if old.exists() and _own_leftover(old):
+        _remove_run(old)
 
 
 def recover(run_dir: Path) -> None:
     """Finish or undo what a killed process left beside ``run_dir`` (call while holding :func:`run_lock`).
 
-    A finished new run is swapped in (the swap had begun or was about to); an unfinished one is removed; an
-    old run without a run in place is put back.
+    A finished new run is swapped in (the swap had begun or was about to); an unfinished one is removed; a
+    finished old run without a run in place is put back; an old run half-removed is removed. A leftover counts as
+    flatpeft's when it holds only what a run writes (:func:`_own_leftover`); anything else is kept.
     """
     new, old = staging_dir(run_dir), old_dir(run_dir)
     if is_finished(new):
         _swap(new, run_dir)
-    elif new.exists() and (read_manifest(new) is not None or not any(new.iterdir())) and not foreign_entries(new):
+    elif new.is_dir() and _own_leftover(new):  # unfinished (or killed while its first manifest was written)
         shutil.rmtree(new)
-    if old.exists() and not run_dir.exists():
+    if old.exists() and not run_dir.exists() and is_finished(old):
         os.replace(old, run_dir)
-    elif old.exists() and not foreign_entries(old):
-        shutil.rmtree(old)
+    elif old.is_dir() and run_dir.exists() and _own_leftover(old):  # an old run killed half-way through removal
+        _remove_run(old)
 
 
 def install_run(staging: Path, run_dir: Path) -> None:

@@ -34,10 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import (SEED_MAX, ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
-                     read_config_mapping, resolve_model_path, save_config)
+                     read_config_mapping, resolve_model_path, resolve_test_ref, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
-                     check_replaceable, dir_lock, install_run, is_finished, read_manifest, recover, run_lock,
-                     staging_dir, write_json, write_manifest)
+                     as_os_error, check_output_dir, check_replaceable, dir_lock, install_run, is_finished,
+                     read_manifest, recover, run_lock, staging_dir, write_json, write_manifest)
 from .provenance import code_label, code_record, group_by_code, same_code
 from .tasks import Task, get_task
 
@@ -362,7 +362,7 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
     ``code`` (the code that trained the run, also in the manifest) and what ``extra_eval`` returns.
     """
     seed = cfg.train.seed if seed is None else int(seed)
-    out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
+    out = check_output_dir(Path(cfg.output_dir if out_dir is None else out_dir).expanduser(), run=True)
     cfg = _run_config(cfg, seed, out, warn=True)
     validate_config(cfg)
     task_cls = get_task(cfg.task)
@@ -392,8 +392,11 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
             write_json(staging / "eval.json", _finite_or_none(metrics))  # strict JSON: a NaN metric is null
             write_manifest(staging, state="finished", **ident)
             install_run(staging, out)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            os_err = as_os_error(err, out) if isinstance(err, Exception) else None
+            if os_err is not None and os_err is not err:  # disk full inside safetensors: a named OSError
+                raise os_err from err
             raise
     return metrics
 
@@ -437,7 +440,14 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
         raise ValueError(f"--splits: entries must be test, train or val, got {list(splits)}")
     cfg.train.eval_splits = list(splits)
     task_cls = get_task(cfg.task)
-    task_cls.check_config(cfg)
+    try:
+        task_cls.check_config(cfg)
+    except ValueError:
+        if data is None and "test" in splits and resolve_test_ref(cfg.data) is None:
+            raise ValueError(f"run {str(run_dir)!r} has no test set (it was trained on your own data.train without "
+                             "data.test): pass --data FILE to evaluate on a file with the same columns, or --splits "
+                             "val (or train,val)") from None
+        raise
     _set_seed(cfg.train.seed)
     task = task_cls.load(run_dir, cfg)
     return {**evaluate_task(task, splits), **_data_record(task, splits)}
@@ -694,7 +704,7 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
 
     from . import results as tables
 
-    out = Path(cfg.output_dir if out_dir is None else out_dir).expanduser()
+    out = check_output_dir(Path(cfg.output_dir if out_dir is None else out_dir).expanduser())
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("--methods: give at least one method")

@@ -10,11 +10,17 @@ failed-run records, atomic tables. Running the same command again trains only wh
 the page. ``--reproduce`` (:mod:`flatpeft.experiments.reproduce`) retrains a sample of the page's runs at the
 current code in a scratch directory and reports the largest difference of each metric.
 
-The page (default ``docs/results.md``) is rebuilt from the runs' ``eval.json`` files after the runs: per task a
+The page (the plan's ``page``, default ``<output_dir>/results.md``) is rebuilt from the runs' ``eval.json`` files after the runs: per task a
 table of every reported metric (mean ± std over seeds, paired difference to ``base`` with its 95 % Student-t
 interval and the verdict), a plot, the settings, and a section that states which claims of the seed papers
 the numbers support, refute or cannot resolve (:data:`CLAIMS`). Wall time, machine and load come from
 ``suite_log.json`` (one record per task and invocation).
+
+The whole plan is checked before anything trains (keys and their types, names that are plain identifiers,
+every unit's config, methods and keywords, the output directory and the page, which is written only where no
+file flatpeft did not write would be replaced). A unit that ends with an error or failed runs makes
+:func:`run_suite` raise :class:`SuiteFailedError` after the page is written (``flatpeft suite`` exits 2); only an
+error that may be transient (a ``RuntimeError`` such as CUDA out of memory) is retried.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -30,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["SuitePlan", "SuiteTask", "Ablation", "load_plan", "run_suite", "write_page", "CLAIMS", "unit_dirs"]
+__all__ = ["SuitePlan", "SuiteTask", "Ablation", "SuiteFailedError", "load_plan", "run_suite", "write_page", "CLAIMS",
+           "unit_dirs", "page_path"]
 
 DEFAULT_METHODS = ("base", "sam", "flatpo", "eflat-lora", "spider", "flatpo-lagged")
 
@@ -70,7 +78,7 @@ class SuitePlan:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: int | list[int] = 10
     output_dir: str = "runs/suite"
-    page: str = "docs/results.md"
+    page: str | None = None                  # default: <output_dir>/results.md
     threads: int = 1
     jobs: int = 1
     notes: str = ""
@@ -91,30 +99,109 @@ def _check_keys(raw: dict, cls: type, where: str) -> None:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
 
 
+#: A task or ablation name: it becomes a directory name under ``output_dir``, so nothing that could leave it.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def _check_name(value: Any, where: str) -> None:
+    """Refuse a name that is not a plain identifier (``..``, a slash, an absolute path, empty)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{where}: {value!r} is not a plain name (letters, digits, '_', '-', '.'; it names a "
+                         "directory under output_dir, so no '/', '..' or leading '.')")
+
+
+def _check_list(value: Any, where: str, item: type = str) -> None:
+    """Refuse a value that is not a list of ``item`` (a string would be split into characters)."""
+    if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{where}: expected a list of {item.__name__}s, got {value!r}")
+
+
+def _check_int(value: Any, where: str, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{where}: expected an integer >= {low}, got {value!r}")
+
+
+def _check_seeds(value: Any, where: str) -> None:
+    if isinstance(value, list):
+        _check_list(value, where, int)
+        if not value or len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"{where}: expected distinct seeds >= 0, got {value!r}")
+    else:
+        _check_int(value, where, 1)
+
+
+def _check_types(raw: dict, where: str, spec: dict[str, Callable[[Any, str], None]]) -> None:
+    """Check each key of ``raw`` that ``spec`` names with its checker (``where.key`` in the message)."""
+    for key, check in spec.items():
+        if raw.get(key) is not None:
+            check(raw[key], f"{where}: {key}")
+
+
+def _is_str(value: Any, where: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+
+
+def _is_bool(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+
+
+def _check_groups(value: Any, where: str) -> None:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: expected a list of method lists, got {value!r}")
+    for i, g in enumerate(value):
+        _check_list(g, f"{where}[{i}]")
+
+
+_PLAN_TYPES: dict[str, Callable[[Any, str], None]] = {
+    "methods": _check_list, "seeds": _check_seeds, "output_dir": _is_str, "page": _is_str,
+    "threads": lambda v, w: _check_int(v, w, 0), "jobs": lambda v, w: _check_int(v, w, 1), "notes": _is_str}
+_TASK_TYPES: dict[str, Callable[[Any, str], None]] = {
+    "config": _is_str, "set": _check_list, "methods": _check_list, "seeds": _check_seeds, "metrics": _check_list,
+    "groups": _check_groups, "enabled": _is_bool, "skip_reason": _is_str, "description": _is_str}
+_ABLATION_TYPES: dict[str, Callable[[Any, str], None]] = {"method": _is_str, "set": _check_list, "note": _is_str}
+
+
 def load_plan(path: str | Path) -> SuitePlan:
-    """Read and check a plan file (unknown keys, duplicate names, configs that do not load are errors)."""
+    """Read and check a plan file: unknown keys, values of the wrong type (a string where a list belongs, seeds
+    that are not integers), names that are not plain identifiers and duplicate names are errors naming the
+    plan file and the key."""
     from .config import read_config_mapping
 
     path = Path(path)
     raw = read_config_mapping(path)
     _check_keys(raw, SuitePlan, str(path))
-    if not raw.get("tasks"):
+    if not raw.get("tasks") or not isinstance(raw["tasks"], list):
         raise ValueError(f"{path}: a plan needs a non-empty 'tasks' list")
+    _check_types(raw, str(path), _PLAN_TYPES)
     tasks = []
     for i, t in enumerate(raw["tasks"]):
         where = f"{path}: tasks[{i}]"
         if not isinstance(t, dict) or "name" not in t or "config" not in t:
             raise ValueError(f"{where}: each task needs 'name' and 'config'")
         _check_keys(t, SuiteTask, where)
+        _check_name(t["name"], f"{where}.name")
+        _check_types(t, where, _TASK_TYPES)
         abls = []
+        if not isinstance(t.get("ablations") or [], list):
+            raise ValueError(f"{where}.ablations: expected a list, got {t['ablations']!r}")
         for j, a in enumerate(t.get("ablations") or []):
+            if not isinstance(a, dict) or "name" not in a or "method" not in a:
+                raise ValueError(f"{where}.ablations[{j}]: each ablation needs 'name' and 'method'")
             _check_keys(a, Ablation, f"{where}.ablations[{j}]")
+            _check_name(a["name"], f"{where}.ablations[{j}].name")
+            _check_types(a, f"{where}.ablations[{j}]", _ABLATION_TYPES)
             abls.append(Ablation(**a))
         tasks.append(SuiteTask(**{**t, "ablations": abls}))
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: task names must be unique, got {names}")
     plan = SuitePlan(**{**raw, "tasks": tasks}, path=str(path))
+    dirs = [u.name for u in units(plan, names)]
+    clash = sorted({d for d in dirs if dirs.count(d) > 1})
+    if clash:
+        raise ValueError(f"{path}: two tasks or ablations share the directory {', '.join(clash)}; rename one")
     base = path.parent.parent if path.parent.name == "configs" else Path.cwd()
     for t in plan.tasks:  # configs relative to the plan's project (configs/x.yaml) or the current directory
         if not Path(t.config).is_absolute() and not Path(t.config).exists() and (base / t.config).exists():
@@ -172,11 +259,39 @@ def _load_unit_config(unit: Unit):
     return load_config(unit.task.config, unit.overrides)
 
 
-def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int = 2,
+def _check_unit(unit: Unit) -> None:
+    """Every check a unit's ``compare`` runs before training, without training: the config and its overrides
+    load, every method name and keyword is known, the task's config checks pass, the test split is evaluated.
+    Raises ``ValueError`` naming the unit."""
+    from .runner import validate_config
+
+    try:
+        cfg = _load_unit_config(unit)
+        validate_config(cfg, unit.methods)
+        if "test" not in cfg.train.eval_splits:
+            raise ValueError(f"train.eval_splits: the suite tabulates the test split, so it must include test "
+                             f"(got {cfg.train.eval_splits})")
+    except ValueError as err:
+        raise ValueError(f"suite unit {unit.name!r} (task config {unit.task.config}): {err}") from None
+
+
+class SuiteFailedError(ValueError):
+    """A unit of the suite ended with an error or with failed runs (the page is written before this is raised)."""
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether an error may go away on a retry (a CUDA out-of-memory error while other units share the device);
+    a configuration or data error (``ValueError``), a missing asset or a file-system error never does."""
+    from flatpeft.assets import AssetMissingError
+
+    return isinstance(err, RuntimeError) and not isinstance(err, AssetMissingError)
+
+
+def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int = 1,
               keep_other_code: bool = False) -> dict[str, Any]:
-    """Run one compare directory with resume; returns a log record (wall time, load, failures). An error is
-    retried ``retries`` times (resuming), except a settings or data conflict, which is final.
-    ``keep_other_code``: keep finished runs of other code (compare's flag)."""
+    """Run one compare directory with resume; returns a log record (wall time, load, failures). Only a
+    :func:`_transient` error is retried (``retries`` times, resuming); any other error (a settings or data
+    conflict among them) is final at once. ``keep_other_code``: keep finished runs of other code (compare's flag)."""
     import torch
 
     from .runner import compare
@@ -192,19 +307,21 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
             cfg = _load_unit_config(unit)
             result = compare(cfg, unit.methods, unit.seeds, out_dir=out, resume=True, progress=progress,
                              keep_other_code=keep_other_code)
-            status, error, failed = "finished", "", sorted(result.failed)
+            failed = sorted(result.failed)
+            status, error = ("failed runs", f"{len(failed)} run(s) failed: {', '.join(failed)}") if failed \
+                else ("finished", "")
             break
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - one unit's error (a settings conflict, a vanished file) is
-            # recorded and the others carry on; a retry resumes (finished runs are kept)
+            # recorded and the others carry on; the suite exits non-zero at the end
             status, error = "error", f"{type(err).__name__}: {err}"
-            if "settings differ" in str(err) or "data differ" in str(err):
-                break
-            print(f"suite: {unit.name}: {error}" + ("; retrying in 30 s" if attempt < retries else ""),
+            retry = _transient(err) and attempt < retries
+            print(f"suite: {unit.name}: {error}" + ("; retrying in 30 s" if retry else ""),
                   file=sys.stderr, flush=True)
-            if attempt < retries:
-                time.sleep(30)
+            if not retry:
+                break
+            time.sleep(30)
     return {"unit": unit.name, "task": unit.task.name, "start": start, "end": time.time(),
             "wall_s": time.time() - start, "load_start": load0[0], "load_end": os.getloadavg()[0],
             "status": status, "error": error, "failed": failed, "pid": os.getpid(), "trained": finished() - before}
@@ -250,8 +367,26 @@ class _LoadSampler:
 
 
 def _read_log(root: Path) -> dict[str, Any]:
+    """``root/suite_log.json``; a file that is not the suite's log (not JSON, no ``invocations`` list) is an
+    error naming it (it is never overwritten)."""
     path = root / "suite_log.json"
-    return json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    if not path.exists():
+        return {"invocations": []}
+    try:
+        log = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable suite log ({type(err).__name__}: {err}); move it away (the "
+                         "page then counts no wall time for earlier invocations)") from None
+    if not isinstance(log, dict) or not isinstance(log.get("invocations"), list) or \
+            not all(isinstance(i, dict) for i in log["invocations"]):
+        raise ValueError(f"{path}: not a suite log (expected an object with an 'invocations' list); move it away")
+    return log
+
+
+def page_path(plan: SuitePlan, output_dir: str | Path | None = None, page: str | Path | None = None) -> Path:
+    """The page to write: ``page``, else the plan's ``page``, else ``<output_dir>/results.md``."""
+    root = Path(output_dir or plan.output_dir).expanduser()
+    return Path(page or plan.page or root / "results.md").expanduser()
 
 
 def machine_info() -> dict[str, Any]:
@@ -280,15 +415,19 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
     ``keep_other_code``: keep finished runs trained by other code (the page names the code of every table)
     instead of retraining them.
     """
-    from .rundir import write_json
+    from .rundir import check_output_dir, write_json
+    from .suite_page import check_page
 
     root = Path(output_dir or plan.output_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    check_output_dir(root, "output_dir of the suite")
+    page_file = page_path(plan, output_dir, page)
     jobs = int(jobs or plan.jobs or 1)
     threads = int(threads if threads is not None else plan.threads)
     todo = units(plan, only)
-    for u in todo:  # every config loads before anything runs
-        _load_unit_config(u)
+    for u in todo:  # the whole plan is checked before anything trains
+        _check_unit(u)
+    check_page(page_file, [t.name for t in plan.tasks])
+    root.mkdir(parents=True, exist_ok=True)
     log = _read_log(root)
     inv: dict[str, Any] = {"start": time.time(), "jobs": jobs, "threads": threads, "units": [],
                            "only": list(only) if only else None, "train": train, "machine": machine_info()}
@@ -334,13 +473,17 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
         inv["end"] = time.time()
         log["invocations"].append(inv)
         write_json(root / "suite_log.json", log)
-    errors = [r for r in inv["units"] if r["status"] == "error"]
+    errors = [r for r in inv["units"] if r["status"] != "finished"]
     for r in errors:
         echo(f"suite: {r['unit']}: error: {r['error']}")
     from .suite_page import write_page as _write_page
 
-    out = _write_page(plan, root, Path(page or plan.page), log)
+    out = _write_page(plan, root, page_file, log)
     echo(f"suite: page written to {out}")
+    if errors:
+        raise SuiteFailedError(f"suite: {len(errors)} of {len(inv['units'])} compare director"
+                               f"{'y' if len(inv['units']) == 1 else 'ies'} did not finish: "
+                               + "; ".join(f"{r['unit']} ({r['error']})" for r in errors))
     return out
 
 
@@ -349,7 +492,7 @@ def write_page(plan: SuitePlan, output_dir: str | Path | None = None, page: str 
     from .suite_page import write_page as _write_page
 
     root = Path(output_dir or plan.output_dir).expanduser()
-    return _write_page(plan, root, Path(page or plan.page), _read_log(root))
+    return _write_page(plan, root, page_path(plan, output_dir, page), _read_log(root))
 
 
 #: The seed papers' claims and how the page tests them: (claim, task filter, metric, method a, method b).
@@ -415,15 +558,17 @@ def register_cli(subparsers: Any) -> None:
         description="Runs every task of PLAN (default configs/suite.yaml) with every method and seed as one "
                     "compare directory each under the plan's output_dir, always resuming (finished runs are kept; a "
                     "finished run with other settings or data is refused, naming the keys or files; one trained by "
-                    "other code is retrained unless --keep-other-code), then rebuilds the results page "
-                    "(docs/results.md) from the runs. --reproduce retrains a sample of the page's runs at the "
-                    "current code and reports the largest difference of each metric.")
+                    "other code is retrained unless --keep-other-code), then rebuilds the results page (the plan's "
+                    "page, default <output_dir>/results.md) from the runs. Exits with status 2 when a compare "
+                    "directory ended with an error or failed runs. --reproduce retrains a sample of the page's runs "
+                    "at the current code and reports the largest difference of each metric.")
     p.add_argument("plan", nargs="?", default="configs/suite.yaml", help="suite plan YAML (default configs/suite.yaml)")
     p.add_argument("--tasks", default=None, help="comma list of task names to run (default: the plan's enabled tasks)")
     p.add_argument("--jobs", type=int, default=None, help="compare directories run in parallel (default: the plan's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the plan's)")
     p.add_argument("--output-dir", default=None, help="root of the runs (default: the plan's output_dir)")
-    p.add_argument("--page", default=None, help="results page to write (default: the plan's page)")
+    p.add_argument("--page", default=None,
+                   help="results page to write (default: the plan's page, else <output_dir>/results.md)")
     p.add_argument("--page-only", action="store_true", help="train nothing; rebuild the page from the runs")
     p.add_argument("--list", action="store_true", help="print the plan's compare directories and exit")
     p.add_argument("--progress", action="store_true", help="progress bars of every run")

@@ -256,10 +256,18 @@ def _code_summary(codes: list[list[tuple[str, int, dict[str, Any] | None]]]) -> 
 
 
 def _failed(root: Path, unit: str) -> dict[str, Any]:
+    """The failed runs ``compare_plan.json`` of a unit records; a damaged file is an error naming it."""
     path = root / unit / "compare_plan.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text()).get("failed", {}) or {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        data = err
+    if not isinstance(data, dict) or not isinstance(data.get("failed") or {}, dict):
+        raise ValueError(f"{path}: damaged (not the compare plan flatpeft wrote: {str(data)[:80]}); run the suite "
+                         f"again to rewrite it (its compare directory resumes), or move it away")
+    return data.get("failed") or {}
 
 
 def _trained(inv: dict[str, Any]) -> bool:
@@ -292,19 +300,53 @@ def _unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float
     return per, total, loads, machine
 
 
+#: The first line of every page flatpeft writes; a file that does not begin with it is not replaced.
+PAGE_TITLE = "# Results: every built-in task x methods x seeds"
+
+
+def _is_own_page(page: Path) -> bool:
+    """Whether ``page`` is a results page flatpeft wrote (it begins with :data:`PAGE_TITLE`)."""
+    try:
+        with open(page, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().rstrip("\n") == PAGE_TITLE
+    except OSError:
+        return False
+
+
+def check_page(page: Path, tasks: list[str]) -> None:
+    """Refuse (``ValueError``) to write ``page`` or its plots (``<page stem>/<task>.png``) over files flatpeft
+    did not write: an existing page that is not a flatpeft results page, or plots beside a page that is not
+    flatpeft's (or absent)."""
+    page = Path(page)
+    if page.is_dir():
+        raise ValueError(f"page {str(page)!r} is a directory; give a file name for the results page (page: / --page)")
+    if page.exists() and not _is_own_page(page):
+        raise ValueError(f"page {str(page)!r} exists and was not written by flatpeft suite (it does not begin with "
+                         f"{PAGE_TITLE!r}); flatpeft never overwrites a file it did not write: set another page "
+                         "(the plan's page: key or --page), or move the file away")
+    if not page.exists():
+        plots = [page.parent / page.stem / f"{t}.png" for t in tasks]
+        taken = [str(p) for p in plots if p.exists()]
+        if taken:
+            raise ValueError(f"page {str(page)!r}: its plots would replace files flatpeft did not write "
+                             f"({', '.join(taken[:3])}); set another page (page: / --page), or move them away")
+
+
 def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
-    """Write ``page`` (Markdown) and its plots (``<page stem>/<task>.png``) from the runs under ``root``."""
+    """Write ``page`` (Markdown) and its plots (``<page stem>/<task>.png``) from the runs under ``root``
+    (refused by :func:`check_page` where that would replace a file flatpeft did not write)."""
     from .config import read_config_mapping
     from .rundir import write_atomic
     from .suite import CLAIMS
 
     page = Path(page)
+    check_page(page, [t.name for t in plan.tasks])
     fig_dir = page.parent / page.stem
     fig_dir.mkdir(parents=True, exist_ok=True)
     per_unit, total_wall, loads, machine = _unit_wall(log)
     invocations = [i for i in log.get("invocations", []) if _trained(i)]
     L: list[str] = []
-    L.append("# Results: every built-in task x methods x seeds")
+    L.append(PAGE_TITLE)
     L.append("")
     L.append(f"Produced by `flatpeft suite {plan.path or 'PLAN'}` (with `--resume` semantics: finished runs with "
              "the same settings, data and code are kept, missing ones trained) from the runs under "

@@ -189,9 +189,22 @@ class Task(abc.ABC):
 
     @classmethod
     def load(cls, run_dir: str | Path, cfg: ExperimentConfig) -> "Task":
-        """Rebuild the task from ``cfg`` (seed ``cfg.train.seed``) and load the weights saved in ``run_dir``."""
+        """Rebuild the task from ``cfg`` (seed ``cfg.train.seed``) and load the weights saved in ``run_dir``.
+
+        Saved weights whose shapes do not fit the rebuilt model (``config.yaml`` edited after training, e.g.
+        ``peft.r``, or a training file that gained a label, which changes the head) raise ``ValueError`` naming
+        the tensor and both shapes."""
         task = cls(cfg, cfg.train.seed)
-        task.load_weights(run_dir)
+        try:
+            task.load_weights(run_dir)
+        except RuntimeError as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+            if not lines:
+                raise
+            raise ValueError(f"run directory {str(run_dir)!r}: the saved weights do not fit the model rebuilt from "
+                             f"its config.yaml and data ({lines[0]}{'; ...' if len(lines) > 1 else ''}); was "
+                             "config.yaml edited after training (e.g. peft.r), or did the training file gain a "
+                             "label? Restore them, or train a new run") from None
         return task
 
     def analysis_batches(self, n: int) -> list[Any]:
