@@ -414,9 +414,9 @@ def test_constructor_errors(tmp_path, dataset):
     with pytest.raises(ValueError, match="flatpeft_method"):
         SharpnessAwareTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=dataset)
     m = make_model()
-    with pytest.raises(ValueError, match="SharpnessAware"):
+    with pytest.raises(ValueError, match="optimizers\\[0\\] must be a torch.optim.Optimizer"):
         SharpnessAwareTrainer(model=m, args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="sam",
-                              optimizers=(torch.optim.SGD(m.parameters(), lr=0.1), None))
+                              optimizers=(object(), None))
     with pytest.raises(ValueError, match="flatpeft_kwargs"):
         SharpnessAwareTrainer(model=m, args=make_args(tmp_path), train_dataset=dataset, flatpeft_method="sam", flatpeft_kwargs=[1])
 

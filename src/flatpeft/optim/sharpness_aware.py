@@ -470,3 +470,35 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"SharpnessAware(method={self.method!r}, passes={self.passes}, base={self.base_optimizer.__class__.__name__})"
+
+    # ------------------------------------------------------------------ hosts that call optimizer.train()
+    driver: str | None = None
+    """The integration that runs this optimizer's passes (``flatpeft.integrations`` sets it: ``"SharpnessAwareMixin"``,
+    ``"SharpnessAwareCallback"``); None for the closure API, ``gradient_passes()`` loops and accelerate loops."""
+
+    def train(self) -> None:
+        """The hook ``transformers.Trainer.training_step`` calls before every forward pass (meant for schedule-free
+        optimizers; forwarded to the base optimizer when it has one).
+
+        A plain ``Trainer(optimizers=(opt, None))`` never calls :meth:`first_step`, so a method that perturbs would
+        silently train without its perturbation, and a two-pass method would fail only after step 1's forward
+        and backward. This refuses before that forward pass, naming the integrations that run the passes.
+        """
+        if self.driver is None and not self._perturbed and self._needs_first_step():
+            raise RuntimeError(
+                f"flatpeft method {self.method!r} is being trained by a Trainer that does not run its gradient passes "
+                "(e.g. a plain transformers.Trainer given optimizers=(opt, None)). Use "
+                "flatpeft.integrations.SharpnessAwareTrainer, or put flatpeft.integrations.SharpnessAwareMixin first in "
+                "the bases of your Trainer subclass (class MyTrainer(SharpnessAwareMixin, SFTTrainer)); single-pass "
+                "methods can also run through callbacks=[flatpeft.integrations.SharpnessAwareCallback(opt)] "
+                "(docs/trainer.md)."
+            )
+        hook = getattr(self.base_optimizer, "train", None)
+        if callable(hook):
+            hook()
+
+    def eval(self) -> None:
+        """Forwarded to the base optimizer's ``eval()`` when it has one (schedule-free optimizers)."""
+        hook = getattr(self.base_optimizer, "eval", None)
+        if callable(hook):
+            hook()
