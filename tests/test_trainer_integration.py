@@ -447,11 +447,11 @@ def _doc_block(*needles: str) -> str:
 
 
 def test_docs_examples_run(tmp_path, monkeypatch):
-    """Every Python block of docs/trainer.md that needs no real model (the mixin, accelerate, closure and
+    """Every Python block of docs/trainer.md that needs no real model (the mixin, callback, accelerate, closure and
     gradient_passes examples) runs as written."""
     monkeypatch.chdir(tmp_path)
     blocks = [b for b in _doc_blocks() if "flatpeft.assets" not in b]
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     for code in blocks:
         ns: dict = {}
         exec(compile(code, "docs/trainer.md", "exec"), ns)
