@@ -41,9 +41,16 @@ compute at the same weights.
 
 Design decisions:
 
+* Wrap, do not replace: ``create_optimizer`` runs the host Trainer's own ``create_optimizer`` and wraps its result
+  (``flatpeft.create_optimizer(model, method, base_optimizer=<instance>)``), so the host's parameter groups,
+  learning rates (LoRA+), hyper-parameters and state survive.
 * Defaults: every schedule or ramp of the method (``rho_schedule``, Flat-LoRA's noise ramp, BAR's decay) runs
-  over the Trainer's number of optimizer steps (``total_steps = state.max_steps``), and the method's private
-  seed is ``TrainingArguments.seed``, unless ``flatpeft_kwargs`` names ``total_steps`` / ``seed``.
+  over the Trainer's number of optimizer steps, and the method's private seed is ``TrainingArguments.seed``,
+  unless ``flatpeft_kwargs`` names ``total_steps`` / ``seed``. transformers 4.46-4.57 build the optimizer before
+  they set ``state.max_steps``: the step count comes from ``create_optimizer_and_scheduler(num_training_steps)``
+  there, and ``on_train_begin`` sets it again from ``state.max_steps`` on every version.
+* A plain ``Trainer`` given a flatpeft optimizer is refused before step 1's forward pass
+  (``SharpnessAware.train()``); single-pass methods can run from :class:`SharpnessAwareCallback` instead.
 * Pass 1 runs under ``accelerator.no_sync(model)`` (per-replica ascent direction, Foret et al.'s m-sharpness)
   unless ``sync_ascent_grad=True``; the pass-2 gradient is all-reduced once, on its last micro-batch.
 * fp16: pass-1 gradients are scaled by the GradScaler; they are divided by the scaler's scale tensor (no host
@@ -274,15 +281,17 @@ class SharpnessAwareMixin:
     Args:
         flatpeft_method: a registered method name (``flatpeft.get_method``: the built-in ``"sam"``, ``"flatpo"``,
             ``"eflat-lora"``, ... or one added with ``flatpeft.register_method``).
-        flatpeft_kwargs: method keywords for ``flatpeft.create_optimizer`` (``rho``, ``fraction``, ...). The base
-            optimizer (class from ``args.optim``), ``lr=args.learning_rate`` and ``weight_decay=args.weight_decay``
-            come from the ``TrainingArguments``; ``total_steps`` defaults to the Trainer's number of optimizer
-            steps and ``seed`` to ``args.seed``. Keys given here win.
+        flatpeft_kwargs: method keywords for ``flatpeft.create_optimizer`` (``rho``, ``fraction``, ...);
+            ``total_steps`` defaults to the Trainer's number of optimizer steps and ``seed`` to ``args.seed``. Keys
+            given here win. The base optimizer is the one the host Trainer builds (:meth:`create_optimizer` wraps
+            it: ``args.optim``, the weight-decay split, a subclass's LoRA+ groups ...); other keys given here
+            (``lr``, ``betas``, ...) are set on each of its parameter groups.
         sync_ascent_grad: all-reduce the pass-1 gradient across DDP ranks (one global perturbation) instead of
             perturbing each replica with its local gradient (default, as in Foret et al.). Under FSDP2 the
             pass-1 gradient is always reduced (the sharded weights hold one perturbation for all ranks).
-        *args, **kwargs: passed to the Trainer class. ``optimizers=(opt, sched)`` is accepted only with a
-            flatpeft ``SharpnessAware`` optimizer (then ``flatpeft_method`` may be omitted; it is used as built).
+        *args, **kwargs: passed to the Trainer class. ``optimizers=(opt, sched)``: a torch optimizer is wrapped in
+            ``flatpeft_method``; a flatpeft ``SharpnessAware`` optimizer is used as built (then ``flatpeft_method``
+            may be omitted). ``optimizer_cls_and_kwargs`` names the base optimizer the Trainer builds.
 
     Attributes:
         flatpeft_optimizer: the flatpeft optimizer (``trainer.optimizer`` may be accelerate's wrapper of it).
