@@ -31,10 +31,21 @@ def make_assets(root: Path) -> tuple[Path, Path]:
 
     rows = [{"instruction": f"Say something about the {a} {b}.", "input": "", "output": f"The {a} {b} sat on the mat and then ran."}
             for a in ("red", "blue", "big", "small") for b in ("cat", "dog", "bird")]
+    pairs = [{"instruction": r["instruction"], "input": "", "chosen": r["output"], "rejected": "A log ran under the mat."}
+             for r in rows]
+    kto = [{**r, "label": i % 2 == 0} for i, r in enumerate(rows)]
     data = root / "data"
     data.mkdir(parents=True)
-    (data / "tiny.json").write_text(json.dumps(rows))
-    (data / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "tiny.json"}}))
+    texts = [{"text": r["instruction"] + " " + r["output"]} for r in rows]
+    for name, content in (("tiny", rows), ("pairs", pairs), ("kto", kto), ("texts", texts)):
+        (data / f"{name}.json").write_text(json.dumps(content))
+    columns = {"prompt": "instruction", "query": "input"}
+    (data / "dataset_info.json").write_text(json.dumps({
+        "tiny": {"file_name": "tiny.json"},
+        "pairs": {"file_name": "pairs.json", "ranking": True, "columns": {**columns, "chosen": "chosen", "rejected": "rejected"}},
+        "kto": {"file_name": "kto.json", "columns": {**columns, "response": "output", "kto_tag": "label"}},
+        "texts": {"file_name": "texts.json", "columns": {"prompt": "text"}},
+    }))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -125,6 +136,58 @@ def test_sft_matches_plain_at_step_1_logs_metrics_and_keeps_lora_plus(assets, pl
     assert (out / "training_flatpeft_perturbation_norm.png").is_file()
 
 
+STAGE_DATA = {"pt": "texts", "dpo": "pairs", "rm": "pairs", "kto": "kto"}
+#: metrics LLaMA-Factory's trainers record inside compute_loss (trl's store_metrics), per stage
+STAGE_METRICS = {"pt": (), "dpo": ("logps/chosen", "logps/rejected", "rewards/margins"), "rm": (),
+                 "kto": ("logps/chosen", "logps/rejected", "kl")}
+
+
+def first_log(out: Path) -> dict:
+    """The first training entry of ``trainer_state.json``'s log history (every logged key, unrounded)."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return next(h for h in history if "loss" in h)
+
+
+@pytest.fixture(scope="module")
+def plain_stage_logs(assets, tmp_path_factory) -> dict[str, dict]:
+    """Step 1 of plain LLaMA-Factory for the pt, dpo, rm and kto stages."""
+    from llamafactory.train.tuner import run_exp
+
+    logs = {}
+    for stage, dataset in STAGE_DATA.items():
+        out = tmp_path_factory.mktemp(f"lf-plain-{stage}")
+        run_exp(args=sft_config(assets, out, stage=stage, dataset=dataset))
+        logs[stage] = first_log(out)
+    return logs
+
+
+@pytest.mark.parametrize("stage,method", [("pt", "sam"), ("dpo", "flatpo"), ("rm", "sam"), ("kto", "flatpo")])
+def test_other_stages_match_plain_at_step_1(assets, plain_stage_logs, tmp_path, stage, method):
+    """pt, dpo, rm and kto through the launcher with a two-pass method: step 1's loss and the metrics the stage's trl
+    trainer records inside compute_loss (log-probs, rewards, KL) are plain LLaMA-Factory's, taken at the unperturbed
+    weights; the flatpeft metrics are logged; LoRA+ groups survive."""
+    out = tmp_path / "out"
+    (trainer,) = lf.train(sft_config(assets, out, stage=stage, dataset=STAGE_DATA[stage], flatpeft_method=method,
+                                     flatpeft_rho=RHO))
+    assert trainer.flatpeft_optimizer.passes == 2
+    assert {g["lr"] for g in trainer.flatpeft_optimizer.param_groups if g["params"]} >= {LR, RATIO * LR}
+    log, plain = first_log(out), plain_stage_logs[stage]
+    assert log["loss"] == plain["loss"]
+    for key in STAGE_METRICS[stage]:
+        assert log[key] == plain[key], key
+    assert log["flatpeft/loss_gap"] != 0 and "flatpeft/perturbation_norm" in trainer_log(out)[0]
+
+
+def test_dpo_control_without_the_metric_snapshot(assets, plain_stage_logs, tmp_path, monkeypatch):
+    """Control: without ``_stored_metrics`` in the snapshot, DPO's step-1 metrics mix in pass 2 (at w + e)."""
+    from flatpeft.integrations import SharpnessAwareMixin
+
+    monkeypatch.setattr(lf, "METRIC_ATTRIBUTES", SharpnessAwareMixin.flatpeft_metric_attributes)
+    out = tmp_path / "out"
+    lf.train(sft_config(assets, out, stage="dpo", dataset="pairs", flatpeft_method="flatpo", flatpeft_rho=0.5))
+    assert first_log(out)["logps/chosen"] != plain_stage_logs["dpo"]["logps/chosen"]
+
+
 def test_config_errors_name_the_file_and_key(assets, tmp_path):
     """A bad flatpeft key stops the launcher before LLaMA-Factory runs (exit 2, nothing written)."""
     cfg = tmp_path / "sft.yaml"
@@ -136,7 +199,7 @@ def test_config_errors_name_the_file_and_key(assets, tmp_path):
     assert f"{cfg}: flatpeft_fraction is not a keyword of method 'sam'" in run.stderr
     assert not out.exists()
     for bad, match in [({}, "flatpeft_method is required"), ({"flatpeft_method": "nosuch"}, "Unknown method 'nosuch'"),
-                       ({"flatpeft_method": "sam", "stage": "dpo"}, "stage: 'dpo' is not supported"),
+                       ({"flatpeft_method": "sam", "stage": "ppo"}, "stage: 'ppo' is not supported"),
                        ({"flatpeft_method": "sam", "flatpeft_kwargs": [1]}, "flatpeft_kwargs must be a mapping"),
                        ({"flatpeft_method": "sam", "flatpeft_rho": 0.1, "flatpeft_kwargs": {"rho": 0.2}}, "given both")]:
         with pytest.raises(ValueError, match=match):

@@ -18,17 +18,20 @@ Trailing ``key=value`` arguments override keys of the file (values are read as Y
 What it does (LLaMA-Factory 0.9.5 has no optimizer or trainer plug-in, so these are its module-level names):
 
 1. strips the ``flatpeft_*`` keys (LLaMA-Factory's argument parser refuses unknown keys) and checks them;
-2. for the run, replaces the stage's trainer class in its workflow module (``sft``: ``CustomSeq2SeqTrainer``,
-   ``pt``: ``CustomTrainer``) by ``SharpnessAwareMixin`` + that class. The mixin wraps the optimizer LLaMA-Factory
-   builds (``create_custom_optimizer``: LoRA+ ``loraplus_lr_ratio``, GaLore, APOLLO, BAdam, Adam-mini, Muon, or
-   the Trainer's own), so its parameter groups and learning rates are kept;
+2. for the run, replaces the stage's trainer class where its workflow looks it up (``sft``:
+   ``CustomSeq2SeqTrainer``, ``pt``: ``CustomTrainer``, ``dpo``: ``CustomDPOTrainer``, ``rm``:
+   ``PairwiseTrainer``, ``kto``: ``CustomKTOTrainer``) by ``SharpnessAwareMixin`` + that class. The mixin wraps
+   the optimizer LLaMA-Factory builds (``create_custom_optimizer``: LoRA+ ``loraplus_lr_ratio``, GaLore, APOLLO,
+   BAdam, Adam-mini, Muon, or the Trainer's own), so its parameter groups and learning rates are kept; the
+   metrics trl's DPO and KTO trainers record inside ``compute_loss`` (``_stored_metrics``) are kept from pass 1
+   only, like trl's other stores;
 3. replaces LLaMA-Factory's ``LogCallback`` by a subclass that also writes ``flatpeft/loss_gap`` and
    ``flatpeft/perturbation_norm`` into ``trainer_log.jsonl``, and with ``plot_loss: true`` plots them next to
    the loss (``training_flatpeft_loss_gap.png``, ``training_flatpeft_perturbation_norm.png``);
 4. calls LLaMA-Factory's ``run_exp`` with the remaining config, then puts every replaced name back.
 
-Other stages (``rm``, ``ppo``, ``dpo``, ``kto``) are refused with a message: their trl trainers record metrics
-outside the mixin's snapshot and are not tested. DeepSpeed configs are refused by the mixin (use FSDP2).
+The ``ppo`` stage is refused with a message (trl's PPO trainer runs its own generation loop, not
+``Trainer.training_step``). DeepSpeed configs are refused by the mixin (use FSDP2).
 Several processes: ``torchrun --nproc_per_node N -m flatpeft.integrations.llamafactory train my_sft.yaml``.
 See ``docs/frameworks.md``.
 """
@@ -63,11 +66,19 @@ __all__ = [
 
 PREFIX = "flatpeft_"
 
-#: LLaMA-Factory stage -> (workflow module, name of its trainer class there)
-STAGES: dict[str, tuple[str, str]] = {
-    "sft": ("llamafactory.train.sft.workflow", "CustomSeq2SeqTrainer"),
-    "pt": ("llamafactory.train.pt.workflow", "CustomTrainer"),
+#: LLaMA-Factory stage -> (its workflow module, the module where the workflow looks its trainer class up when it
+#: runs, the class name)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "sft": ("llamafactory.train.sft.workflow", "llamafactory.train.sft.workflow", "CustomSeq2SeqTrainer"),
+    "pt": ("llamafactory.train.pt.workflow", "llamafactory.train.pt.workflow", "CustomTrainer"),
+    "dpo": ("llamafactory.train.dpo.workflow", "llamafactory.train.dpo.trainer", "CustomDPOTrainer"),
+    "rm": ("llamafactory.train.rm.workflow", "llamafactory.train.rm.workflow", "PairwiseTrainer"),
+    "kto": ("llamafactory.train.kto.workflow", "llamafactory.train.kto.workflow", "CustomKTOTrainer"),
 }
+
+#: where LLaMA-Factory's trainers record metrics inside compute_loss (trl's store_metrics: DPO rewards, log-probs);
+#: kept from pass 1 only, like trl's own stores (SharpnessAwareMixin.flatpeft_metric_attributes)
+METRIC_ATTRIBUTES = SharpnessAwareMixin.flatpeft_metric_attributes + ("_stored_metrics",)
 
 #: the flatpeft metrics added to LLaMA-Factory's trainer_log.jsonl and loss plots
 METRICS = ("flatpeft/loss_gap", "flatpeft/perturbation_norm")
@@ -167,7 +178,8 @@ def sharpness_aware_class(base: type, settings: FlatpeftSettings, built: list | 
         if built is not None:
             built.append(self)
 
-    return type(f"SharpnessAware{base.__name__}", (SharpnessAwareMixin, base), {"__init__": __init__})
+    namespace = {"__init__": __init__, "flatpeft_metric_attributes": METRIC_ATTRIBUTES}
+    return type(f"SharpnessAware{base.__name__}", (SharpnessAwareMixin, base), namespace)
 
 
 def _log_callback_class() -> type:
@@ -225,13 +237,14 @@ def train(config: Mapping[str, Any] | str | Path, overrides: Sequence[str] = (),
     are passed to ``run_exp``.
     """
     lf_args, settings = prepare(config, overrides)
-    module_name, trainer_name = STAGES[lf_args.get("stage", "sft")]
-    workflow = importlib.import_module(module_name)
+    workflow_name, trainer_module_name, trainer_name = STAGES[lf_args.get("stage", "sft")]
+    workflow = importlib.import_module(workflow_name)
+    trainer_module = importlib.import_module(trainer_module_name)
     tuner = importlib.import_module("llamafactory.train.tuner")
     built: list = []
-    trainer_cls = sharpness_aware_class(getattr(workflow, trainer_name), settings, built)
+    trainer_cls = sharpness_aware_class(getattr(trainer_module, trainer_name), settings, built)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_replaced(workflow, trainer_name, trainer_cls))
+        stack.enter_context(_replaced(trainer_module, trainer_name, trainer_cls))
         stack.enter_context(_replaced(tuner, "LogCallback", _log_callback_class()))
         stack.enter_context(_replaced(workflow, "plot_loss", _plot_with_metrics(workflow.plot_loss)))
         tuner.run_exp(args=lf_args, callbacks=list(callbacks or []))
