@@ -332,6 +332,16 @@ def test_callback_route_equals_the_mixin(tmp_path, method, kw):
     assert len(norms) == 3 and norms[-1] > 0
 
 
+def test_callback_refuses_an_optimizer_the_trainer_does_not_step(tmp_path):
+    """A callback whose optimizer is not the one the Trainer steps stops at the first step, naming the fix."""
+    model = make_model()
+    opt = flatpeft.create_optimizer(model, "eflat-lora", base_optimizer=torch.optim.AdamW, lr=LR, total_steps=3)
+    trainer = Trainer(model=model, args=make_args(tmp_path), train_dataset=DictDataset(),
+                      callbacks=[SharpnessAwareCallback(opt)])
+    with pytest.raises((RuntimeError, ValueError), match="optimizers=\\(opt, None\\)"):
+        trainer.train()
+
+
 def test_callback_refuses_two_pass_methods():
     opt = flatpeft.create_optimizer(make_model(), "sam", base_optimizer=torch.optim.AdamW, lr=LR)
     with pytest.raises(ValueError, match="two gradient passes.*SharpnessAwareMixin.*eflat-lora"):

@@ -48,16 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if importlib.util.find_spec("llamafactory") is None:
-    raise ImportError(
-        "flatpeft.integrations.llamafactory needs LLaMA-Factory, which is not installed; install the extra: "
-        "pip install 'flatpeft[llamafactory]' (see docs/frameworks.md for a CPU set-up)"
-    )
+import yaml
 
-import yaml  # noqa: E402  (a dependency of LLaMA-Factory)
-
-import flatpeft  # noqa: E402
-from flatpeft.integrations.trainer import SharpnessAwareMixin  # noqa: E402
+import flatpeft
+from flatpeft.integrations.trainer import SharpnessAwareMixin
 
 __all__ = [
     "FlatpeftSettings", "STAGES", "load_config", "main", "parse_overrides", "prepare", "sharpness_aware_class", "split_config",
@@ -182,6 +176,15 @@ def sharpness_aware_class(base: type, settings: FlatpeftSettings, built: list | 
     return type(f"SharpnessAware{base.__name__}", (SharpnessAwareMixin, base), namespace)
 
 
+def _require_llamafactory() -> None:
+    """``ImportError`` naming the extra when LLaMA-Factory is not installed."""
+    if importlib.util.find_spec("llamafactory") is None:
+        raise ImportError(
+            "flatpeft.integrations.llamafactory needs LLaMA-Factory, which is not installed; install the extra: "
+            "pip install 'flatpeft[llamafactory]' (docs/frameworks.md gives a CPU set-up)"
+        )
+
+
 def _log_callback_class() -> type:
     """LLaMA-Factory's ``LogCallback`` that also writes flatpeft's metrics into ``trainer_log.jsonl``."""
     from llamafactory.train.callbacks import LogCallback
@@ -237,6 +240,7 @@ def train(config: Mapping[str, Any] | str | Path, overrides: Sequence[str] = (),
     are passed to ``run_exp``.
     """
     lf_args, settings = prepare(config, overrides)
+    _require_llamafactory()
     workflow_name, trainer_module_name, trainer_name = STAGES[lf_args.get("stage", "sft")]
     workflow = importlib.import_module(workflow_name)
     trainer_module = importlib.import_module(trainer_module_name)
@@ -265,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"config file not found: {ns.config}")
     try:
         prepare(ns.config, ns.overrides)  # the flatpeft keys and the stage, before LLaMA-Factory starts
-    except ValueError as err:
+        _require_llamafactory()
+    except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     train(ns.config, ns.overrides)

@@ -549,6 +549,7 @@ class SharpnessAwareCallback(TrainerCallback):
     def __init__(self, optimizer: Any = None) -> None:
         self.optimizer = None if optimizer is None else _single_pass(unwrap_optimizer(optimizer))
         self._metrics = _MetricSums()
+        self._steps_before = 0
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.optimizer is None:
@@ -558,6 +559,11 @@ class SharpnessAwareCallback(TrainerCallback):
                     "flatpeft optimizer, pass it as optimizers=(opt, None) and as SharpnessAwareCallback(opt)"
                 )
             self.optimizer = _single_pass(unwrap_optimizer(optimizer))
+        elif optimizer is not None and _flatpeft_inside(optimizer) is not self.optimizer:
+            raise ValueError(
+                "SharpnessAwareCallback(opt): the Trainer steps another optimizer; pass the same flatpeft optimizer as "
+                "optimizers=(opt, None)"
+            )
         self.optimizer.driver = "SharpnessAwareCallback"
         if self.optimizer.total_steps is None and state.max_steps > 0:
             self.optimizer.total_steps = int(state.max_steps)
@@ -565,11 +571,17 @@ class SharpnessAwareCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         """Perturb before the first forward pass of the optimizer step (stale gradients are dropped)."""
+        self._steps_before = self.optimizer.step_count
         _single_pass(self.optimizer).first_step()
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.optimizer.restore()  # idempotent; puts the weights back when an fp16 GradScaler skipped the step
+        if not args.fp16 and self.optimizer.step_count == self._steps_before:
+            raise RuntimeError(
+                "SharpnessAwareCallback(opt): the Trainer stepped another optimizer than opt (the weights were put "
+                "back); pass the same flatpeft optimizer as optimizers=(opt, None)"
+            )
         self._metrics.add(self.optimizer.metrics)
         return control
 
