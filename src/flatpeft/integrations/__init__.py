@@ -6,6 +6,8 @@
       class SharpnessAwareSFTTrainer(SharpnessAwareMixin, SFTTrainer):
           pass
 
+* :class:`SharpnessAwareCallback`: a single-pass method run from a ``TrainerCallback`` alone (hosts that take
+  callbacks but not a Trainer subclass).
 * :func:`unwrap_optimizer`: the flatpeft optimizer inside accelerate's ``AcceleratedOptimizer``.
 
 Imported lazily (``from flatpeft.integrations import SharpnessAwareTrainer``) so ``import flatpeft`` does not
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SharpnessAwareMixin", "SharpnessAwareTrainer", "base_optimizer_from_args", "unwrap_optimizer"]
+__all__ = [
+    "SharpnessAwareCallback", "SharpnessAwareMixin", "SharpnessAwareTrainer", "base_optimizer_from_args", "unwrap_optimizer",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -41,9 +41,16 @@ compute at the same weights.
 
 Design decisions:
 
+* Wrap, do not replace: ``create_optimizer`` runs the host Trainer's own ``create_optimizer`` and wraps its result
+  (``flatpeft.create_optimizer(model, method, base_optimizer=<instance>)``), so the host's parameter groups,
+  learning rates (LoRA+), hyper-parameters and state survive.
 * Defaults: every schedule or ramp of the method (``rho_schedule``, Flat-LoRA's noise ramp, BAR's decay) runs
-  over the Trainer's number of optimizer steps (``total_steps = state.max_steps``), and the method's private
-  seed is ``TrainingArguments.seed``, unless ``flatpeft_kwargs`` names ``total_steps`` / ``seed``.
+  over the Trainer's number of optimizer steps, and the method's private seed is ``TrainingArguments.seed``,
+  unless ``flatpeft_kwargs`` names ``total_steps`` / ``seed``. transformers 4.46-4.57 build the optimizer before
+  they set ``state.max_steps``: the step count comes from ``create_optimizer_and_scheduler(num_training_steps)``
+  there, and ``on_train_begin`` sets it again from ``state.max_steps`` on every version.
+* A plain ``Trainer`` given a flatpeft optimizer is refused before step 1's forward pass
+  (``SharpnessAware.train()``); single-pass methods can run from :class:`SharpnessAwareCallback` instead.
 * Pass 1 runs under ``accelerator.no_sync(model)`` (per-replica ascent direction, Foret et al.'s m-sharpness)
   unless ``sync_ascent_grad=True``; the pass-2 gradient is all-reduced once, on its last micro-batch.
 * fp16: pass-1 gradients are scaled by the GradScaler; they are divided by the scaler's scale tensor (no host
@@ -82,6 +89,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any
 
 from flatpeft._extras import require
@@ -94,7 +102,9 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import flatpeft  # noqa: E402
 
-__all__ = ["SharpnessAwareMixin", "SharpnessAwareTrainer", "base_optimizer_from_args", "unwrap_optimizer"]
+__all__ = [
+    "SharpnessAwareCallback", "SharpnessAwareMixin", "SharpnessAwareTrainer", "base_optimizer_from_args", "unwrap_optimizer",
+]
 
 
 def unwrap_optimizer(optimizer: Any) -> "flatpeft.SharpnessAware":
@@ -130,6 +140,107 @@ def base_optimizer_from_args(args, model=None) -> tuple[type[torch.optim.Optimiz
     return cls, kwargs
 
 
+def _flatpeft_inside(optimizer: Any) -> "flatpeft.SharpnessAware | None":
+    """The flatpeft optimizer in ``optimizer`` (itself or inside wrappers), or None."""
+    if optimizer is None:
+        return None
+    try:
+        return unwrap_optimizer(optimizer)
+    except ValueError:
+        return None
+
+
+def _refuse_flatpeft_class(cls_and_kwargs: Any) -> None:
+    """``optimizer_cls_and_kwargs`` names the *base* optimizer; a flatpeft class there cannot be built from groups."""
+    if not cls_and_kwargs:
+        return
+    cls = cls_and_kwargs[0]
+    if (isinstance(cls, type) and issubclass(cls, flatpeft.SharpnessAware)) or cls is flatpeft.create_optimizer:
+        raise ValueError(
+            "optimizer_cls_and_kwargs: give the base optimizer the Trainer should build, e.g. (torch.optim.AdamW, "
+            "{'betas': (0.9, 0.95)}); SharpnessAwareMixin wraps it in flatpeft_method (a flatpeft optimizer cannot "
+            "be built from the Trainer's parameter groups alone)"
+        )
+
+
+def _plain_base(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The host's optimizer, checked to be one flatpeft can wrap (a torch optimizer over the trainable tensors)."""
+    name = type(optimizer).__name__
+    if name == "LayerWiseDummyOptimizer":
+        raise ValueError(
+            "the Trainer built a layer-wise optimizer (optim=..._layerwise), which steps each layer inside backward; "
+            "flatpeft needs the whole step's gradient before the update. Use the optimizer without _layerwise"
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optimizer"):
+        raise ValueError(
+            f"the Trainer's optimizer is an object of type {name}, not a plain torch.optim.Optimizer that flatpeft can "
+            "wrap (build the flatpeft optimizer before any wrapper is applied)"
+        )
+    return optimizer
+
+
+def _set_group_keys(optimizer: torch.optim.Optimizer, settings: dict[str, Any]) -> None:
+    """Set each of ``settings`` on every parameter group of ``optimizer`` (``ValueError`` naming a key it lacks)."""
+    for key, value in settings.items():
+        if not all(key in g for g in optimizer.param_groups):
+            have = sorted(k for k in optimizer.param_groups[0] if k != "params") if optimizer.param_groups else []
+            raise ValueError(
+                f"flatpeft_kwargs: {key!r} is neither a keyword of the flatpeft method nor a setting of the Trainer's "
+                f"{type(optimizer).__name__} (its parameter groups have: {', '.join(have)})"
+            )
+        for group in optimizer.param_groups:
+            group[key] = value
+
+
+def _single_pass(opt: "flatpeft.SharpnessAware") -> "flatpeft.SharpnessAware":
+    """``opt`` if its method never takes a second gradient pass, else ``ValueError`` naming the mixin."""
+    if max((rule.passes for rule in opt.rules), default=1) > 1:
+        raise ValueError(
+            f"method {opt.method!r} takes two gradient passes per step (a pass at w, then one at w + e), which a "
+            "callback cannot run: use SharpnessAwareTrainer or SharpnessAwareMixin. Single-pass methods: "
+            f"{', '.join(n for n in flatpeft.optim.method_names() if flatpeft.get_method(n).passes == 1)}"
+        )
+    return opt
+
+
+class _MetricSums:
+    """Running sums of the flatpeft diagnostics over optimizer steps, on the device (read only at a log)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Add one step's ``perturbation_norm`` and ``loss_gap`` (``loss_perturbed - loss``) where present."""
+        values: dict[str, torch.Tensor] = {}
+        if "perturbation_norm" in metrics:
+            values["perturbation_norm"] = metrics["perturbation_norm"]
+        if "loss" in metrics and "loss_perturbed" in metrics:
+            values["loss_gap"] = metrics["loss_perturbed"] - metrics["loss"]
+        for key, value in values.items():
+            value = torch.as_tensor(value).detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def pop_means(self, device: Any, reduce: Any = None) -> dict[str, float]:
+        """``{"flatpeft/<name>": mean since the last call}`` (averaged over ranks by ``reduce``), then reset."""
+        if not self.count or not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k].to(device) for k in keys]) / self.count
+        if reduce is not None:
+            means = reduce(means, reduction="mean")
+        self.sums, self.count = {}, 0
+        return {f"flatpeft/{key}": round(value, 8) for key, value in zip(keys, means.tolist())}
+
+
+def _dist_mean(values: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean of ``values`` over the ranks of the default process group."""
+    values = values.clone()
+    torch.distributed.all_reduce(values)
+    return values / torch.distributed.get_world_size()
+
+
 class _AfterOptimizerStep(TrainerCallback):
     """Right after ``optimizer.step()``: restore the weights if the step did not run, then collect the step's
     diagnostics.
@@ -142,6 +253,14 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def __init__(self, trainer: "SharpnessAwareMixin") -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The schedules of an optimizer the mixin built run over this ``train()``'s steps (``state.max_steps``,
+        set by now on every transformers version), unless ``flatpeft_kwargs`` names ``total_steps``."""
+        opt, trainer = self.trainer.flatpeft_optimizer, self.trainer
+        if opt is not None and trainer._fp_wrapped and "total_steps" not in trainer.flatpeft_kwargs and state.max_steps > 0:
+            opt.total_steps = int(state.max_steps)
+        return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         opt = self.trainer.flatpeft_optimizer
@@ -162,15 +281,17 @@ class SharpnessAwareMixin:
     Args:
         flatpeft_method: a registered method name (``flatpeft.get_method``: the built-in ``"sam"``, ``"flatpo"``,
             ``"eflat-lora"``, ... or one added with ``flatpeft.register_method``).
-        flatpeft_kwargs: method keywords for ``flatpeft.create_optimizer`` (``rho``, ``fraction``, ...). The base
-            optimizer (class from ``args.optim``), ``lr=args.learning_rate`` and ``weight_decay=args.weight_decay``
-            come from the ``TrainingArguments``; ``total_steps`` defaults to the Trainer's number of optimizer
-            steps and ``seed`` to ``args.seed``. Keys given here win.
+        flatpeft_kwargs: method keywords for ``flatpeft.create_optimizer`` (``rho``, ``fraction``, ...);
+            ``total_steps`` defaults to the Trainer's number of optimizer steps and ``seed`` to ``args.seed``. Keys
+            given here win. The base optimizer is the one the host Trainer builds (:meth:`create_optimizer` wraps
+            it: ``args.optim``, the weight-decay split, a subclass's LoRA+ groups ...); other keys given here
+            (``lr``, ``betas``, ...) are set on each of its parameter groups.
         sync_ascent_grad: all-reduce the pass-1 gradient across DDP ranks (one global perturbation) instead of
             perturbing each replica with its local gradient (default, as in Foret et al.). Under FSDP2 the
             pass-1 gradient is always reduced (the sharded weights hold one perturbation for all ranks).
-        *args, **kwargs: passed to the Trainer class. ``optimizers=(opt, sched)`` is accepted only with a
-            flatpeft ``SharpnessAware`` optimizer (then ``flatpeft_method`` may be omitted; it is used as built).
+        *args, **kwargs: passed to the Trainer class. ``optimizers=(opt, sched)``: a torch optimizer is wrapped in
+            ``flatpeft_method``; a flatpeft ``SharpnessAware`` optimizer is used as built (then ``flatpeft_method``
+            may be omitted). ``optimizer_cls_and_kwargs`` names the base optimizer the Trainer builds.
 
     Attributes:
         flatpeft_optimizer: the flatpeft optimizer (``trainer.optimizer`` may be accelerate's wrapper of it).
@@ -199,12 +320,14 @@ class SharpnessAwareMixin:
             )
         given = kwargs.get("optimizers", (None, None))
         given_opt = given[0] if given else None
-        if given_opt is not None and not isinstance(given_opt, flatpeft.SharpnessAware):
+        if given_opt is not None and not isinstance(given_opt, torch.optim.Optimizer):
             raise ValueError(
-                "optimizers[0] must be a flatpeft SharpnessAware optimizer (or None, to build one from "
-                f"flatpeft_method), got {type(given_opt).__name__}"
+                f"optimizers[0] must be a torch.optim.Optimizer (wrapped with flatpeft_method) or a flatpeft "
+                f"SharpnessAware optimizer, got an object of type {type(given_opt).__name__}"
             )
-        if given_opt is None:
+        prebuilt = _flatpeft_inside(given_opt)
+        _refuse_flatpeft_class(kwargs.get("optimizer_cls_and_kwargs"))
+        if prebuilt is None:
             if flatpeft_method is None:
                 raise ValueError(f"flatpeft_method is required; registered methods: {list(flatpeft.optim.method_names())}")
             try:
@@ -213,14 +336,15 @@ class SharpnessAwareMixin:
                 raise ValueError(f"flatpeft_method={flatpeft_method!r}: {err}") from None
         if flatpeft_kwargs is not None and not isinstance(flatpeft_kwargs, dict):
             raise ValueError(f"flatpeft_kwargs must be a dict, got {type(flatpeft_kwargs).__name__}")
-        self.flatpeft_method = flatpeft_method if given_opt is None else given_opt.method
+        self.flatpeft_method = flatpeft_method if prebuilt is None else prebuilt.method
         self.flatpeft_kwargs = dict(flatpeft_kwargs or {})
         self.sync_ascent_grad = bool(sync_ascent_grad)
-        self.flatpeft_optimizer = given_opt
+        self.flatpeft_optimizer = prebuilt
+        self._fp_wrapped = False  # True once the mixin has wrapped the host's optimizer (it then owns total_steps)
+        self._fp_total_steps: int | None = None
         self._fp_cache: list[dict[str, Any]] = []
         self._fp_cache_step: int | None = None
-        self._fp_sums: dict[str, torch.Tensor] = {}
-        self._fp_count = 0
+        self._fp_metrics = _MetricSums()
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -245,36 +369,62 @@ class SharpnessAwareMixin:
 
     # ------------------------------------------------------------------ optimizer
     def flatpeft_optimizer_kwargs(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """The keywords passed to ``flatpeft.create_optimizer`` (besides ``base_optimizer``).
+        """The method keywords passed to ``flatpeft.create_optimizer`` when the host's optimizer is wrapped.
 
-        ``TrainingArguments`` give the base keywords (``lr``, ``betas``, ``eps``, ``fused`` for the chosen ``optim``,
-        and ``weight_decay``), ``total_steps`` (the Trainer's ``state.max_steps``, once training has computed it)
-        and ``seed`` (``args.seed``); ``flatpeft_kwargs`` override all of them.
+        ``total_steps`` is the Trainer's number of optimizer steps (once training has computed it) and ``seed`` is
+        ``args.seed``; ``flatpeft_kwargs`` override both. Keywords of ``flatpeft_kwargs`` that are not method
+        keywords are base-optimizer settings (see :meth:`create_optimizer`) and are not included.
         """
-        _, base_kwargs = base_optimizer_from_args(self.args, self.model if model is None else model)
-        kwargs: dict[str, Any] = {**base_kwargs, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay}
-        total = getattr(self.state, "max_steps", 0)  # set by the Trainer before it builds the optimizer
-        if total and total > 0:
-            kwargs["total_steps"] = int(total)
-        kwargs["seed"] = int(self.args.seed)
-        kwargs.update(self.flatpeft_kwargs)
+        kwargs: dict[str, Any] = {"seed": int(self.args.seed)}
+        total = self._trainer_total_steps()
+        if total:
+            kwargs["total_steps"] = total
+        method_keys = flatpeft.get_method(self.flatpeft_method).all_defaults()
+        kwargs.update({k: v for k, v in self.flatpeft_kwargs.items() if k in method_keys})
         return kwargs
 
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Build the flatpeft optimizer: ``flatpeft.create_optimizer(model, method, base_optimizer=<args.optim class>,
-        **self.flatpeft_optimizer_kwargs())``.
+    def _trainer_total_steps(self) -> int | None:
+        """The number of optimizer steps of the current ``train()``: what the Trainer passed to
+        ``create_optimizer_and_scheduler`` (transformers 4.x builds the optimizer before it sets ``state.max_steps``),
+        else ``state.max_steps`` (transformers 5 sets it first)."""
+        if self._fp_total_steps:
+            return self._fp_total_steps
+        total = getattr(self.state, "max_steps", 0)
+        return int(total) if total and total > 0 else None
 
-        Every schedule or ramp the method has (by default or from ``rho_schedule``) runs over the Trainer's
-        number of optimizer steps, and the method's seed is the training seed, unless ``flatpeft_kwargs`` sets
-        ``total_steps`` / ``seed``. Note: all trainable tensors get ``weight_decay`` (the plain Trainer exempts
-        biases and LayerNorm weights; with LoRA these are frozen).
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """Note the number of training steps before the optimizer is built (transformers 4.x calls this before it
+        sets ``state.max_steps``), then the host's ``create_optimizer_and_scheduler``."""
+        self._fp_total_steps = int(num_training_steps) if num_training_steps and num_training_steps > 0 else None
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Wrap the optimizer the host Trainer builds (or was given) in the flatpeft method.
+
+        The host's own ``create_optimizer`` runs first, so everything it does survives: its parameter groups and
+        learning rates (the weight-decay split, LoRA+ ratios, GaLore or APOLLO groups, ``optimizer_cls_and_kwargs``,
+        a subclass's custom optimizer), its hyper-parameters and its state. The result is
+        ``flatpeft.create_optimizer(model, flatpeft_method, base_optimizer=<that optimizer instance>,
+        **self.flatpeft_optimizer_kwargs())``. Keys of ``flatpeft_kwargs`` that are not method keywords (``lr``,
+        ``betas``, ``weight_decay``, ...) are set on every parameter group of the host's optimizer (each must be a
+        key of its groups). A flatpeft optimizer given through ``optimizers=`` is used as built.
         """
-        if self.optimizer is None:
-            opt_model = self.model if model is None else model
-            base_cls, _ = base_optimizer_from_args(self.args, opt_model)
-            kwargs = self.flatpeft_optimizer_kwargs(opt_model)
-            self.optimizer = flatpeft.create_optimizer(opt_model, self.flatpeft_method, base_optimizer=base_cls, **kwargs)
+        opt_model = self.model if model is None else model
+        # transformers 4.x: create_optimizer(self); 5.x: create_optimizer(self, model=None)
+        host = super().create_optimizer() if model is None else super().create_optimizer(model)
+        if _flatpeft_inside(host) is None:
+            base = _plain_base(host)
+            _set_group_keys(base, {k: v for k, v in self.flatpeft_kwargs.items()
+                                   if k not in flatpeft.get_method(self.flatpeft_method).all_defaults()})
+            method_kwargs = self.flatpeft_optimizer_kwargs(opt_model)
+            with warnings.catch_warnings():
+                if "total_steps" not in method_kwargs:  # built before train(): on_train_begin sets it
+                    warnings.filterwarnings("ignore", message=".*needs total_steps")
+                self.optimizer = flatpeft.create_optimizer(opt_model, self.flatpeft_method, base_optimizer=base,
+                                                           **method_kwargs)
+            self._fp_wrapped = True
         self.flatpeft_optimizer = unwrap_optimizer(self.optimizer)
+        self.flatpeft_optimizer.driver = "SharpnessAwareMixin"
         return self.optimizer
 
     # ------------------------------------------------------------------ metric store of the subclass
@@ -358,28 +508,94 @@ class SharpnessAwareMixin:
     # ------------------------------------------------------------------ logging
     def _accumulate_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         """Running sums of this step's diagnostics on the device (no host sync until a log)."""
-        values: dict[str, torch.Tensor] = {}
-        if "perturbation_norm" in metrics:
-            values["perturbation_norm"] = metrics["perturbation_norm"]
-        if "loss" in metrics and "loss_perturbed" in metrics:
-            values["loss_gap"] = metrics["loss_perturbed"] - metrics["loss"]
-        for key, value in values.items():
-            value = torch.as_tensor(value).detach().float()
-            self._fp_sums[key] = self._fp_sums[key] + value if key in self._fp_sums else value
-        self._fp_count += 1
+        self._fp_metrics.add(metrics)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add ``flatpeft/perturbation_norm`` and ``flatpeft/loss_gap`` (means since the last log) to training logs."""
-        if "loss" in logs and self._fp_count and self._fp_sums:
-            keys = sorted(self._fp_sums)
-            means = torch.stack([self._fp_sums[k].to(self.args.device) for k in keys]) / self._fp_count
-            if self.accelerator.num_processes > 1:
-                # every rank logs at the same steps (the Trainer gathers its loss there too): average over ranks
-                means = self.accelerator.reduce(means, reduction="mean")
-            for key, value in zip(keys, means.tolist()):
-                logs[f"flatpeft/{key}"] = round(value, 8)
-            self._fp_sums, self._fp_count = {}, 0
+        if "loss" in logs:
+            reduce = self.accelerator.reduce if self.accelerator.num_processes > 1 else None
+            logs.update(self._fp_metrics.pop_means(self.args.device, reduce))
         super().log(logs, *args, **kwargs)
+
+
+class SharpnessAwareCallback(TrainerCallback):
+    """Run a *single-pass* flatpeft method from a ``TrainerCallback`` alone, for hosts that accept callbacks but
+    not a Trainer subclass.
+
+    A single-pass method (``eflat-lora``, ``flat-lora-random``, ``flatpo-lagged``, ``base``, ``spider``, ``nbar``,
+    ``obar``: every method whose ``flatpeft.get_method(name).passes`` is 1) perturbs the weights before the
+    step's forward pass and takes its update gradient there, so the Trainer's own step does the rest::
+
+        opt = flatpeft.create_optimizer(model, "eflat-lora", base_optimizer=torch.optim.AdamW(...), total_steps=...)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None),
+                          callbacks=[SharpnessAwareCallback(opt)])
+
+    ``on_step_begin`` perturbs (``opt.first_step()``); the Trainer accumulates the micro-batches' gradients at the
+    perturbed weights, clips them and calls ``optimizer.step()``, which restores the weights exactly and runs the
+    base update; ``on_optimizer_step`` restores them again (a no-op, unless an fp16 scaler skipped the step) and
+    collects ``flatpeft/perturbation_norm``, added to the training logs of later callbacks and
+    ``state.log_history``. Two-pass methods (sam, asam, flat-lora, flatpo) need the second pass inside the
+    training step: use :class:`SharpnessAwareMixin`.
+
+    Args:
+        optimizer: the flatpeft optimizer (or a wrapper of it). None: the Trainer's optimizer, as the callback
+            receives it at ``on_train_begin`` (transformers 4.x passes it to callbacks; 5.x only an optimizer given
+            through ``optimizers=``), which must be a flatpeft optimizer.
+
+    If the optimizer was built without ``total_steps``, it is set to the Trainer's ``state.max_steps`` at
+    ``on_train_begin``.
+    """
+
+    def __init__(self, optimizer: Any = None) -> None:
+        self.optimizer = None if optimizer is None else _single_pass(unwrap_optimizer(optimizer))
+        self._metrics = _MetricSums()
+        self._steps_before = 0
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.optimizer is None:
+            if optimizer is None:
+                raise ValueError(
+                    "SharpnessAwareCallback() got no optimizer and the Trainer passed none to its callbacks: build the "
+                    "flatpeft optimizer, pass it as optimizers=(opt, None) and as SharpnessAwareCallback(opt)"
+                )
+            self.optimizer = _single_pass(unwrap_optimizer(optimizer))
+        elif optimizer is not None and _flatpeft_inside(optimizer) is not self.optimizer:
+            raise ValueError(
+                "SharpnessAwareCallback(opt): the Trainer steps another optimizer; pass the same flatpeft optimizer as "
+                "optimizers=(opt, None)"
+            )
+        self.optimizer.driver = "SharpnessAwareCallback"
+        if self.optimizer.total_steps is None and state.max_steps > 0:
+            self.optimizer.total_steps = int(state.max_steps)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        """Perturb before the first forward pass of the optimizer step (stale gradients are dropped)."""
+        self._steps_before = self.optimizer.step_count
+        _single_pass(self.optimizer).first_step()
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer.restore()  # idempotent; puts the weights back when an fp16 GradScaler skipped the step
+        if not args.fp16 and self.optimizer.step_count == self._steps_before:
+            raise RuntimeError(
+                "SharpnessAwareCallback(opt): the Trainer stepped another optimizer than opt (the weights were put "
+                "back); pass the same flatpeft optimizer as optimizers=(opt, None)"
+            )
+        self._metrics.add(self.optimizer.metrics)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the means since the last log to ``logs`` (seen by callbacks after this one) and to the log history."""
+        if logs is None or "loss" not in logs:
+            return control
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        reduce = _dist_mean if dist and torch.distributed.get_world_size() > 1 else None
+        extra = self._metrics.pop_means(args.device, reduce)
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(extra)
+        return control
 
 
 class SharpnessAwareTrainer(SharpnessAwareMixin, Trainer):

@@ -7,6 +7,7 @@ anything neither accepts, naming it.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -146,22 +147,98 @@ _BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def _resolve_base(base_optimizer: Any) -> type[torch.optim.Optimizer]:
+def describe_optimizer(obj: Any) -> str:
+    """A short name for a base optimizer given in any accepted form (never its repr, which lists every tensor)."""
+    if isinstance(obj, str):
+        return repr(obj)
+    if isinstance(obj, functools.partial):
+        return f"functools.partial({describe_optimizer(obj.func)}, ...)"
+    if isinstance(obj, type):
+        return obj.__name__
+    if isinstance(obj, torch.optim.Optimizer):
+        return f"an instance of {type(obj).__name__}"
+    return getattr(obj, "__qualname__", None) or f"an object of type {type(obj).__name__}"
+
+
+def _resolve_base(base_optimizer: Any) -> Any:
+    """``base_optimizer`` as an optimizer instance (wrapped as is) or a factory ``factory(groups, **kwargs)``."""
     if isinstance(base_optimizer, str):
         key = base_optimizer.lower()
         if key not in _BASE_OPTIMIZERS:
-            raise ValueError(f"Invalid base_optimizer: {base_optimizer!r}; valid: {', '.join(_BASE_OPTIMIZERS)} or an Optimizer class")
+            raise ValueError(f"Invalid base_optimizer: {base_optimizer!r}; valid: {', '.join(_BASE_OPTIMIZERS)}, an Optimizer class, instance or factory")
         return _BASE_OPTIMIZERS[key]
-    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+    if isinstance(base_optimizer, SharpnessAware):
+        raise ValueError(
+            f"Invalid base_optimizer: {describe_optimizer(base_optimizer)}, already a flatpeft optimizer (method "
+            f"{base_optimizer.method!r}); pass the optimizer it wraps (.base_optimizer) to build another method"
+        )
+    if isinstance(base_optimizer, torch.optim.Optimizer) or callable(base_optimizer):
         return base_optimizer
-    raise ValueError(f"Invalid base_optimizer: {base_optimizer!r}; expected 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer class")
+    raise ValueError(
+        f"Invalid base_optimizer: {describe_optimizer(base_optimizer)}; expected 'sgd', 'adam', 'adamw', a "
+        "torch.optim.Optimizer class, an optimizer instance (wrapped as is) or a callable such as "
+        "functools.partial(torch.optim.AdamW, betas=(0.9, 0.95)) that builds one from parameter groups"
+    )
 
 
-def _base_keywords(cls: type[torch.optim.Optimizer]) -> set[str] | None:
-    params = inspect.signature(cls.__init__).parameters
+def _base_keywords(factory: Any) -> set[str] | None:
+    """The keywords ``factory(params, **kwargs)`` accepts; None when it accepts any (or its signature is unknown)."""
+    try:
+        target = factory.__init__ if isinstance(factory, type) else factory
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None  # accepts anything
     return {n for n in params if n not in ("self", "params")}
+
+
+def _check_base_keywords(base: Any, kwargs: Mapping[str, Any], method: str, method_keywords: Iterable[str]) -> None:
+    """``ValueError`` naming every keyword that neither the method nor the base optimizer accepts (an optimizer
+    instance, wrapped as is, accepts none)."""
+    if isinstance(base, torch.optim.Optimizer):
+        if kwargs:
+            raise ValueError(
+                f"base_optimizer is {describe_optimizer(base)}, wrapped as is (its parameter groups, learning rates and "
+                f"state); base optimizer keyword(s) {', '.join(map(repr, sorted(kwargs)))} cannot apply to it. Set them "
+                f"on the instance, or pass its class or a factory instead (method {method!r})"
+            )
+        return
+    allowed = _base_keywords(base)
+    if allowed is None:
+        return
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        raise ValueError(
+            f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for method {method!r} with base optimizer "
+            f"{describe_optimizer(base)}; method keywords: {', '.join(sorted(method_keywords))}; base optimizer "
+            f"keywords: {', '.join(sorted(allowed))}"
+        )
+
+
+def _build_base(base: Any, groups: list, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """The base optimizer: ``base`` itself when it is an instance, else ``base(groups, **kwargs)`` (checked)."""
+    if isinstance(base, torch.optim.Optimizer):
+        return base
+    built = base(groups, **kwargs)
+    if not isinstance(built, torch.optim.Optimizer) or isinstance(built, SharpnessAware):
+        raise ValueError(
+            f"base_optimizer {describe_optimizer(base)} returned {describe_optimizer(built)}, not a plain "
+            "torch.optim.Optimizer"
+        )
+    return built
+
+
+def _instance_groups(base: torch.optim.Optimizer, named: list) -> None:
+    """Check that every tensor of an optimizer instance is a trainable tensor of the model."""
+    known = {id(p) for _, p in named}
+    for i, g in enumerate(base.param_groups):
+        for j, p in enumerate(g["params"]):
+            if id(p) not in known:
+                raise ValueError(
+                    f"base_optimizer ({describe_optimizer(base)}): param_groups[{i}]['params'][{j}] (shape "
+                    f"{tuple(p.shape)}) is not a trainable parameter of the model (requires_grad=True)"
+                )
 
 
 def validate_common(kw: Mapping[str, Any]) -> None:
@@ -180,10 +257,11 @@ def validate_common(kw: Mapping[str, Any]) -> None:
         raise ValueError(f"Invalid seed: {short_repr(kw['seed'])} (must be an integer)")
 
 
-def _check_base_keywords(cls: type[torch.optim.Optimizer], kwargs: Mapping[str, Any]) -> None:
-    """Refuse (naming it) a keyword of a ``torch.optim`` optimizer whose value does not fit its default's type
+def _check_base_keyword_types(base: Any, kwargs: Mapping[str, Any]) -> None:
+    """Refuse (naming it) a keyword of a ``torch.optim`` optimizer class whose value does not fit its default's type
     (``betas=[0.9]``, ``weight_decay='abc'``), before torch fails with a message that names no keyword."""
-    if not cls.__module__.startswith("torch.optim"):
+    cls = base.func if isinstance(base, functools.partial) else base
+    if not isinstance(cls, type) or not cls.__module__.startswith("torch.optim"):
         return
     params = inspect.signature(cls.__init__).parameters
     for key, value in kwargs.items():
@@ -257,7 +335,15 @@ def create_optimizer(
             see LoRA layers, BatchNorm modules or which tensors are PEFT adapters: LoRA-only methods then refuse
             with a message, and FlatPO/SPIDER treat every tensor alike.
         method: a registered method name (:func:`method_names`; built-in: :data:`flatpeft.METHODS`).
-        base_optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or a ``torch.optim.Optimizer`` class.
+        base_optimizer: what the update step runs, in any of these forms:
+
+            * ``"sgd"``, ``"adam"``, ``"adamw"`` or a ``torch.optim.Optimizer`` class, built as
+              ``cls(groups, **base keywords)``;
+            * a callable that builds one from parameter groups, e.g. ``functools.partial(torch.optim.AdamW,
+              betas=(0.9, 0.95))`` (called the same way);
+            * an optimizer *instance*, wrapped as it is: its parameter groups (e.g. LoRA+'s groups with their own
+              learning rates), their hyper-parameters and its state are kept; no base keywords or ``params`` may
+              be given then, and each of its tensors must be a trainable parameter of ``model``.
         params: optional parameter groups (or tensors) for the base optimizer when ``model`` is a module, e.g. to
             exempt biases and norms from weight decay; every tensor must be a trainable parameter of ``model``.
         **kwargs: method keywords (see ``flatpeft methods`` and docs/methods.md: ``rho``, ``fraction``, ``beta``,
@@ -271,21 +357,15 @@ def create_optimizer(
         loss = opt.step(closure)
     """
     info = get_method(method)
-    base_cls = _resolve_base(base_optimizer)
+    base = _resolve_base(base_optimizer)
     defaults = info.all_defaults()
     method_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in defaults}
-    allowed = _base_keywords(base_cls)
-    if allowed is not None:
-        unknown = sorted(k for k in kwargs if k not in allowed)
-        if unknown:
-            raise ValueError(
-                f"Unknown keyword argument(s) {', '.join(map(repr, unknown))} for method {method!r} with base optimizer "
-                f"{base_cls.__name__}; method keywords: {', '.join(sorted(defaults))}; base optimizer keywords: "
-                f"{', '.join(sorted(allowed))}"
-            )
-    _check_base_keywords(base_cls, kwargs)
+    _check_base_keywords(base, kwargs, method, defaults)
+    _check_base_keyword_types(base, kwargs)
     for key, value in method_kw.items():
         check_like_default(key, value, defaults[key])
+    if params is not None and isinstance(base, torch.optim.Optimizer):
+        raise ValueError(f"params: base_optimizer is {describe_optimizer(base)}, whose parameter groups are used as they are")
     cfg = {**defaults, **method_kw}
     if cfg["rho_min"] is None:
         cfg["rho_min"] = info.rho_min_fraction * cfg["rho"] if isinstance(cfg["rho"], (int, float)) else None
@@ -312,11 +392,14 @@ def create_optimizer(
         )
     rule_kw = {k: v for k, v in cfg.items() if k not in COMMON_KEYWORDS}
     rules = info.build(**rule_kw)
-    if module is None:
+    if isinstance(base, torch.optim.Optimizer):
+        _instance_groups(base, named)
+        groups = []
+    elif module is None:
         groups = user_groups if user_groups is not None else [p for _, p in named]
     else:
         groups = [p for _, p in named] if params is None else _check_groups(params, named)
-    base = base_cls(groups, **kwargs)
+    base = _build_base(base, groups, kwargs)
     name_of = {id(p): n for n, p in named}
     flat = [p for g in base.param_groups for p in g["params"]]
     return SharpnessAware(

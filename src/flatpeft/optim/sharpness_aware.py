@@ -72,7 +72,7 @@ class SharpnessAware(torch.optim.Optimizer):
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
-        rules: Sequence[Rule],
+        rules: Sequence[Rule] | None = None,
         *,
         names: Sequence[str] | None = None,
         lora: Sequence[LoRAFactors] = (),
@@ -88,8 +88,13 @@ class SharpnessAware(torch.optim.Optimizer):
         pass2_norm_stats: bool = False,
         method: str = "custom",
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}")
+        if not isinstance(base_optimizer, torch.optim.Optimizer) or rules is None:
+            raise ValueError(
+                "SharpnessAware wraps a constructed torch.optim.Optimizer with a method's rules "
+                f"(got {type(base_optimizer).__name__}{'' if rules is not None else ' and no rules'}): build it with "
+                "flatpeft.create_optimizer(model, method, ...), or in a transformers Trainer use "
+                "flatpeft.integrations.SharpnessAwareTrainer / SharpnessAwareMixin (not optimizer_cls_and_kwargs)"
+            )
         super().__init__([{"params": g["params"]} for g in base_optimizer.param_groups], base_optimizer.defaults)
         self.base_optimizer = base_optimizer
         # Share groups and state with the base optimizer (LR schedulers, state_dict, GradScaler all see one).
@@ -487,3 +492,35 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"SharpnessAware(method={self.method!r}, passes={self.passes}, base={self.base_optimizer.__class__.__name__})"
+
+    # ------------------------------------------------------------------ hosts that call optimizer.train()
+    driver: str | None = None
+    """The integration that runs this optimizer's passes (``flatpeft.integrations`` sets it: ``"SharpnessAwareMixin"``,
+    ``"SharpnessAwareCallback"``); None for the closure API, ``gradient_passes()`` loops and accelerate loops."""
+
+    def train(self) -> None:
+        """The hook ``transformers.Trainer.training_step`` calls before every forward pass (meant for schedule-free
+        optimizers; forwarded to the base optimizer when it has one).
+
+        A plain ``Trainer(optimizers=(opt, None))`` never calls :meth:`first_step`, so a method that perturbs would
+        silently train without its perturbation, and a two-pass method would fail only after step 1's forward
+        and backward. This refuses before that forward pass, naming the integrations that run the passes.
+        """
+        if self.driver is None and not self._perturbed and self._needs_first_step():
+            raise RuntimeError(
+                f"flatpeft method {self.method!r} is being trained by a Trainer that does not run its gradient passes "
+                "(e.g. a plain transformers.Trainer given optimizers=(opt, None)). Use "
+                "flatpeft.integrations.SharpnessAwareTrainer, or put flatpeft.integrations.SharpnessAwareMixin first in "
+                "the bases of your Trainer subclass (class MyTrainer(SharpnessAwareMixin, SFTTrainer)); single-pass "
+                "methods can also run through callbacks=[flatpeft.integrations.SharpnessAwareCallback(opt)] "
+                "(docs/trainer.md)."
+            )
+        hook = getattr(self.base_optimizer, "train", None)
+        if callable(hook):
+            hook()
+
+    def eval(self) -> None:
+        """Forwarded to the base optimizer's ``eval()`` when it has one (schedule-free optimizers)."""
+        hook = getattr(self.base_optimizer, "eval", None)
+        if callable(hook):
+            hook()
