@@ -13,7 +13,7 @@ from __future__ import annotations
 from flatpeft._extras import require
 
 require("cli", "yaml", "numpy", "pandas", "scipy", "matplotlib", "transformers", "peft", "tqdm", "safetensors",
-        "sklearn", part="flatpeft.experiments")
+        part="flatpeft.experiments")
 
 from .config import ExperimentConfig, load_config, save_config
 from .tasks import Task, available_tasks, get_task, register_task

@@ -1,6 +1,7 @@
 """``flatpeft suite``: every task of a plan x methods x seeds, with resume, and one results page.
 
-A *plan* (YAML, default ``configs/suite.yaml``) lists tasks; each task is an experiment config plus overrides,
+A *plan* (YAML; default ``configs/suite.yaml`` of the current directory when there is one, as in a checkout, else
+the built-in plan ``suite``, see :func:`default_plan`) lists tasks; each task is an experiment config plus overrides,
 the methods to run, the seeds, the metrics to report, and optional *ablations* (one method with extra
 settings, paired with the task's ``base`` runs). Every task (and every ablation) is one ``compare`` directory
 under ``output_dir`` and is run through :func:`flatpeft.experiments.runner.compare` with ``resume=True``, so
@@ -90,11 +91,14 @@ def _check_keys(raw: dict, cls: type, where: str) -> None:
 
 
 def load_plan(path: str | Path) -> SuitePlan:
-    """Read and check a plan file (unknown keys, duplicate names, configs that do not load are errors)."""
+    """Read and check a plan file, or the built-in plan by name (``suite``); unknown keys, duplicate names, configs
+    that do not load are errors."""
+    from flatpeft.resources import resolve_config_path
+
     from .config import read_config_mapping
 
-    path = Path(path)
     raw = read_config_mapping(path)
+    path = resolve_config_path(path)
     _check_keys(raw, SuitePlan, str(path))
     if not raw.get("tasks"):
         raise ValueError(f"{path}: a plan needs a non-empty 'tasks' list")
@@ -369,8 +373,21 @@ CLAIMS: list[dict[str, str]] = [
 
 
 # ---- command line ---------------------------------------------------------------------------------
+def default_plan() -> str:
+    """The plan ``flatpeft suite`` runs without one: ``configs/suite.yaml`` of the current directory when it exists
+    (a checkout, or a project laid out like one), else the built-in plan ``suite``."""
+    return "configs/suite.yaml" if Path("configs/suite.yaml").is_file() else "suite"
+
+
+def _check_page_is_ours(page: Path) -> None:
+    """Refuse to replace a results page flatpeft did not write (say a project's own ``docs/results.md``)."""
+    if page.is_file() and "Produced by `flatpeft suite" not in page.read_text(encoding="utf-8", errors="replace"):
+        raise ValueError(f"results page {str(page)!r} exists and was not written by flatpeft suite; choose another "
+                         "with --page (it is never overwritten)")
+
+
 def _cmd_suite(args: Any) -> int:
-    plan = load_plan(args.plan)
+    plan = load_plan(args.plan or default_plan())
     only = [s.strip() for s in args.tasks.split(",") if s.strip()] if args.tasks else None
     if only:
         known = {t.name for t in plan.tasks}
@@ -385,6 +402,7 @@ def _cmd_suite(args: Any) -> int:
             if not t.enabled and not (only and t.name in only):
                 print(f"{t.name}: not in the default plan ({t.skip_reason or 'disabled'})")
         return 0
+    _check_page_is_ours(Path(args.page or plan.page))
     run_suite(plan, output_dir=args.output_dir, page=args.page, only=only, jobs=args.jobs, threads=args.threads,
               train=not args.page_only, progress=not getattr(args, "quiet", False) and args.progress)
     return 0
@@ -394,11 +412,14 @@ def register_cli(subparsers: Any) -> None:
     """Add ``flatpeft suite`` to an argparse sub-parser collection."""
     p = subparsers.add_parser(
         "suite", help="run every task of a plan x methods x seeds (resumable) and write the results page",
-        description="Runs every task of PLAN (default configs/suite.yaml) with every method and seed as one "
+        description="Runs every task of PLAN (default: configs/suite.yaml of the current directory, else the "
+                    "built-in plan 'suite') with every method and seed as one "
                     "compare directory each under the plan's output_dir, always resuming (finished runs are kept; a "
                     "finished run with other settings is refused, naming the keys), then rebuilds the results page "
                     "(docs/results.md) from the runs.")
-    p.add_argument("plan", nargs="?", default="configs/suite.yaml", help="suite plan YAML (default configs/suite.yaml)")
+    p.add_argument("plan", nargs="?", default=None,
+                   help="suite plan YAML, or a built-in plan by name (default: configs/suite.yaml of the current "
+                        "directory if there is one, else the built-in 'suite')")
     p.add_argument("--tasks", default=None, help="comma list of task names to run (default: the plan's enabled tasks)")
     p.add_argument("--jobs", type=int, default=None, help="compare directories run in parallel (default: the plan's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the plan's)")
