@@ -168,7 +168,8 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
     names = [n for n in builtin_configs() if "/" not in n and n != "suite"]
     if names:
-        print(f"\nbuilt-in configs (run by name, e.g. flatpeft train {"finefoods_fewshot" if "finefoods_fewshot" in names else names[0]}; flatpeft configs): {', '.join(names)}")
+        example = "finefoods_fewshot" if "finefoods_fewshot" in names else names[0]
+        print(f"\nbuilt-in configs (run by name, e.g. flatpeft train {example}; flatpeft configs): {', '.join(names)}")
     return 0
 
 
