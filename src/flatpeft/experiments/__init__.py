@@ -3,7 +3,7 @@
 Public entry points::
 
     from flatpeft.experiments import load_config, train_run, evaluate_run, compare
-    cfg = load_config("configs/finefoods_fewshot.yaml", ["method.name=sam"])
+    cfg = load_config("finefoods_fewshot", ["method.name=sam"])   # a built-in config by name, or a YAML path
     metrics = train_run(cfg, seed=0, out_dir="runs/sam0")
 
 Submodules are imported lazily so ``import flatpeft.experiments.tasks`` stays light.
