@@ -278,6 +278,7 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
     """
     from .rundir import write_json
 
+    _check_page_is_ours(Path(page or plan.page))  # before anything runs
     root = Path(output_dir or plan.output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     jobs = int(jobs or plan.jobs or 1)
@@ -344,6 +345,7 @@ def write_page(plan: SuitePlan, output_dir: str | Path | None = None, page: str 
     from .suite_page import write_page as _write_page
 
     root = Path(output_dir or plan.output_dir).expanduser()
+    _check_page_is_ours(Path(page or plan.page))
     return _write_page(plan, root, Path(page or plan.page), _read_log(root))
 
 
@@ -402,7 +404,6 @@ def _cmd_suite(args: Any) -> int:
             if not t.enabled and not (only and t.name in only):
                 print(f"{t.name}: not in the default plan ({t.skip_reason or 'disabled'})")
         return 0
-    _check_page_is_ours(Path(args.page or plan.page))
     run_suite(plan, output_dir=args.output_dir, page=args.page, only=only, jobs=args.jobs, threads=args.threads,
               train=not args.page_only, progress=not getattr(args, "quiet", False) and args.progress)
     return 0
