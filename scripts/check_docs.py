@@ -15,9 +15,10 @@ What runs:
 * fenced ```` ```bash ```` blocks: the whole block as one ``bash -e -o pipefail`` script, with the interpreter's
   ``bin`` directory first on ``PATH`` (so ``flatpeft`` and ``python`` are the ones of this environment).
 
-Both run in a scratch directory that links the repository's top-level files and folders (``configs/``,
-``scripts/``, ``benchmarks/``, ``.venv``, ...), so relative paths work as in the repository root while outputs such as
-``runs/`` land in the scratch directory. Other blocks (``text``, ``yaml``, ``json``, no language) are not run.
+Both run in a scratch directory that links the repository's top-level files and folders (``scripts/``,
+``benchmarks/``, ``.venv``, ...), so relative paths work as in the repository root while outputs such as ``runs/``
+land in the scratch directory. ``configs/`` is left out: an example names a built-in config by name
+(``flatpeft train finefoods_fewshot``), as it must from a pip install. Other blocks (``text``, ``yaml``, ``json``, no language) are not run.
 
 An HTML comment on the line before a block (invisible on rendered pages) changes what happens to it:
 
@@ -187,7 +188,7 @@ def scratch_dir() -> Path:
     """A temporary directory whose top-level entries link to the repository's."""
     d = Path(tempfile.mkdtemp(prefix="flatpeft-docs-"))
     for entry in REPO.iterdir():
-        if entry.name == "runs" or (entry.name.startswith(".") and entry.name != ".venv"):
+        if entry.name in ("runs", "configs") or (entry.name.startswith(".") and entry.name != ".venv"):
             continue
         (d / entry.name).symlink_to(entry)
     return d

@@ -82,6 +82,7 @@ def test_prepare_force_redoes(in_cache):
 
 @pytest.mark.network
 def test_janeausten(in_cache):
+    assets.prepare(["janeausten"], progress=False)  # loaders never download: preparing is explicit
     novels = assets.load_janeausten()
     assert set(novels) == {"emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"}
     assert novels["emma"][0] == "EMMA"
@@ -101,6 +102,7 @@ def test_read_idx_roundtrip(tmp_path):
 
 @pytest.mark.network
 def test_fashion_mnist(in_cache):
+    assets.prepare(["fashion_mnist"], progress=False)  # loaders never download: preparing is explicit
     xtr, ytr, xte, yte = assets.load_fashion_mnist()
     assert xtr.shape == (60000, 28, 28) and xte.shape == (10000, 28, 28)
     assert ytr.shape == (60000,) and yte.shape == (10000,)

@@ -5,6 +5,10 @@
     opt.zero_grad()
     loss = opt.step(closure)   # closure() runs forward and backward and returns the loss
     flatpeft.METHODS           # the registered method names
+
+The docs and the built-in configs ship inside the package: a reference such as ``docs/algorithms.md`` or
+``configs/suite.yaml`` in these docstrings names ``flatpeft/docs/algorithms.md`` / ``flatpeft/configs/suite.yaml``
+(``flatpeft docs algorithms``, ``flatpeft configs suite``), the same files as in a checkout (:mod:`flatpeft.resources`).
 """
 from flatpeft import methods as _methods  # noqa: F401  (registers the built-in methods)
 from flatpeft.optim import MethodInfo, RNGState, SharpnessAware, create_optimizer, get_method, method_names, register_method

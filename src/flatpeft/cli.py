@@ -8,6 +8,11 @@
     flatpeft data verify [--only NAMES]         check the prepared assets' sizes and sha256
     flatpeft config CONFIG [--set ...]          print the resolved config (validation only)
     flatpeft methods / flatpeft tasks           list what is registered
+    flatpeft configs [NAME] [--path]            list the built-in configs, or print one (or its path)
+    flatpeft docs [PAGE]                        where the shipped Markdown docs are, or print one page
+
+CONFIG is a YAML file or the name of a built-in config (``flatpeft train finefoods_fewshot``; a file of that
+name in the current directory wins): see :mod:`flatpeft.resources`.
 
 Other parts add sub-commands: every module of :data:`PLUGIN_MODULES` that imports gets
 ``register_cli(subparsers)`` called; each of its sub-commands sets ``func`` with ``set_defaults``.
@@ -53,7 +58,9 @@ def _load_checked(args: argparse.Namespace, methods: list[str] | None = None):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="experiment YAML (see docs/cli.md for every key)")
+    p.add_argument("config", type=Path,
+                   help="experiment YAML file, or the name of a built-in config (`flatpeft configs` lists them, "
+                        "e.g. finefoods_fewshot); every key: `flatpeft docs cli`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                    help="override a config field (value parsed as YAML), e.g. --set train.steps=100 "
                         "--set method.rho=0.1; repeatable")
@@ -171,6 +178,43 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     for name in available_tasks():
         doc = (get_task(name).__doc__ or "").strip().splitlines()
         print(f"{name:22s} {doc[0] if doc else ''}")
+    from flatpeft.resources import builtin_configs
+
+    names = [n for n in builtin_configs() if "/" not in n and n != "suite"]
+    if names:
+        example = "finefoods_fewshot" if "finefoods_fewshot" in names else names[0]
+        print(f"\nbuilt-in configs (run by name, e.g. flatpeft train {example}; flatpeft configs): {', '.join(names)}")
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from flatpeft.resources import builtin_configs, config_summary, missing_config_hint
+
+    configs = builtin_configs()
+    if args.name is None:
+        for name, path in configs.items():
+            kind, about = config_summary(path)
+            print(f"{name:20s} {kind:11s} {about}")
+        return 0
+    if args.name not in configs:
+        raise ValueError(f"configs: no built-in config {args.name!r}{missing_config_hint(args.name)}")
+    print(configs[args.name] if args.path else configs[args.name].read_text(encoding="utf-8"), end="\n" if args.path else "")
+    return 0
+
+
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from flatpeft.resources import doc_pages, docs_dir
+
+    pages = doc_pages()
+    if args.page is None:
+        print(docs_dir())
+        for page in pages:
+            print(f"  {page}")
+        return 0
+    name = args.page.removesuffix(".md").removeprefix("docs/")
+    if name not in pages:
+        raise ValueError(f"docs: no page {args.page!r} (pages: {', '.join(pages) or 'none shipped'})")
+    print(pages[name].read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -265,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_methods)
     p = sub.add_parser("tasks", help="list the registered tasks", description="List the registered tasks.")
     p.set_defaults(func=_cmd_tasks)
+    p = sub.add_parser("configs", help="list the built-in configs (run them by name), or print one",
+                       description="Without NAME: every built-in config (experiments, the suite plan, accelerate "
+                                   "launch configs). With NAME: print it (copy it to edit: flatpeft configs "
+                                   "finefoods_fewshot > my.yaml), or its path with --path (accelerate launch "
+                                   "--config_file \"$(flatpeft configs accelerate/ddp --path)\" ...).")
+    p.add_argument("name", nargs="?", default=None, help="a built-in config name, e.g. finefoods_fewshot")
+    p.add_argument("--path", action="store_true", help="print the file's path instead of its text")
+    p.set_defaults(func=_cmd_configs)
+    p = sub.add_parser("docs", help="the Markdown docs shipped with the package",
+                       description="Without PAGE: the directory of the docs and their page names. With PAGE (e.g. "
+                                   "cli, methods): print that page.")
+    p.add_argument("page", nargs="?", default=None, help="a page name, e.g. cli")
+    p.set_defaults(func=_cmd_docs)
 
     problems = _register_plugins(sub)
     parser.set_defaults(_plugin_problems=problems)

@@ -4,9 +4,20 @@ The scale ``s`` is always read from the module (``lora_alpha / r`` or ``lora_alp
 never hard-coded: the only public Flat-LoRA (Deng et al.) code hard-codes ``s = 0.5`` and so realises a
 W-space radius about 4x rho (docs/algorithms.md, "Flat-LoRA").
 
-Besides peft, a hand-written LoRA module is recognised when it has ``lora_A`` (``r x in``) and ``lora_B``
-(``out x r``) parameters (or ``nn.Linear`` modules of those shapes), a float ``scaling`` and a frozen ``weight``
-(or a ``base_layer`` with one), and computes ``base(x) + scaling * x A^T B^T``.
+Hand-written LoRA: the contract
+-------------------------------
+Besides peft's ``LoraLayer``, a module of your own is a LoRA layer (its factors found by the five LoRA methods,
+its ``A`` and ``B`` ranked by FlatPO and left unmasked by SPIDER) when it has
+
+* ``lora_A`` (``r x in``) and ``lora_B`` (``out x r``): ``nn.Parameter`` objects or ``nn.Linear`` modules of those
+  shapes, both trainable;
+* ``scaling``: a Python number ``s``;
+* the frozen 2-D base weight ``W0`` (``out x in``) either as its own ``weight`` or as the ``weight`` of a child
+  module named ``base_layer`` (peft's name), ``base`` or ``linear`` (litgpt's ``LoRALinear``), looked up in
+  that order;
+
+and computes ``base(x) + s * x A^T B^T``. Any other layout (other names, a ``scaling`` tensor, a 3-D weight) is
+not a LoRA layer here: the LoRA-only methods refuse the model and FlatPO ranks its tensors as plain weights.
 
 Linear and Conv LoRA layers are covered: a conv factor is viewed as a matrix (``A``: r x (in*kh*kw),
 ``B``: out x r), for which ``Delta W = s * B @ A`` holds exactly. LoRA on embeddings and DoRA are not covered
@@ -73,20 +84,33 @@ def _as_param(obj) -> torch.Tensor | None:
     return None
 
 
+#: names of the child module holding a hand-written LoRA layer's frozen weight, in lookup order (module docstring)
+BASE_LAYER_NAMES: tuple[str, ...] = ("base_layer", "base", "linear")
+
+
+def _frozen_base(module: nn.Module) -> nn.Module | None:
+    """The child module of ``module`` that holds ``W0``: the first of :data:`BASE_LAYER_NAMES` that has a weight."""
+    for attr in BASE_LAYER_NAMES:
+        child = getattr(module, attr, None)
+        if isinstance(child, nn.Module) and isinstance(getattr(child, "weight", None), torch.Tensor):
+            return child
+    return None
+
+
 def _hand_written(mod_name: str, module: nn.Module) -> LoRAFactors | None:
     """A non-peft module with ``lora_A``/``lora_B``/``scaling`` and a frozen base weight (see module docstring)."""
     a, b = _as_param(getattr(module, "lora_A", None)), _as_param(getattr(module, "lora_B", None))
     scale = getattr(module, "scaling", None)
     if a is None or b is None or not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return None
-    base = getattr(module, "base_layer", None)
-    weight = getattr(base if isinstance(base, nn.Module) else module, "weight", None)
+    base = _frozen_base(module)
+    weight = getattr(base if base is not None else module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or a.dim() != 2 or b.dim() != 2:
         return None
     if not (a.requires_grad and b.requires_grad):
         return None
     return LoRAFactors(name=mod_name, A=a, B=b, scale=float(scale), base_weight=weight, module=module,
-                       base_layer=base if isinstance(base, nn.Module) else None)
+                       base_layer=base)
 
 
 def find_lora_layers(model: nn.Module) -> tuple[list[LoRAFactors], list[str]]:

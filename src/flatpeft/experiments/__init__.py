@@ -3,7 +3,7 @@
 Public entry points::
 
     from flatpeft.experiments import load_config, train_run, evaluate_run, compare
-    cfg = load_config("configs/finefoods_fewshot.yaml", ["method.name=sam"])
+    cfg = load_config("finefoods_fewshot", ["method.name=sam"])   # a built-in config by name, or a YAML path
     metrics = train_run(cfg, seed=0, out_dir="runs/sam0")
 
 Submodules are imported lazily so ``import flatpeft.experiments.tasks`` stays light.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from flatpeft._extras import require
 
 require("cli", "yaml", "numpy", "pandas", "scipy", "matplotlib", "transformers", "peft", "tqdm", "safetensors",
-        "sklearn", part="flatpeft.experiments")
+        part="flatpeft.experiments")
 
 from .config import ExperimentConfig, load_config, save_config
 from .tasks import Task, available_tasks, get_task, register_task

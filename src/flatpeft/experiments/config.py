@@ -549,10 +549,15 @@ def read_utf8(path: str | Path) -> str:
 
 
 def read_config_mapping(path: str | Path) -> dict[str, Any]:
-    """The raw top-level mapping of a YAML config file (``yaml.safe_load`` semantics), with clear errors."""
-    path = Path(path).expanduser()
+    """The raw top-level mapping of a YAML config file (``yaml.safe_load`` semantics), with clear errors.
+
+    ``path`` may also name a built-in config (``finefoods_fewshot``; :func:`flatpeft.resources.resolve_config_path`).
+    """
+    from flatpeft.resources import missing_config_hint, resolve_config_path
+
+    ref, path = path, resolve_config_path(path)
     if not path.is_file():
-        raise ValueError(f"config file {_short(str(path))} does not exist")
+        raise ValueError(f"config file {_short(str(path))} does not exist{missing_config_hint(ref)}")
     try:
         raw = safe_load_yaml(read_utf8(path)) or {}
     except _ConfigYAMLError as err:

@@ -9,11 +9,12 @@ engine replays the random state in pass 2 of two-pass methods, so a two-pass ste
 stream of one pass.
 
 A run directory holds ``.flatpeft-run.json`` (its manifest, written first), ``config.yaml`` (the resolved
-config, absolute paths, ``train.seed`` = the run seed), ``metrics.jsonl`` and ``tb/`` (TensorBoard) with the
-training log, ``adapter/`` (peft ``save_pretrained``), and ``eval.json``. The manifest and ``eval.json`` name
-the code that trained the run (``code``: :func:`flatpeft.experiments.provenance.code_record`) and
-``eval.json`` the sha256 of its data files (``data_sha256``); a resumed comparison reuses a finished run only
-when its settings, data hashes and code are the current ones (:func:`match_run`). A run is built aside and renamed
+config, absolute paths, ``train.seed`` = the run seed), ``metrics.jsonl`` and ``tb/`` (TensorBoard, when the
+``tensorboard`` extra is installed) with the training log, ``adapter/`` (peft ``save_pretrained``), and ``eval.json``.
+The manifest and ``eval.json`` name the code that trained the run (``code``:
+:func:`flatpeft.experiments.provenance.code_record`) and ``eval.json`` the sha256 of its data files
+(``data_sha256``); a resumed comparison reuses a finished run only when its settings, data hashes and code are the
+current ones (:func:`match_run`). A run is built aside and renamed
 into place only when it finished (:mod:`flatpeft.experiments.rundir`), so a run directory always holds a
 whole run; a run whose loss (either pass of a two-pass method) or trainable weights become non-finite stops
 with :class:`RunDivergedError` and leaves nothing behind.
@@ -197,6 +198,26 @@ class _DivergenceWatch:
             raise RunDivergedError(self.method, self.seed, step, what)
 
 
+_TB_NOTICE_SHOWN = False
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A ``SummaryWriter`` for ``log_dir`` when tensorboard is installed (``flatpeft[tensorboard]``), else ``None``:
+    ``metrics.jsonl`` holds the same numbers, so a run without it loses nothing; a note says so once per process."""
+    global _TB_NOTICE_SHOWN
+    from flatpeft._extras import missing
+
+    if missing("tensorboard"):
+        if not _TB_NOTICE_SHOWN:
+            print("flatpeft: note: tensorboard is not installed, so runs write no tb/ (metrics.jsonl has the same "
+                  "curves); install the extra for it: pip install 'flatpeft[tensorboard]'", file=sys.stderr)
+            _TB_NOTICE_SHOWN = True
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress: bool) -> dict[str, float]:
     """Run ``cfg.train.steps`` optimizer steps; log every ``train.log_every`` steps; return timing and last loss.
 
@@ -205,7 +226,6 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
     never holds a non-finite number. Time per step counts everything of the loop (batch assembly, passes,
     update, logging) and no evaluation.
     """
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     model, steps, every = task.model, cfg.train.steps, cfg.train.log_every
@@ -213,7 +233,7 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
     batches = task.train_batches()
     watch = _DivergenceWatch([p for p in model.parameters() if p.requires_grad], task.device,
                              cfg.method["name"], cfg.train.seed)
-    writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+    writer = _tensorboard_writer(out_dir / "tb")
     log_file = (out_dir / "metrics.jsonl").open("w")
     sums: dict[str, torch.Tensor] = {}
     window = 0
@@ -249,7 +269,7 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
                 log_file.write(json.dumps(last, allow_nan=False) + "\n")
                 log_file.flush()
                 for key, value in last.items():
-                    if key not in ("step", "time_s"):
+                    if writer is not None and key not in ("step", "time_s"):
                         writer.add_scalar(f"train/{key}", value, step)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 sums, window = {}, 0
@@ -260,7 +280,7 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
                 log_file.write(json.dumps(val) + "\n")
                 log_file.flush()
                 for key, value in val.items():
-                    if key != "step":
+                    if writer is not None and key != "step":
                         writer.add_scalar(f"val/{key}", value, step)
                 start += time.perf_counter() - paused  # evaluation is not training time
         sync()
@@ -268,7 +288,8 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
     finally:
         bar.close()
         log_file.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return {"train_time_s": train_time, "time_per_step": train_time / steps, "final_loss": last.get("loss", math.nan)}
 
 

@@ -1,6 +1,7 @@
 """``flatpeft suite``: every task of a plan x methods x seeds, with resume, and one results page.
 
-A *plan* (YAML, default ``configs/suite.yaml``) lists tasks; each task is an experiment config plus overrides,
+A *plan* (YAML; default ``configs/suite.yaml`` of the current directory when there is one, as in a checkout, else
+the built-in plan ``suite``, see :func:`default_plan`) lists tasks; each task is an experiment config plus overrides,
 the methods to run, the seeds, the metrics to report, and optional *ablations* (one method with extra
 settings, paired with the task's ``base`` runs). Every task (and every ablation) is one ``compare`` directory
 under ``output_dir`` and is run through :func:`flatpeft.experiments.runner.compare` with ``resume=True``, so
@@ -164,13 +165,15 @@ _ABLATION_TYPES: dict[str, Callable[[Any, str], None]] = {"method": _is_str, "se
 
 
 def load_plan(path: str | Path) -> SuitePlan:
-    """Read and check a plan file: unknown keys, values of the wrong type (a string where a list belongs, seeds
-    that are not integers), names that are not plain identifiers and duplicate names are errors naming the
-    plan file and the key."""
+    """Read and check a plan file, or the built-in plan by name (``suite``): unknown keys, values of the wrong type
+    (a string where a list belongs, seeds that are not integers), names that are not plain identifiers and
+    duplicate names are errors naming the plan file and the key."""
+    from flatpeft.resources import resolve_config_path
+
     from .config import read_config_mapping
 
-    path = Path(path)
     raw = read_config_mapping(path)
+    path = resolve_config_path(path)
     _check_keys(raw, SuitePlan, str(path))
     if not raw.get("tasks") or not isinstance(raw["tasks"], list):
         raise ValueError(f"{path}: a plan needs a non-empty 'tasks' list")
@@ -521,10 +524,16 @@ CLAIMS: list[dict[str, str]] = [
 
 
 # ---- command line ---------------------------------------------------------------------------------
+def default_plan() -> str:
+    """The plan ``flatpeft suite`` runs without one: ``configs/suite.yaml`` of the current directory when it exists
+    (a checkout, or a project laid out like one), else the built-in plan ``suite``."""
+    return "configs/suite.yaml" if Path("configs/suite.yaml").is_file() else "suite"
+
+
 def _cmd_suite(args: Any) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer (torch threads per process), got {args.threads}")
-    plan = load_plan(args.plan)
+    plan = load_plan(args.plan or default_plan())
     only = [s.strip() for s in args.tasks.split(",") if s.strip()] if args.tasks else None
     if only:
         known = {t.name for t in plan.tasks}
@@ -555,14 +564,17 @@ def register_cli(subparsers: Any) -> None:
     """Add ``flatpeft suite`` to an argparse sub-parser collection."""
     p = subparsers.add_parser(
         "suite", help="run every task of a plan x methods x seeds (resumable) and write the results page",
-        description="Runs every task of PLAN (default configs/suite.yaml) with every method and seed as one "
+        description="Runs every task of PLAN (default: configs/suite.yaml of the current directory, else the "
+                    "built-in plan 'suite') with every method and seed as one "
                     "compare directory each under the plan's output_dir, always resuming (finished runs are kept; a "
                     "finished run with other settings or data is refused, naming the keys or files; one trained by "
                     "other code is retrained unless --keep-other-code), then rebuilds the results page (the plan's "
                     "page, default <output_dir>/results.md) from the runs. Exits with status 2 when a compare "
                     "directory ended with an error or failed runs. --reproduce retrains a sample of the page's runs "
                     "at the current code and reports the largest difference of each metric.")
-    p.add_argument("plan", nargs="?", default="configs/suite.yaml", help="suite plan YAML (default configs/suite.yaml)")
+    p.add_argument("plan", nargs="?", default=None,
+                   help="suite plan YAML, or a built-in plan by name (default: configs/suite.yaml of the current "
+                        "directory if there is one, else the built-in 'suite')")
     p.add_argument("--tasks", default=None, help="comma list of task names to run (default: the plan's enabled tasks)")
     p.add_argument("--jobs", type=int, default=None, help="compare directories run in parallel (default: the plan's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the plan's)")

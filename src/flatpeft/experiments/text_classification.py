@@ -299,14 +299,19 @@ def sample_shots(labels: np.ndarray, pool: np.ndarray, shots: int | None, seed: 
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
-    """``accuracy`` and ``macro_f1`` (unweighted mean of per-class F1, sklearn ``f1_score(average="macro")``)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(num_classes)),
-                                   zero_division=0)),
-    }
+    """``accuracy`` and ``macro_f1``: the unweighted mean over the classes ``0 .. num_classes-1`` of the per-class
+    F1 ``2 TP / (2 TP + FP + FN)``, 0 for a class that is neither true nor predicted (what scikit-learn's
+    ``f1_score(average="macro", labels=range(num_classes), zero_division=0)`` returns)."""
+    y_true, y_pred = np.asarray(y_true).astype(np.int64).ravel(), np.asarray(y_pred).astype(np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"classification_metrics: {y_true.size} true labels but {y_pred.size} predictions")
+    hit = y_true == y_pred
+    tp = np.bincount(y_true[hit], minlength=num_classes)[:num_classes].astype(np.float64)
+    true_count = np.bincount(y_true, minlength=num_classes)[:num_classes]
+    pred_count = np.bincount(y_pred, minlength=num_classes)[:num_classes]
+    denom = (true_count + pred_count).astype(np.float64)  # 2 TP + FP + FN
+    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
+    return {"accuracy": float(hit.mean()), "macro_f1": float(f1.mean())}
 
 
 def check_positions(model_config: Any, cfg: ExperimentConfig) -> None:

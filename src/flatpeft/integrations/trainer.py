@@ -351,15 +351,15 @@ class SharpnessAwareMixin:
                 f"{type(self).__name__} does not support DeepSpeed: its engine steps the optimizer inside backward at "
                 "the accumulation boundary and owns the gradient partitions, so the second gradient pass and the "
                 "exact restore of the weights cannot be placed around it. Use FSDP2 for sharded training: "
-                "`accelerate launch --config_file configs/accelerate/fsdp2.yaml train.py` (distributed_type: FSDP, "
+                "`accelerate launch --config_file \"$(flatpeft configs accelerate/fsdp2 --path)\" train.py` (distributed_type: FSDP, "
                 "fsdp_version: 2), or TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2, ...}); "
-                "DDP (configs/accelerate/ddp.yaml) when the model fits on one device (docs/distributed.md)."
+                "DDP (flatpeft configs accelerate/ddp) when the model fits on one device (flatpeft docs distributed)."
             )
         if self.is_fsdp_enabled and self._fsdp_version() != 2:
             raise NotImplementedError(
                 f"{type(self).__name__} supports FSDP2 only (fully_shard, DTensor parameters), not FSDP1's flat "
-                "parameters: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml) or "
-                "fsdp_config={'version': 2} in TrainingArguments (docs/distributed.md)."
+                "parameters: set fsdp_version: 2 in the accelerate config (flatpeft configs accelerate/fsdp2) or "
+                "fsdp_config={'version': 2} in TrainingArguments (flatpeft docs distributed)."
             )
         self.add_callback(_AfterOptimizerStep(self))
 
