@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -36,7 +37,19 @@ SETTINGS = {
     "cpu": dict(hidden=256, layers=4, heads=4, mlp=704, vocab=4000, batch=4, seq=128, dtype="float32", device="cpu"),
     "gpu": dict(hidden=1024, layers=24, heads=16, mlp=2816, vocab=32000, batch=8, seq=512, dtype="bfloat16", device="cuda"),
 }
-DEFAULT_METHODS = flatpeft.METHODS
+DEFAULT_METHODS = flatpeft.METHODS + ("flat-lora-random[keep_noise=True]",)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name[key=value,...]"`` (values are Python literals) -> ``(name, keywords)``."""
+    import ast
+
+    name, _, rest = spec.partition("[")
+    kwargs = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = ast.literal_eval(value.strip())
+    return name, kwargs
 
 
 def build(setting: dict, seed: int = 0):
@@ -61,7 +74,8 @@ def build(setting: dict, seed: int = 0):
 
 
 def make_step(model, method: str, setting: dict):
-    opt = flatpeft.create_optimizer(model, method, base_optimizer="adamw", lr=1e-4, total_steps=1000)
+    name, kwargs = parse_spec(method)
+    opt = flatpeft.create_optimizer(model, name, base_optimizer="adamw", lr=1e-4, total_steps=1000, **kwargs)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, setting["vocab"], (setting["batch"], setting["seq"]), generator=g).to(setting["device"])
 
@@ -139,7 +153,8 @@ def peak_memory(method: str, setting_name: str, steps: int = 3) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="comma-separated method names, each optionally with keywords: flat-lora-random[keep_noise=True]")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=2)
@@ -158,7 +173,7 @@ def main(argv=None) -> int:
     if setting["device"] == "cuda" and not torch.cuda.is_available():
         ap.error("--setting gpu needs CUDA")
     torch.set_num_threads(torch.get_num_threads())
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods) if m.strip()]
     if "base" not in methods:
         methods.insert(0, "base")
     times, passes_of, extra = time_methods(methods, setting, args.warmup, args.rounds, args.steps_per_round)

@@ -41,6 +41,9 @@ def _fake_finefoods(cache: Path, n: int = 600) -> Path:
     pd.DataFrame(rows).to_csv(ff / "train.csv", index=False)
     pd.DataFrame(rows[:100]).to_csv(ff / "test.csv", index=False)
     (ff / ".done").write_text("ok\n")
+    from flatpeft.assets import record_manifest
+
+    record_manifest("finefoods", ff)  # as `flatpeft data prepare` records what it produced (FLATPEFT_CACHE is set)
     return ff
 
 

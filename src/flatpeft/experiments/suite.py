@@ -427,9 +427,9 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
     jobs = int(jobs or plan.jobs or 1)
     threads = int(threads if threads is not None else plan.threads)
     todo = units(plan, only)
+    check_page(page_file, [t.name for t in plan.tasks])
     for u in todo:  # the whole plan is checked before anything trains
         _check_unit(u)
-    check_page(page_file, [t.name for t in plan.tasks])
     root.mkdir(parents=True, exist_ok=True)
     log = _read_log(root)
     inv: dict[str, Any] = {"start": time.time(), "jobs": jobs, "threads": threads, "units": [],
