@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
 
-import flatpeft  # noqa: E402
+import flatpeft
 
 METHODS = {
     "base": {},
@@ -191,7 +191,7 @@ def task_dcp(rank: int, world: int, directory: str) -> dict:
     )
 
     results = {}
-    ids_of = lambda t: local_batch(t, rank, world)  # noqa: E731
+    ids_of = lambda t: local_batch(t, rank, world)
     for method, kw in METHODS.items():
         path = os.path.join(directory, f"ckpt-{method}")
         model = fsdp2(tiny_llama())

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from flatpeft.analysis.preference import (
-    PreferenceArm,
     parse_fractions,
     preference_arms,
     run_preference,

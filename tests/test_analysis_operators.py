@@ -233,7 +233,7 @@ def test_analyze_model_pipeline_on_peft_bert_against_dense_hessian(tmp_path):
     model.train()
     gen = torch.Generator().manual_seed(2)
     batches = [{"input_ids": torch.randint(0, 30, (4, 6), generator=gen), "labels": torch.tensor([0, 1, 1, 0])}]
-    loss_fn = lambda m, b: m(**b).loss  # noqa: E731
+    loss_fn = lambda m, b: m(**b).loss
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = AnalysisSettings(top_k=2, eig_tol=0.0, hutchinson_samples=64, ascent_steps=2,
                                 landscape_points_1d=5, landscape_points_2d=3, progress=False)

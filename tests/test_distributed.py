@@ -13,7 +13,6 @@ timeout after which both processes are killed, and they are killed whatever happ
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket

@@ -76,7 +76,7 @@ def run_snippet(method, name, windows, **extra):
     else:
         ns["batches"] = [w[0] for w in windows]
     torch.manual_seed(3)
-    exec(compile(code, f"docs/methods.md loop {name}", "exec"), ns)  # noqa: S102 - the documented snippet itself
+    exec(compile(code, f"docs/methods.md loop {name}", "exec"), ns)
     return snapshot(model)
 
 

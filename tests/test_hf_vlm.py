@@ -10,10 +10,10 @@ import pytest
 import torch
 
 pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from flatpeft.experiments.config import config_from_dict  # noqa: E402
-from flatpeft.multimodal.hf_vlm import (HFVLMTask, collate_vqa, encode_vqa, lm_lora_target_regex,  # noqa: E402
+from flatpeft.experiments.config import config_from_dict
+from flatpeft.multimodal.hf_vlm import (HFVLMTask, collate_vqa, encode_vqa, lm_lora_target_regex,
                                         read_vqa_jsonl)
 
 WORDS = "what is in the image a cat dog red blue green colour photo of shown item user assistant".split()

@@ -12,7 +12,6 @@ This file uses only what the lowest supported versions have (transformers 4.46, 
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 
@@ -24,10 +23,10 @@ from torch.utils.data import Dataset
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import flatpeft  # noqa: E402
-from flatpeft.integrations import SharpnessAwareCallback, SharpnessAwareMixin, SharpnessAwareTrainer  # noqa: E402
+import flatpeft
+from flatpeft.integrations import SharpnessAwareCallback, SharpnessAwareMixin, SharpnessAwareTrainer
 
 N, D_IN, D_HIDDEN, D_OUT = 12, 6, 8, 3
 LR = 0.05

@@ -19,7 +19,7 @@ import yaml
 pytestmark = pytest.mark.llamafactory
 pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed (pip install 'flatpeft[llamafactory]')")
 
-from flatpeft.integrations import llamafactory as lf  # noqa: E402
+from flatpeft.integrations import llamafactory as lf
 
 LR, RATIO, RHO = 1e-3, 16.0, 0.05
 

@@ -9,7 +9,7 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from flatpeft.integrations import llamafactory as lf  # noqa: E402
+from flatpeft.integrations import llamafactory as lf
 
 BASE = {"model_name_or_path": "m", "stage": "sft", "do_train": True, "learning_rate": 1e-4, "output_dir": "out"}
 

@@ -22,7 +22,7 @@ import _fixtures as F
 from flatpeft import cli
 from flatpeft.experiments.config import config_from_dict, config_to_dict, load_config, resolve_test_ref, save_config
 from flatpeft.experiments.runner import (DirectoryLockedError, RunDivergedError, RunExistsError, compare,
-                                         evaluate_run, train_run)
+                                         train_run)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -267,7 +267,7 @@ def test_damaged_cache_file_is_never_recorded(fake_finefoods, tmp_path, monkeypa
     assert code == 2 and "no manifest" in err
     assets.prepare(["finefoods"], progress=False)
     assert len(test_csv.read_text().splitlines()) == 101
-    files = lambda data: json.loads(data)["files"]  # noqa: E731
+    files = lambda data: json.loads(data)["files"]
     assert files((fake_finefoods / "manifests" / "finefoods.json").read_bytes()) == files(manifest)
     assert run(["data", "verify", "--only", "finefoods"], capsys)[0] == 0
 
@@ -558,7 +558,6 @@ def test_eval_after_the_run_config_or_data_changed_is_named(tmp_path, finished_r
 
 
 def test_eval_of_a_run_without_a_test_set_names_evals_own_flags(tmp_path, tiny, capsys):
-    from flatpeft.experiments.runner import train_run
 
     cfg = config_to_dict(tiny)
     cfg["data"]["test"] = None

@@ -14,11 +14,11 @@ import torch
 
 pytest.importorskip("trl", reason="trl is not installed (pip install 'flatpeft[trl]')")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from trl import SFTConfig, SFTTrainer
 
-from flatpeft.integrations import SharpnessAwareMixin  # noqa: E402
+from flatpeft.integrations import SharpnessAwareMixin
 
 WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
 TEXTS = [

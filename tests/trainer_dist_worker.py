@@ -22,10 +22,10 @@ os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from transformers import TrainingArguments  # noqa: E402
+from transformers import TrainingArguments
 
-from dist_worker import METHODS, VOCAB, tiny_llama  # noqa: E402
-from flatpeft.integrations import SharpnessAwareTrainer  # noqa: E402
+from dist_worker import METHODS, VOCAB, tiny_llama
+from flatpeft.integrations import SharpnessAwareTrainer
 
 
 class Tokens(torch.utils.data.Dataset):

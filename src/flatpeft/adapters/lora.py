@@ -123,7 +123,7 @@ def find_lora_layers(model: nn.Module) -> tuple[list[LoRAFactors], list[str]]:
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
-        LoraLayer = None  # noqa: N806 - peft is optional: only hand-written LoRA modules are found
+        LoraLayer = None
     found: list[LoRAFactors] = []
     skipped: list[str] = []
     for mod_name, module in model.named_modules():
@@ -174,7 +174,7 @@ def adapter_parameters(model: nn.Module) -> set[int]:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
-        BaseTunerLayer = None  # noqa: N806
+        BaseTunerLayer = None
     for mod_name, module in model.named_modules():
         if BaseTunerLayer is not None and isinstance(module, BaseTunerLayer):
             for attr in getattr(module, "adapter_layer_names", ()):

@@ -32,7 +32,7 @@ def load_run_task(run_dir: str | Path) -> Any:
 
 
 def analyze_run(
-    run_dir: str | Path, *, batches: int = 1, settings: AnalysisSettings = AnalysisSettings(),
+    run_dir: str | Path, *, batches: int = 1, settings: AnalysisSettings | None = None,
     echo: Any = None,
 ) -> SharpnessReport:
     """Analyse the adapter of ``run_dir`` on ``batches`` training batches; write ``sharpness.json`` and plots there.
@@ -45,7 +45,8 @@ def analyze_run(
     if not isinstance(batches, int) or batches < 1:
         raise ValueError(f"--batches must be a positive integer, got {batches!r}")
     task = load_run_task(run_dir)
-    report = analyze_model(task.model, task.loss, task.analysis_batches(batches), settings, echo=echo)
+    report = analyze_model(task.model, task.loss, task.analysis_batches(batches), settings or AnalysisSettings(),
+                           echo=echo)
     report = dataclasses.replace(report, extra={"run_dir": str(Path(run_dir).resolve()), "task": task.cfg.task,
                                                 "model": task.cfg.model, "method": dict(task.cfg.method)})
     with run_lock(Path(run_dir)):

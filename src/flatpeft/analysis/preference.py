@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .eigen import top_eigenpairs
 from .operators import HessianOperator, use_eager_attention

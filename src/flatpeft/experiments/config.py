@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from flatpeft._checks import SEED_MAX, check_seed, short_repr as _short
+from flatpeft._checks import check_seed, short_repr as _short
 
 __all__ = [
     "DataConfig",
@@ -204,7 +204,7 @@ def safe_load_yaml(text: str) -> Any:
     """``yaml.safe_load`` semantics (no object construction) with YAML 1.2 core-schema scalars (``5e-4`` is a
     float, ``010`` is 10, ``1:30`` and ``yes`` are strings), duplicate keys refused and alias expansion bounded
     (:data:`MAX_CONFIG_VALUES`). Errors are ``yaml.YAMLError``."""
-    loader = _Loader(text)  # noqa: S506 - _Loader subclasses SafeLoader
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:

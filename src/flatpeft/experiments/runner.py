@@ -34,7 +34,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import (SEED_MAX, ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
+from flatpeft._checks import SEED_MAX
+
+from .config import (ExperimentConfig, absolutize_paths, config_from_dict, config_to_dict, missing_keys,
                      read_config_mapping, resolve_model_path, resolve_test_ref, save_config)
 from .rundir import (COMPARE_MANIFEST, RUN_ENTRIES, RUN_MANIFEST, DirectoryLockedError, RunExistsError,
                      as_os_error, check_output_dir, check_replaceable, dir_lock, install_run, is_finished,

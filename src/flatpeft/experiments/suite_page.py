@@ -582,7 +582,7 @@ def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
                 g = src[src["method"] == m]
                 if g.empty:
                     continue
-                cell = lambda c: f"{g[c].mean():.2f}" if c in g and g[c].notna().any() else "–"  # noqa: E731
+                cell = lambda c, g=g: f"{g[c].mean():.2f}" if c in g and g[c].notna().any() else "–"  # noqa: E731
                 L.append(f"| {n} | `{m}` | {len(g)} | {cell('time_per_step')} | {cell('train_time_s')} | "
                          f"{cell('eval_time_s')} |")
         L.append("")

@@ -24,7 +24,6 @@ Pipeline (the protocol of ``docs/algorithms.md``):
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator

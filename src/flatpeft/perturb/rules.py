@@ -61,16 +61,16 @@ class Rule:
         a state dict, so a state dict of a fresh optimizer is a complete template to load a checkpoint into
         (``torch.distributed.checkpoint``)."""
 
-    def perturb(self, state: StepState) -> None:  # noqa: D102
+    def perturb(self, state: StepState) -> None:
         pass
 
-    def restore(self, state: StepState) -> None:  # noqa: D102
+    def restore(self, state: StepState) -> None:
         pass
 
-    def before_update(self, state: StepState) -> None:  # noqa: D102
+    def before_update(self, state: StepState) -> None:
         pass
 
-    def after_update(self, state: StepState) -> None:  # noqa: D102
+    def after_update(self, state: StepState) -> None:
         pass
 
 
