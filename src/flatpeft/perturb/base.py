@@ -28,8 +28,8 @@ import torch
 
 from flatpeft.adapters.lora import LoRAFactors
 
-__all__ = ["StepState", "Transform", "TransformState", "chain", "stateless", "run_transform", "step_generator",
-           "seed_of"]
+__all__ = ["StepState", "Transform", "TransformState", "chain", "materialize", "stateless", "run_transform",
+           "step_generator", "seed_of"]
 
 
 def seed_of(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
