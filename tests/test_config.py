@@ -159,3 +159,15 @@ def test_task_args_unknown_key_rejected():
     with pytest.raises(ValueError, match=r"task_args\.beta.*alpha"):
         C.parse_dataclass(Args, {"beta": 2}, "task_args.")
     assert C.parse_dataclass(Args, {"alpha": 3.0}, "task_args.") == Args(3.0)
+
+
+def test_docs_config_key_table_is_the_config_fields_help():
+    """docs/cli.md's key table is generated from the config fields (defaults and help), so it cannot drift."""
+    from pathlib import Path
+
+    from flatpeft.experiments.config import config_key_table
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    begin, end = "<!-- config-keys: begin -->", "<!-- config-keys: end -->"
+    assert text.split(begin, 1)[1].split(end, 1)[0].strip() == config_key_table().strip(), (
+        "docs/cli.md is out of date: run python scripts/methods_table.py")

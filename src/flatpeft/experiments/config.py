@@ -61,6 +61,7 @@ __all__ = [
     "parse_override",
     "parse_dataclass",
     "field_help",
+    "config_key_table",
     "resolve_model_path",
     "check_model_ref",
     "dump_yaml",
@@ -315,7 +316,7 @@ class TrainConfig:
         "metrics.jsonl and TensorBoard): learning curves for choosing steps and lr without touching the test "
         "split. Not counted in time_per_step."))
     device: str = field(default="auto", metadata=_help(
-        "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."))
+        "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine lacks is an error."))
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_batch_size"):
@@ -387,6 +388,35 @@ _FREE_SECTIONS = ("method", "task_args")
 def field_help(cls: type) -> dict[str, str]:
     """Map each field name of dataclass ``cls`` to its help text."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _yaml_flow(value: Any) -> str:
+    """``value`` as it would be written in a config file (flow style: ``null``, ``[query, value]``, ``{name: base}``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def config_key_table() -> str:
+    """The Markdown table of every config key, its default and its help text (docs/cli.md, "Config files"), built
+    from the dataclasses' field help, so the documentation cannot drift from the code: top-level scalar keys
+    first, then the keys of each section."""
+    def cell(text: str) -> str:  # "<split>" would be read as an HTML tag
+        return text.replace("<", "&lt;").replace("|", "\\|")
+
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    default = ExperimentConfig()
+    sections = []
+    for f in dataclasses.fields(ExperimentConfig):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((f.name, value))
+        else:
+            rows.append(f"| `{f.name}` | `{_yaml_flow(value)}` | {cell(f.metadata.get('help', ''))} |")
+    for name, section in sections:
+        for g in dataclasses.fields(section):
+            rows.append(f"| `{name}.{g.name}` | `{_yaml_flow(getattr(section, g.name))}` | "
+                        f"{cell(g.metadata.get('help', ''))} |")
+    return "\n".join(rows)
 
 
 def _type_name(tp: Any) -> str:
