@@ -7,6 +7,7 @@ from a directory outside the checkout.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -41,9 +42,19 @@ def _fake_finefoods(cache: Path, n: int = 600) -> Path:
     pd.DataFrame(rows).to_csv(ff / "train.csv", index=False)
     pd.DataFrame(rows[:100]).to_csv(ff / "test.csv", index=False)
     (ff / ".done").write_text("ok\n")
+    import os
+
     from flatpeft.assets import record_manifest
 
-    record_manifest("finefoods", ff)  # as `flatpeft data prepare` records what it produced (FLATPEFT_CACHE is set)
+    old = os.environ.get("FLATPEFT_CACHE")
+    os.environ["FLATPEFT_CACHE"] = str(cache)  # the manifest goes into this cache, never the user's
+    try:
+        record_manifest("finefoods", ff)  # as `flatpeft data prepare` records what it produced
+    finally:
+        if old is None:
+            del os.environ["FLATPEFT_CACHE"]
+        else:
+            os.environ["FLATPEFT_CACHE"] = old
     return ff
 
 
@@ -288,7 +299,7 @@ def test_distributed_doc_cpu_pitfall_is_real(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import sys\nfrom transformers import TrainingArguments\n"
                      f"a = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, report_to='none', "
-                     "use_cpu=len(sys.argv) > 1)\nprint('WORLD', a.world_size, a.parallel_mode.value, flush=True)\n")
+                     "use_cpu=len(sys.argv) > 1)\nsys.stdout.write(f'WORLD {a.world_size} {a.parallel_mode.value}\\n'); sys.stdout.flush()\n")
     env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     seen = {}
@@ -297,7 +308,8 @@ def test_distributed_doc_cpu_pitfall_is_real(tmp_path):
                               "--num_processes", "2", "--main_process_port", "29541", str(probe), *extra],
                              capture_output=True, text=True, timeout=600, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
-        seen[bool(extra)] = sorted(ln for ln in res.stdout.splitlines() if ln.startswith("WORLD"))
+        # one write per process, but two processes share the pipe: count the reports, not the lines
+        seen[bool(extra)] = sorted(re.findall(r"WORLD \d+ \w+", res.stdout))
     assert seen[False] == ["WORLD 1 not_parallel"] * 2
     assert seen[True] == ["WORLD 2 distributed"] * 2
 
