@@ -124,6 +124,13 @@ class _LayerNoise:
             self._kept = eps
         return eps
 
+    def forward_noise(self) -> torch.Tensor:
+        """:meth:`noise` for a forward pass; the first one records ``||eps||^2`` (the step's perturbation norm)."""
+        eps = self.noise()
+        if self.sq_norm is None:
+            self.sq_norm = eps.square().sum()
+        return eps
+
     def conv(self) -> nn.Module | None:
         base = self.factors.base_layer
         return base if isinstance(base, nn.modules.conv._ConvNd) else None
@@ -142,9 +149,7 @@ class _NoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: _LayerNoise) -> torch.Tensor:  # type: ignore[override]
-        eps = layer.noise()
-        if layer.sq_norm is None:
-            layer.sq_norm = eps.square().sum()
+        eps = layer.forward_noise()
         ctx.layer = layer
         base = layer.factors.base_layer
         weight = base.weight.detach()
@@ -171,9 +176,7 @@ class _AddNoise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: _LayerNoise) -> torch.Tensor:  # type: ignore[override]
-        eps = layer.noise()
-        if layer.sq_norm is None:
-            layer.sq_norm = eps.square().sum()
+        eps = layer.forward_noise()
         ctx.layer = layer
         if layer.conv() is not None:
             ctx.save_for_backward(x)
