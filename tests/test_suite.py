@@ -252,3 +252,32 @@ def test_parallel_units_keep_the_cli_quiet(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert (tmp_path / "runs/tiny_noisy__scope-all/flatpo/seed0/eval.json").is_file()
     assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+
+
+def test_suite_on_submitit_local_equals_the_local_pool(tmp_path, capsys):
+    """The plan's compare directories as submitit jobs (its local cluster: real subprocesses, as on Slurm but on
+    this machine) give the same runs, bit for bit, as the embedded local pool."""
+    pytest.importorskip("submitit")
+    from flatpeft.cli import main
+
+    results = {}
+    for name, extra in (("pool", []), ("submitit", ["--executor", "submitit", "--executor-option", "cluster=local",
+                                                    "--executor-option", "timeout_min=20"])):
+        plan = _plan(tmp_path / name, seeds=1)
+        assert main(["--quiet", "suite", str(plan), *extra]) == 0
+        runs = tmp_path / name / "runs"
+        results[name] = {p.relative_to(runs).as_posix(): {k: v for k, v in json.loads(p.read_text()).items()
+                                                           if k in ("accuracy", "macro_f1", "final_loss", "steps")}
+                         for p in sorted(runs.glob("*/*/seed*/eval.json"))}
+    assert results["pool"] and results["pool"] == results["submitit"]
+    assert list((tmp_path / "submitit" / "runs" / ".submitit").glob("*_log.out"))  # the jobs really ran there
+
+
+def test_executor_options_are_checked(tmp_path, capsys):
+    from flatpeft.cli import main
+
+    plan = _plan(tmp_path, seeds=1)
+    assert main(["--quiet", "suite", str(plan), "--executor-option", "cluster=local"]) == 2
+    assert "--executor-option applies to --executor submitit" in capsys.readouterr().err
+    assert main(["--quiet", "suite", str(plan), "--executor", "submitit", "--executor-option", "nokey"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

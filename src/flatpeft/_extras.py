@@ -41,6 +41,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
             "yaml", "safetensors", "filelock"),
     "tensorboard": ("tensorboard",),
     "data": ("rdata", "gguf"),
+    "cluster": ("submitit",),
     "multimodal": ("transformers", "peft", "accelerate", "numpy", "scipy", "matplotlib", "tqdm", "pandas",
                    "yaml", "safetensors", "PIL"),
     "trl": ("transformers", "peft", "accelerate", "trl"),

@@ -329,6 +329,33 @@ def _run_unit(unit: Unit, out: str, threads: int, progress: bool, retries: int =
             "status": status, "error": error, "failed": failed, "pid": os.getpid(), "trained": finished() - before}
 
 
+def _run_on_submitit(plan: SuitePlan, todo: list[Unit], root: Path, threads: int, progress: bool,
+                     only: Sequence[str] | None, keep_other_code: bool, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run every unit as one job of `submitit <https://github.com/facebookincubator/submitit>`_ and return their
+    log records (in the plan's order).
+
+    ``options`` go to ``submitit.AutoExecutor`` and its ``update_parameters``: ``cluster`` (``"slurm"``,
+    ``"local"``, or absent: Slurm when it is there, else local processes), ``folder`` (job logs and pickles;
+    default ``<output_dir>/.submitit``), and any executor parameter (``timeout_min``, ``gpus_per_node``,
+    ``cpus_per_task``, ``slurm_partition``, ``slurm_array_parallelism``, ...). A unit is one job: its runs go one
+    after another on that job's device, so ``gpus_per_node=1`` gives one GPU per compare directory. The jobs
+    resume like local units (finished runs are kept), so a pre-empted or failed job is simply submitted again.
+    """
+    from flatpeft._extras import require
+
+    require("cluster", part="flatpeft suite --executor submitit")
+    import submitit
+
+    folder = Path(options.pop("folder", root / ".submitit")).expanduser()
+    cluster = options.pop("cluster", None)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    ex.update_parameters(name="flatpeft-suite", **options)
+    verbosity = _transformers_verbosity()
+    jobs = [ex.submit(_unit_worker, (plan.path, u.name, str(root / u.name), threads, progress,
+                                     list(only) if only else None, verbosity, keep_other_code)) for u in todo]
+    return [job.result() for job in jobs]
+
+
 def _transformers_verbosity() -> int | None:
     try:
         import transformers
@@ -409,8 +436,13 @@ def machine_info() -> dict[str, Any]:
 def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: str | Path | None = None,
               only: Sequence[str] | None = None, jobs: int | None = None, threads: int | None = None,
               train: bool = True, progress: bool = False, echo: Callable[[str], None] = print,
-              keep_other_code: bool = False) -> Path:
+              keep_other_code: bool = False, executor: str = "local",
+              executor_options: dict[str, Any] | None = None) -> Path:
     """Run (resume) every unit of ``plan`` and write the page; returns the page's path.
+
+    ``executor``: ``"local"`` (this machine: one unit after another, or ``jobs`` parallel processes) or
+    ``"submitit"``: every compare directory is one job of submitit (Slurm on a cluster, subprocesses with
+    ``executor_options={"cluster": "local"}``), see :func:`_run_on_submitit`.
 
     ``only``: task names to run (also disabled ones); ``train=False`` rebuilds the page from what exists.
     ``jobs``: compare directories run in parallel processes (each with ``threads`` torch threads).
@@ -445,7 +477,12 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
         echo(f"suite: {len(todo)} compare director{'y' if len(todo) == 1 else 'ies'} under {root} "
              f"({jobs} parallel, {threads} thread(s) each): " + ", ".join(u.name for u in todo))
         try:
-            if jobs <= 1:
+            if executor == "submitit":
+                for rec in _run_on_submitit(plan, todo, root, threads, progress, only, keep_other_code,
+                                            dict(executor_options or {})):
+                    inv["units"].append(rec)
+                    echo(f"suite: {rec['unit']}: {rec['status']} in {rec['wall_s'] / 60:.1f} min")
+            elif jobs <= 1:
                 for u in todo:
                     rec = _run_unit(u, str(root / u.name), threads, progress, keep_other_code=keep_other_code)
                     inv["units"].append(rec)
@@ -555,8 +592,24 @@ def _cmd_suite(args: Any) -> int:
         return 0
     run_suite(plan, output_dir=args.output_dir, page=args.page, only=only, jobs=args.jobs, threads=args.threads,
               train=not args.page_only, progress=not getattr(args, "quiet", False) and args.progress,
-              keep_other_code=args.keep_other_code)
+              keep_other_code=args.keep_other_code, executor=args.executor,
+              executor_options=_executor_options(args.executor_option, args.executor))
     return 0
+
+
+def _executor_options(items: Sequence[str], executor: str) -> dict[str, Any]:
+    """``--executor-option KEY=VALUE`` pairs as a mapping (values read as YAML: ``timeout_min=120`` is a number)."""
+    from .config import safe_load_yaml
+
+    if items and executor != "submitit":
+        raise ValueError("--executor-option applies to --executor submitit")
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--executor-option: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = safe_load_yaml(value) if value.strip() else ""
+    return out
 
 
 def register_cli(subparsers: Any) -> None:
@@ -583,6 +636,12 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--page-only", action="store_true", help="train nothing; rebuild the page from the runs")
     p.add_argument("--list", action="store_true", help="print the plan's compare directories and exit")
     p.add_argument("--progress", action="store_true", help="progress bars of every run")
+    p.add_argument("--executor", choices=("local", "submitit"), default="local",
+                   help="where the compare directories run: local (this machine, --jobs processes) or submitit "
+                        "(one job per compare directory: Slurm on a cluster; docs/cli.md, 'On a cluster')")
+    p.add_argument("--executor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit executor option, repeatable (cluster=local|slurm, timeout_min=120, gpus_per_node=1, "
+                        "slurm_partition=gpu, folder=DIR); values are read as YAML")
     p.add_argument("--keep-other-code", action="store_true",
                    help="keep finished runs trained by other code (the page names the code behind every table) "
                         "instead of retraining them")
