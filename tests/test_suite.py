@@ -281,3 +281,16 @@ def test_executor_options_are_checked(tmp_path, capsys):
     assert "--executor-option applies to --executor submitit" in capsys.readouterr().err
     assert main(["--quiet", "suite", str(plan), "--executor", "submitit", "--executor-option", "nokey"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_claim_kind_is_explicit_not_read_from_the_wording():
+    """The verdict rule comes from the claim's ``kind``; the English sentence no longer decides it (a claim
+    saying "keeps" was judged as an equivalence whatever it meant)."""
+    from flatpeft.experiments.suite import CLAIMS
+    from flatpeft.experiments.suite_page import _kind
+
+    assert all(c["kind"] in ("better", "forgets-less", "match") for c in CLAIMS)
+    assert _kind({"id": "a", "claim": "it keeps more of the skill", "kind": "forgets-less"}) == "better"
+    assert _kind({"id": "b", "claim": "it generalises better", "kind": "match"}) == "match"
+    with pytest.raises(ValueError, match="claim 'c': kind must be"):
+        _kind({"id": "c", "claim": "it matches"})

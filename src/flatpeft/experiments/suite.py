@@ -535,25 +535,28 @@ def write_page(plan: SuitePlan, output_dir: str | Path | None = None, page: str 
 
 
 #: The seed papers' claims and how the page tests them: (claim, task filter, metric, method a, method b).
+#: The seed papers' claims the page tests. ``kind``: ``better`` (a beats b on ``metric``), ``forgets-less`` (a keeps
+#: more of the pre-fine-tuning skill measured by ``metric``: ``better`` on a retained metric) or ``match`` (a is
+#: not worse than b by more than the page's margin); the verdict rule is chosen by ``kind``, never by the wording.
 CLAIMS: list[dict[str, str]] = [
-    {"id": "flatpo-vs-sam", "paper": "FlatPO",
+    {"id": "flatpo-vs-sam", "kind": "better", "paper": "FlatPO",
      "claim": "perturbing only the sharpest 5 % of the adapter tensors generalises better than perturbing all of "
               "them (SAM)", "metric": "accuracy", "a": "flatpo", "b": "sam"},
-    {"id": "flatpo-vs-base", "paper": "FlatPO",
+    {"id": "flatpo-vs-base", "kind": "better", "paper": "FlatPO",
      "claim": "FlatPO improves on plain fine-tuning", "metric": "accuracy", "a": "flatpo", "b": "base"},
-    {"id": "eflat-vs-base", "paper": "EFlat-LoRA / Flat-LoRA",
+    {"id": "eflat-vs-base", "kind": "better", "paper": "EFlat-LoRA / Flat-LoRA",
      "claim": "flatter LoRA (EFlat-LoRA) generalises better than plain LoRA", "metric": "accuracy",
      "a": "eflat-lora", "b": "base"},
-    {"id": "spider-forgetting", "paper": "SPIDER",
+    {"id": "spider-forgetting", "kind": "forgets-less", "paper": "SPIDER",
      "claim": "SPIDER forgets less of the pre-fine-tuning skill than plain fine-tuning",
      "metric": "seen_classes_accuracy", "a": "spider", "b": "base"},
-    {"id": "spider-downstream", "paper": "SPIDER",
+    {"id": "spider-downstream", "kind": "match", "paper": "SPIDER",
      "claim": "SPIDER keeps the downstream accuracy of plain fine-tuning (trade-off, not a loss)",
      "metric": "accuracy", "a": "spider", "b": "base"},
-    {"id": "flatpo-forgetting", "paper": "FlatPO",
+    {"id": "flatpo-forgetting", "kind": "forgets-less", "paper": "FlatPO",
      "claim": "FlatPO forgets less of the pre-fine-tuning skill than plain fine-tuning",
      "metric": "seen_classes_accuracy", "a": "flatpo", "b": "base"},
-    {"id": "lagged-vs-flatpo", "paper": "single-pass FlatPO (flatpeft)",
+    {"id": "lagged-vs-flatpo", "kind": "match", "paper": "single-pass FlatPO (flatpeft)",
      "claim": "the single-pass lagged FlatPO matches two-pass FlatPO at about the cost of one pass",
      "metric": "accuracy", "a": "flatpo-lagged", "b": "flatpo"},
 ]

@@ -128,8 +128,12 @@ def _verdict(d, kind: str) -> str:
 
 
 def _kind(claim: dict[str, str]) -> str:
-    """"match" for claims that a method keeps / matches another, else "better"."""
-    return "match" if "matches" in claim["claim"] or "keeps" in claim["claim"] else "better"
+    """The verdict rule of a claim from its explicit ``kind``: "match" (equivalence) or "better" (also for
+    "forgets-less", a better value of a retained metric)."""
+    kind = claim.get("kind")
+    if kind not in ("better", "forgets-less", "match"):
+        raise ValueError(f"claim {claim.get('id')!r}: kind must be better, forgets-less or match, got {kind!r}")
+    return "match" if kind == "match" else "better"
 
 
 def _claim_rows(claim: dict[str, str], data: dict[str, dict[str, Any]], ran: list[str]):
