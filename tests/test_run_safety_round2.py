@@ -642,3 +642,24 @@ def test_a_kill_never_blocks_the_next_run(tmp_path, tiny_file, finished_run, cap
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.flatpeft-lock", "child.py", "run"]
     assert (out / "eval.json").is_file() and json.loads((out / ".flatpeft-run.json").read_text())["state"] == "finished"
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    """Writers that take a file name (safetensors caches of the multimodal tasks, the compare plot) go through
+    ``atomic_path``: a failing writer leaves the old file and no temporary file; a finished one replaces it."""
+    from safetensors.torch import load_file, save_file
+
+    from flatpeft.experiments.rundir import atomic_path
+
+    path = tmp_path / "cache.safetensors"
+    save_file({"x": torch.zeros(3)}, str(path))
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half a file")
+            raise RuntimeError("killed mid-write")
+    assert torch.equal(load_file(str(path))["x"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors"]
+    with atomic_path(path) as tmp:
+        save_file({"x": torch.ones(3)}, str(tmp))
+    assert torch.equal(load_file(str(path))["x"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors"]

@@ -626,14 +626,11 @@ def missing_keys(raw: Mapping[str, Any], cls: type = ExperimentConfig, where: st
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write ``cfg`` as YAML, atomically (``load_config`` reads back an equal config)."""
-    import os
+    from .rundir import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.flatpeft-tmp")
-    tmp.write_text(dump_yaml(config_to_dict(cfg)))
-    os.replace(tmp, path)  # a reader (or a process killed mid-write) never sees half a config
-    return path
+    return write_atomic(path, dump_yaml(config_to_dict(cfg)))  # never half a config, also after a kill
 
 
 def _is_builtin(ref: str) -> bool:

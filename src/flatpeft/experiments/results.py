@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .rundir import atomic_path
 from .stats import mean_std, paired_difference
 
 __all__ = ["CompareResult", "collect_runs", "summarize", "to_markdown", "plot", "collect_and_write", "REFERENCE"]
@@ -241,7 +242,6 @@ def collect_and_write(out_dir: str | Path, methods: Sequence[str] | None = None,
     """Collect finished runs under ``out_dir`` (or the given ``runs``) and write ``results.csv``, ``results.md``
     and ``results.png``; ``failed`` (``{"sam/seed0": {"method", "seed", "step", "error"}}``) marks failed runs;
     ``code``: lines naming the code behind the runs (``runner.code_notes``), shown under the notes."""
-    import os
 
     out_dir = Path(out_dir)
     failed = dict(failed or {})
@@ -262,8 +262,7 @@ def collect_and_write(out_dir: str | Path, methods: Sequence[str] | None = None,
     paths = _write_table_files(out_dir, markdown, summary)
     finished = summary[summary["n_seeds"] > 0] if not summary.empty else summary
     if not finished.empty:
-        tmp = out_dir / "results.png.flatpeft-tmp"
-        plot(table, finished.reset_index(drop=True), tmp, metric)
-        os.replace(tmp, out_dir / "results.png")
+        with atomic_path(out_dir / "results.png") as tmp:
+            plot(table, finished.reset_index(drop=True), tmp, metric)
         paths["png"] = out_dir / "results.png"
     return CompareResult(table, summary, markdown, paths, failed)

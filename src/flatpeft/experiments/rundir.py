@@ -23,6 +23,7 @@ Rules (``docs/cli.md``, "Files flatpeft writes"):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -51,6 +52,21 @@ class RunExistsError(ValueError):
 
 class DirectoryLockedError(ValueError):
     """Another flatpeft process holds the lock of a run or compare directory."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary sibling of ``path`` for a writer that takes a file name (``safetensors.save_file``,
+    ``matplotlib.savefig``); when the block ends the file is renamed over ``path`` (readers see the old or the new
+    file, never half of one), and when it raises the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:

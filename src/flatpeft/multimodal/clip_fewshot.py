@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flatpeft.experiments.rundir import write_atomic
 from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
 from .data import (CLASS_NAMES, DOWNSTREAM_CLASSES, SEEN_CLASSES, TRAIN_TEMPLATES, UNSEEN_TEMPLATES,
@@ -191,7 +192,7 @@ class ClipFewShotTask(Task):
                        model, self._image_embeddings(model, self.seen_images), self.seen_labels, self.seen_names,
                        TRAIN_TEMPLATES)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out))
+        write_atomic(path, json.dumps(out))  # another process may read the cache meanwhile
         _BEFORE_CACHE[key] = out
         return out
 

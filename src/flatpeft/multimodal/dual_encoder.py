@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flatpeft.experiments.rundir import atomic_path
+
 from .data import (CLASS_NAMES, SEEN_CLASSES, TRAIN_TEMPLATES, load_fashion_mnist, sample_shots, to_pixels)
 
 __all__ = ["DualEncoder", "ClipPrealignSettings", "build_dual_encoder", "prealign_dual_encoder",
@@ -270,6 +272,7 @@ def pretrained_dual_encoder(settings: ClipPrealignSettings | None = None, *, for
     stats = prealign_dual_encoder(model, xtr[idx], labels, [CLASS_NAMES[c] for c in SEEN_CLASSES], settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"settings": json.dumps(asdict(settings)), "stats": json.dumps(stats)}
-    save_file({"image_proj.weight": model.image_proj.weight.detach().contiguous(),
-               "text_proj.weight": model.text_proj.weight.detach().contiguous()}, str(path), metadata=meta)
+    with atomic_path(path) as tmp:  # another process may read the cache meanwhile
+        save_file({"image_proj.weight": model.image_proj.weight.detach().contiguous(),
+                   "text_proj.weight": model.text_proj.weight.detach().contiguous()}, str(tmp), metadata=meta)
     return model

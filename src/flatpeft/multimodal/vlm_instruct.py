@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flatpeft.experiments.rundir import atomic_path, write_atomic
 from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
 from .clip_fewshot import epoch_batches
@@ -104,7 +105,8 @@ def frozen_image_features(model: SmallVLM, images: np.ndarray, size: int, batch:
            for i in tqdm(range(0, len(images), batch), desc="image features", leave=False)]
     feats = torch.cat(out).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats}, str(path))
+    with atomic_path(path) as tmp:
+        save_file({"features": feats}, str(tmp))
     return feats
 
 
@@ -167,7 +169,8 @@ def pretrained_small_vlm(settings: VLMPrealignSettings | None = None, *, force: 
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.projector.state_dict().items()}
-    save_file(state, str(path), metadata={"settings": json.dumps(asdict(settings)), "final_loss": f"{loss.item():.4f}"})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"settings": json.dumps(asdict(settings)), "final_loss": f"{loss.item():.4f}"})
     return model
 
 
@@ -402,7 +405,7 @@ class VLMInstructTask(Task):
                                                                        self.seen_answers, "seen captions"),
                "ppl_before": perplexity(vlm.language_model, self.ppl_ids)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out))
+        write_atomic(path, json.dumps(out))  # another process may read the cache meanwhile
         _BEFORE_CACHE[key] = out
         return out
 
