@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flatpeft.multimodal.clip_fewshot import epoch_batches
-from flatpeft.multimodal.data import eval_subset, normalise_answer, sample_shots, to_pixels
+from flatpeft.experiments.sampling import epoch_batches, eval_subset, sample_shots
+from flatpeft.multimodal.data import normalise_answer, to_pixels
 from flatpeft.multimodal.dual_encoder import DualEncoder, image_block_regex, lora_target_regex
 
 WORDS = ["a", "photo", "of", "picture", "an", "image", "sandal", "shirt", "sneaker", "bag", "ankle", "boot", "."]
@@ -111,12 +111,12 @@ def test_to_pixels_scaling_and_shape():
 
 def test_shots_and_eval_subset_are_balanced_and_seeded():
     labels = np.repeat(np.arange(10), 30)
-    a, b = sample_shots(labels, (5, 6, 7), 4, seed=3), sample_shots(labels, (5, 6, 7), 4, seed=3)
+    a, b = sample_shots(labels, 4, 3, classes=(5, 6, 7)), sample_shots(labels, 4, 3, classes=(5, 6, 7))
     assert a.tolist() == b.tolist() and np.bincount(labels[a], minlength=10)[5:8].tolist() == [4, 4, 4]
-    assert sample_shots(labels, (5, 6, 7), 4, seed=4).tolist() != a.tolist()
+    assert sample_shots(labels, 4, 4, classes=(5, 6, 7)).tolist() != a.tolist()
     assert len(eval_subset(labels, (0, 1), None)) == 60
-    with pytest.raises(ValueError, match="fewer than shots"):
-        sample_shots(labels, (0,), 31, seed=0)
+    with pytest.raises(ValueError, match="data.shots=31: class 0 has only 30 example"):
+        sample_shots(labels, 31, 0, classes=(0,))
 
 
 def test_epoch_batches_are_permutations_and_leave_global_rng():

@@ -18,7 +18,8 @@ from flatpeft.experiments import stats as S
 from flatpeft.experiments.config import load_config
 from flatpeft.experiments.runner import RunExistsError, compare, evaluate_run, method_kwargs_for, train_run
 from flatpeft.experiments.tasks import get_task
-from flatpeft.experiments.text_classification import carve_validation, read_table, sample_shots
+from flatpeft.experiments.sampling import carve_validation, sample_shots
+from flatpeft.experiments.text_classification import read_table
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,11 +63,11 @@ def test_validation_split_is_fixed_and_shots_follow_the_seed():
     assert np.array_equal(val_a, val_b) and len(val_a) == 20 and len(rest_a) == 80
     assert not set(val_a) & set(rest_a)
     labels = np.arange(100) % 3
-    s0, s0b, s1 = (sample_shots(labels, rest_a, 5, seed, 3) for seed in (0, 0, 1))
+    s0, s0b, s1 = (sample_shots(labels, 5, seed, classes=range(3), pool=rest_a) for seed in (0, 0, 1))
     assert np.array_equal(s0, s0b) and not np.array_equal(np.sort(s0), np.sort(s1))
     assert np.bincount(labels[s0], minlength=3).tolist() == [5, 5, 5] and set(s0) <= set(rest_a)
     with pytest.raises(ValueError, match="data.shots=40"):
-        sample_shots(labels, rest_a, 40, 0, 3)
+        sample_shots(labels, 40, 0, classes=range(3), pool=rest_a)
     with pytest.raises(ValueError, match="data.val_size"):
         carve_validation(10, 10, 0)
 

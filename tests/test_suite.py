@@ -179,7 +179,8 @@ def test_default_plan_loads():
 
 # ---- the small-VLM setting's new options -------------------------------------------------------------------------
 def test_vlm_validation_split_is_disjoint_from_prealignment_and_shots():
-    from flatpeft.multimodal.data import DOWNSTREAM_CLASSES, SEEN_CLASSES, sample_shots
+    from flatpeft.experiments.sampling import sample_shots
+    from flatpeft.multimodal.data import DOWNSTREAM_CLASSES, SEEN_CLASSES
     from flatpeft.multimodal.vlm_instruct import VLMPrealignSettings, validation_split
 
     ytr = np.random.default_rng(0).integers(0, 10, size=6000).astype(np.uint8)   # labels are uint8 on disk
@@ -187,10 +188,10 @@ def test_vlm_validation_split_is_disjoint_from_prealignment_and_shots():
     val_idx, shot_labels = validation_split(ytr, 20, settings)
     assert len(val_idx) == 200 and len(set(val_idx.tolist())) == 200
     assert np.bincount(ytr[val_idx], minlength=10).tolist() == [20] * 10
-    pre = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
+    pre = sample_shots(ytr, settings.per_class, settings.seed, classes=SEEN_CLASSES)
     assert not set(val_idx.tolist()) & set(pre.tolist())
     for seed in range(5):
-        shots = sample_shots(shot_labels, DOWNSTREAM_CLASSES, 20, seed)
+        shots = sample_shots(shot_labels, 20, seed, classes=DOWNSTREAM_CLASSES)
         assert not set(shots.tolist()) & set(val_idx.tolist())
 
 

@@ -34,12 +34,12 @@ import torch
 
 from flatpeft._checks import short_repr
 
+from .sampling import carve_validation, epoch_batches, sample_shots
 from .config import ExperimentConfig, parse_dataclass, resolve_data_path, resolve_model_path, resolve_test_ref
 from .tasks import Task, check_module_names, register_task
 
 __all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "check_missing", "check_label_types",
-           "read_examples", "check_positions", "carve_validation",
-           "sample_shots", "flip_labels", "apply_shift", "is_drink_review", "DRINK_WORDS",
+           "read_examples", "check_positions", "flip_labels", "apply_shift", "is_drink_review", "DRINK_WORDS",
            "classification_metrics"]
 
 
@@ -268,35 +268,6 @@ def read_examples(path: Path, columns: tuple[str, str], field_name: str, drop: b
     return df
 
 
-def carve_validation(n: int, val_size: int, val_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into (validation, rest) with a fixed seed: the first ``val_size`` of a permutation."""
-    if val_size >= n:
-        raise ValueError(f"data.val_size={val_size} leaves no training examples (train pool has {n} rows)")
-    perm = np.random.default_rng(val_seed).permutation(n)
-    return np.sort(perm[:val_size]), np.sort(perm[val_size:])
-
-
-def sample_shots(labels: np.ndarray, pool: np.ndarray, shots: int | None, seed: int, num_classes: int,
-                 names: list[Any] | None = None, source: str = "the train pool") -> np.ndarray:
-    """Draw ``shots`` indices per class from ``pool`` (indices into ``labels``) without replacement, with ``seed``.
-
-    ``shots=None`` returns the whole pool. A class with fewer than ``shots`` examples raises ``ValueError`` naming
-    its label (``names[c]``, default the class index) and ``source`` (the file).
-    """
-    if shots is None:
-        return pool.copy()
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for c in range(num_classes):
-        cand = pool[labels[pool] == c]
-        if len(cand) < shots:
-            label = names[c] if names is not None else c
-            raise ValueError(f"data.shots={shots}: class {label!r} has only {len(cand)} example(s) in {source}, "
-                             f"{shots} needed; lower data.shots (or data.val_size)")
-        chosen.append(rng.choice(cand, size=shots, replace=False))
-    return np.concatenate(chosen)
-
-
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
     """``accuracy`` and ``macro_f1``: the unweighted mean over the classes ``0 .. num_classes-1`` of the per-class
     F1 ``2 TP / (2 TP + FP + FN)``, 0 for a class that is neither true nor predicted (what scikit-learn's
@@ -451,7 +422,8 @@ class TextClassificationTask(Task):
             val_idx, rest = np.array([], np.int64), np.arange(len(pool))
         source = (f"the train pool {train_path}" + (f" after the validation split (data.val_size={d.val_size})"
                   if d.val_size else "") + (f" (task_args.shift={self.args.shift})" if self.args.shift else ""))
-        train_idx = sample_shots(pool_y, rest, d.shots, self.seed, len(self.classes), self.classes, source)
+        train_idx = sample_shots(pool_y, d.shots, self.seed, classes=range(len(self.classes)), pool=rest,
+                                 names=self.classes, source=source)
 
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -515,14 +487,8 @@ class TextClassificationTask(Task):
 
     def train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Endless full batches from per-epoch permutations of a generator seeded with the run seed."""
-        n, bs = self.num_examples("train"), self.cfg.train.batch_size
-        gen = torch.Generator().manual_seed(self.seed)
-        buffer: list[int] = []
-        while True:
-            while len(buffer) < bs:
-                buffer.extend(torch.randperm(n, generator=gen).tolist())
-            idx, buffer = buffer[:bs], buffer[bs:]
-            yield self._collate("train", idx)
+        for idx in epoch_batches(self.num_examples("train"), self.cfg.train.batch_size, self.seed):
+            yield self._collate("train", idx.tolist())
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of the classifier (the model computes it from ``labels``)."""

@@ -28,12 +28,14 @@ import torch.nn.functional as F
 from flatpeft.experiments.rundir import write_atomic
 from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
+from flatpeft.experiments.sampling import epoch_batches, eval_subset, sample_shots
+
 from .data import (CLASS_NAMES, DOWNSTREAM_CLASSES, SEEN_CLASSES, TRAIN_TEMPLATES, UNSEEN_TEMPLATES,
-                   eval_subset, load_fashion_mnist, sample_shots, to_pixels)
+                   load_fashion_mnist, to_pixels)
 from .dual_encoder import (IMAGE_LORA_TARGETS, ClipPrealignSettings, clip_prealign_path, lora_target_regex,
                            pretrained_dual_encoder)
 
-__all__ = ["ClipFewShotArgs", "ClipFewShotTask", "epoch_batches"]
+__all__ = ["ClipFewShotArgs", "ClipFewShotTask"]
 
 
 @dataclass
@@ -70,19 +72,6 @@ class ClipFewShotArgs:
             raise ValueError(f"task_args.text_dropout must be in [0, 1), got {self.text_dropout!r}")
         if self.logit_scale <= 0:
             raise ValueError(f"task_args.logit_scale must be positive, got {self.logit_scale!r}")
-
-
-def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless index batches: per-epoch permutations of ``range(n)`` from a ``torch.Generator(seed)``,
-    concatenated and cut into batches of ``min(batch_size, n)`` (the global RNG is never touched)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    size = min(batch_size, n)
-    buf = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(buf) < size:
-            buf = torch.cat([buf, torch.randperm(n, generator=gen)])
-        out, buf = buf[:size], buf[size:]
-        yield out
 
 
 #: in-process cache of the pre-aligned model's metrics: (settings key, eval spec) -> metrics
@@ -139,7 +128,7 @@ class ClipFewShotTask(Task):
         xtr, ytr, xte, yte = load_fashion_mnist()
         self.class_names = [CLASS_NAMES[c] for c in DOWNSTREAM_CLASSES]
         self.seen_names = [CLASS_NAMES[c] for c in SEEN_CLASSES]
-        idx = sample_shots(ytr, DOWNSTREAM_CLASSES, cfg.data.shots, self.seed)
+        idx = sample_shots(ytr, cfg.data.shots, self.seed, classes=DOWNSTREAM_CLASSES)
         self.train_pixels = to_pixels(xtr[idx], a.image_size)
         self.train_labels = torch.as_tensor(np.searchsorted(DOWNSTREAM_CLASSES, ytr[idx]), dtype=torch.long)
         te = eval_subset(yte, DOWNSTREAM_CLASSES, a.eval_per_class)

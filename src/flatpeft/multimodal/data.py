@@ -21,7 +21,7 @@ import torch.nn.functional as F
 __all__ = [
     "SEEN_CLASSES", "DOWNSTREAM_CLASSES", "CLASS_NAMES", "TRAIN_TEMPLATES", "UNSEEN_TEMPLATES",
     "QUESTIONS", "UNSEEN_QUESTIONS", "CAPTION_INSTRUCTION", "to_pixels", "class_indices",
-    "sample_shots", "eval_subset", "normalise_answer", "load_fashion_mnist",
+    "normalise_answer", "load_fashion_mnist",
 ]
 
 #: Fashion-MNIST label ids of the pre-alignment ("seen") and downstream classes.
@@ -71,31 +71,6 @@ def to_pixels(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
 def class_indices(labels: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
     """Positions of the examples whose label is in ``classes``, in dataset order."""
     return np.flatnonzero(np.isin(labels, np.asarray(classes)))
-
-
-def sample_shots(labels: np.ndarray, classes: tuple[int, ...], k: int, seed: int) -> np.ndarray:
-    """``k`` example indices per class drawn without replacement with ``numpy.random.default_rng(seed)``.
-
-    Classes are visited in the order given; the result is sorted by (class, draw order).
-    """
-    if k < 1:
-        raise ValueError(f"shots must be >= 1, got {k}")
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in classes:
-        pool = np.flatnonzero(labels == c)
-        if len(pool) < k:
-            raise ValueError(f"class {c} has {len(pool)} examples, fewer than shots={k}")
-        out.append(rng.choice(pool, size=k, replace=False))
-    return np.concatenate(out)
-
-
-def eval_subset(labels: np.ndarray, classes: tuple[int, ...], per_class: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of a class-balanced evaluation subset: ``per_class`` examples per class (fixed ``seed``, the
-    same for every run), or every example of ``classes`` when ``per_class`` is None."""
-    if per_class is None:
-        return class_indices(labels, classes)
-    return np.sort(sample_shots(labels, classes, per_class, seed))
 
 
 _ARTICLES = re.compile(r"^(a photo of |a picture of |an image of |this is |it is |it's )?(an? |the )?")

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from flatpeft.experiments.rundir import atomic_path
 
-from .data import (CLASS_NAMES, SEEN_CLASSES, TRAIN_TEMPLATES, load_fashion_mnist, sample_shots, to_pixels)
+from flatpeft.experiments.sampling import sample_shots
+
+from .data import (CLASS_NAMES, SEEN_CLASSES, TRAIN_TEMPLATES, load_fashion_mnist, to_pixels)
 
 __all__ = ["DualEncoder", "ClipPrealignSettings", "build_dual_encoder", "prealign_dual_encoder",
            "pretrained_dual_encoder", "clip_prealign_path", "IMAGE_LORA_TARGETS", "lora_target_regex",
@@ -266,7 +268,7 @@ def pretrained_dual_encoder(settings: ClipPrealignSettings | None = None, *, for
         model.text_proj.weight.data.copy_(state["text_proj.weight"])
         return model
     xtr, ytr, _, _ = load_fashion_mnist()
-    idx = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
+    idx = sample_shots(ytr, settings.per_class, settings.seed, classes=SEEN_CLASSES, key="pre-alignment per_class")
     remap = {c: i for i, c in enumerate(SEEN_CLASSES)}
     labels = np.array([remap[int(c)] for c in ytr[idx]])
     stats = prealign_dual_encoder(model, xtr[idx], labels, [CLASS_NAMES[c] for c in SEEN_CLASSES], settings)

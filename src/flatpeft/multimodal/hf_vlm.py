@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
-from .clip_fewshot import epoch_batches
+from flatpeft.experiments.sampling import epoch_batches
 from .small_vlm import IGNORE_INDEX
 from .vlm_instruct import answer_accuracy
 

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from flatpeft.experiments.rundir import atomic_path, write_atomic
 from flatpeft.experiments.tasks import Task, check_module_names, register_task
 
-from .clip_fewshot import epoch_batches
+from flatpeft.experiments.sampling import epoch_batches, eval_subset, sample_shots
+
 from .data import (CAPTION_INSTRUCTION, CLASS_NAMES, DOWNSTREAM_CLASSES, QUESTIONS, SEEN_CLASSES, UNSEEN_QUESTIONS,
-                   eval_subset, load_fashion_mnist, normalise_answer, sample_shots, to_pixels)
+                   load_fashion_mnist, normalise_answer, to_pixels)
 from .small_vlm import PromptParts, SmallVLM, chat_parts
 
 __all__ = ["VLMPrealignSettings", "VLMInstructArgs", "VLMInstructTask", "build_small_vlm", "pretrained_small_vlm",
@@ -151,7 +152,7 @@ def pretrained_small_vlm(settings: VLMPrealignSettings | None = None, *, force: 
         model.projector.load_state_dict(assets.load_cached_safetensors(path))
         return model
     xtr, ytr, _, _ = load_fashion_mnist()
-    idx = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
+    idx = sample_shots(ytr, settings.per_class, settings.seed, classes=SEEN_CLASSES, key="pre-alignment per_class")
     feats = frozen_image_features(model, xtr[idx], settings.image_size)
     parts = [_system_parts(model.tokenizer, CAPTION_INSTRUCTION, caption_answer(int(c)), settings.system_prompt)
              for c in ytr[idx]]
@@ -260,7 +261,7 @@ def validation_split(ytr: np.ndarray, per_class: int, settings: VLMPrealignSetti
     """Validation images from the Fashion-MNIST *training* set: ``per_class`` per downstream and per seen class
     (fixed seed), none of them among the pre-alignment images of ``settings``. Returns ``(indices, labels for
     drawing the shots)``: the labels with the validation images set to -1, so no shot is a validation image."""
-    pre = sample_shots(ytr, SEEN_CLASSES, settings.per_class, settings.seed)
+    pre = sample_shots(ytr, settings.per_class, settings.seed, classes=SEEN_CLASSES, key="pre-alignment per_class")
     free = np.asarray(ytr).astype(np.int64)
     free[pre] = -1
     val_idx = np.concatenate([eval_subset(free, DOWNSTREAM_CLASSES, per_class, seed=4321),
@@ -316,7 +317,7 @@ class VLMInstructTask(Task):
             self.val_answers = [CLASS_NAMES[int(c)] for c in ytr[val_idx]]
             self.val_is_seen = np.isin(ytr[val_idx], SEEN_CLASSES)
         # downstream training pool: question wording drawn per example with the seed
-        idx = sample_shots(shot_labels, DOWNSTREAM_CLASSES, cfg.data.shots, self.seed)
+        idx = sample_shots(shot_labels, cfg.data.shots, self.seed, classes=DOWNSTREAM_CLASSES)
         rng = np.random.default_rng(self.seed + 7919)
         self.train_features = frozen_image_features(vlm, xtr[idx], a.image_size)
         self.train_answers = [CLASS_NAMES[int(c)] for c in ytr[idx]]
