@@ -272,3 +272,45 @@ def test_flat_lora_random_keep_noise_gives_the_same_training():
     for a, b in zip(weights[False], weights[True]):
         assert torch.equal(a, b)
     assert held[True] > held[False] > 0
+
+
+def test_flat_lora_random_keeps_an_accelerate_hook_on_the_base_layer():
+    """A base layer whose forward accelerate wrapped (device maps, offload) keeps its hook during and after a
+    step: the noise then goes through the output hook, and the layer's own forward is never replaced or deleted."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from peft import LoraConfig, get_peft_model
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+                           LoraConfig(r=2, target_modules=["0"]))
+    layer = model.base_model.model[0].base_layer
+    add_hook_to_module(layer, Count())
+    opt = flatpeft.create_optimizer(model, "flat-lora-random", base_optimizer="sgd", lr=1e-2, rho=0.05)
+    x = torch.randn(3, 4)
+    opt.zero_grad()
+    opt.step(lambda: model(x).square().mean().backward())
+    assert Count.calls == 1 and float(opt.metrics["perturbation_norm"]) > 0
+    model(x)
+    assert Count.calls == 2 and "forward" in vars(layer)
+
+
+def test_spider_scores_tensors_on_several_devices():
+    """SPIDER's one code path keeps per-tensor statistics on each tensor's device (a model split over devices;
+    ``meta`` stands in for a second device here): the result on each device equals scoring it alone."""
+    from flatpeft.methods.spider import ImportanceMask, psi, psi_all
+
+    g = torch.Generator().manual_seed(0)
+    cpu = torch.randn(3, 4, generator=g)
+    xs = [cpu, torch.randn(5, 2, device="meta")]
+    out = psi_all(xs, xs)
+    assert out[1].device.type == "meta" and torch.equal(out[0], psi(cpu))
+    coefs = ImportanceMask.coefficients_all([psi(cpu), out[1]], [psi(2 * cpu.square()), out[1]], xs)
+    assert coefs[1].device.type == "meta"
+    assert torch.equal(coefs[0], ImportanceMask.coefficients(psi(cpu), psi(2 * cpu.square())))

@@ -164,11 +164,13 @@ class _NoisyLinear(torch.autograd.Function):
 
 def _fused(f: LoRAFactors) -> bool:
     """Whether the noise can replace the base layer's own product (``_NoisyLinear``): a plain, local, frozen
-    ``nn.Linear`` (bias frozen too); otherwise (conv, GPT-2 ``Conv1D``, FSDP2 shards, trainable base) the noise is
-    added to its output by a forward hook."""
+    ``nn.Linear`` (bias frozen too) whose ``forward`` nobody has wrapped; otherwise (conv, GPT-2 ``Conv1D``, FSDP2
+    shards, a trainable base, a layer whose ``forward`` another library replaced on the instance, e.g.
+    accelerate's device-map / offload hooks) the noise is added to its output by a forward hook."""
     base = f.base_layer
     return (type(base) is nn.Linear and not f.fan_in_fan_out and not is_sharded(base.weight)
-            and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad))
+            and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+            and "forward" not in vars(base) and not hasattr(base, "_hf_hook"))
 
 
 class _AddNoise(torch.autograd.Function):

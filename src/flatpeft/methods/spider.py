@@ -38,12 +38,36 @@ def psi(x: torch.Tensor) -> torch.Tensor:
     return psi_all([x], [x])[0]
 
 
+def _vector(scalars: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor 0-d statistics as one vector on the first one's device (for a metric)."""
+    device = scalars[0].device
+    return torch.stack([x.to(device) for x in scalars])
+
+
+def _per_device(fn, *lists: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``fn(*lists)`` run once per device of ``lists[0]``'s tensors (a model split over devices), the results put
+    back in order: statistics are stacked into vectors, and a vector lives on one device."""
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(lists[0]):
+        groups.setdefault(t.device, []).append(i)
+    if len(groups) <= 1:
+        return fn(*lists)
+    out: list[torch.Tensor | None] = [None] * len(lists[0])
+    for idx in groups.values():
+        for i, r in zip(idx, fn(*[[seq[i] for i in idx] for seq in lists])):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
 def psi_all(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`psi` of every tensor. ``xs[i]`` may be the local shard of the sharded ``like[i]`` (FSDP2): the mean,
     the (two-pass, unbiased) std and the max are those of the whole tensor, from three reductions of per-tensor
-    vectors (no collective at all when nothing is sharded: one code path for plain and sharded tensors)."""
-    if not xs:
-        return []
+    vectors (no collective at all when nothing is sharded: one code path for plain and sharded tensors), per
+    device."""
+    return _per_device(_psi_all, xs, like) if xs else []
+
+
+def _psi_all(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     a = [x.abs().to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
     n = [t.numel() for t in like]  # the whole tensor's size (host integers)
@@ -125,13 +149,18 @@ class ImportanceMask(Rule):
         for p, t0, coef in zip(params, theta0, coefs):
             w = local(p)
             w.copy_(torch.lerp(t0, w.to(t0.dtype), coef).to(w.dtype))
-        kept = reduce_rows_(torch.stack([c.sum().to(dtype) for c in coefs]), params)
+        kept = reduce_rows_(_vector([c.sum().to(dtype) for c in coefs]), params)
         state.metrics["update_fraction"] = torch.stack([k / p.numel() for k, p in zip(kept.unbind(), params)]).mean()
 
     @staticmethod
     def coefficients_all(i_pre: list[torch.Tensor], i_ft: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
         """:meth:`coefficients` of every tensor; the entries may be local shards of the sharded ``like`` tensors,
-        whose ``mean(c0[c0 != 0])`` then comes from one reduction over the mesh (none when nothing is sharded)."""
+        whose ``mean(c0[c0 != 0])`` then comes from one reduction over the mesh (none when nothing is sharded), per
+        device."""
+        return _per_device(ImportanceMask._coefficients_all, i_pre, i_ft, like)
+
+    @staticmethod
+    def _coefficients_all(i_pre: list[torch.Tensor], i_ft: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
         sel = [f > p for f, p in zip(i_ft, i_pre)]
         c0 = [torch.where(s, f / (p + f).clamp_min(torch.finfo(f.dtype).tiny), torch.zeros_like(f))
               for s, f, p in zip(sel, i_ft, i_pre)]
