@@ -314,3 +314,101 @@ def test_spider_scores_tensors_on_several_devices():
     coefs = ImportanceMask.coefficients_all([psi(cpu), out[1]], [psi(2 * cpu.square()), out[1]], xs)
     assert coefs[1].device.type == "meta"
     assert torch.equal(coefs[0], ImportanceMask.coefficients(psi(cpu), psi(2 * cpu.square())))
+
+
+def _sgd_sam(model, base=None):
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    kw = {"base_optimizer": base} if base is not None else {"lr": 1e-2}
+    opt = flatpeft.create_optimizer(model, "sam", ascent_every=2, **kw)
+    opt.zero_grad()
+    opt.step(lambda: model(x).square().mean().backward())
+    return opt
+
+
+def test_base_optimizer_state_dict_overrides_and_hooks_run():
+    """flatpeft's state travels through torch's state-dict hooks, but the base optimizer still saves and loads
+    itself: its own ``state_dict`` / ``load_state_dict`` (an 8-bit optimizer's) and its hooks run."""
+    calls = []
+
+    class MyAdam(torch.optim.Adam):
+        def state_dict(self):
+            calls.append("state_dict")
+            return {**super().state_dict(), "extra": 42}
+
+        def load_state_dict(self, sd):
+            calls.append("load_state_dict")
+            self.extra = sd.pop("extra")
+            super().load_state_dict(sd)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    base = MyAdam(model.parameters(), lr=1e-2)
+    base.register_load_state_dict_post_hook(lambda o: calls.append("base load hook"))
+    opt = _sgd_sam(model, base)
+    sd = opt.state_dict()
+    assert sd["extra"] == 42 and any("flatpeft.ascent" in v for v in sd["state"].values())
+    opt.load_state_dict(sd)
+    assert calls == ["state_dict", "load_state_dict", "base load hook"] and base.extra == 42
+    assert opt.state is base.state and opt.param_groups is base.param_groups and opt.step_count == 1
+
+
+def test_pre_release_checkpoint_layout_is_refused_by_name():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    sd = _sgd_sam(model).base_optimizer.state_dict()
+    sd["state"]["flatpeft"] = {"step": 7, "buffers": {}}
+    fresh = flatpeft.create_optimizer(model, "sam", lr=1e-2, ascent_every=2)
+    with pytest.raises(ValueError, match=r"state\['flatpeft'\]; it is no longer read"):
+        fresh.load_state_dict(sd)
+
+
+FLATTENED = r"""
+import os, sys, torch, flatpeft
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict, StateDictOptions
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+flat = sys.argv[1] == "1"
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+x, y = torch.randn(16, 4), torch.randn(16, 2)
+def run(opt, m, n):
+    for _ in range(n):
+        opt.zero_grad()
+        opt.step(lambda: ((m(x) - y) ** 2).mean().backward())
+m = model(); opt = flatpeft.create_optimizer(m, "sam", lr=1e-2, ascent_every=2)
+run(opt, m, 3)
+import copy  # a state dict holds the optimizer's own tensors: copy it, as a checkpoint on disk would
+osd = copy.deepcopy(get_optimizer_state_dict(m, opt, options=StateDictOptions(flatten_optimizer_state_dict=flat)))
+m2 = model(); m2.load_state_dict(m.state_dict())
+opt2 = flatpeft.create_optimizer(m2, "sam", lr=1e-2, ascent_every=2)
+try:
+    set_optimizer_state_dict(m2, opt2, osd, options=StateDictOptions(flatten_optimizer_state_dict=flat))
+except ValueError as err:
+    print("REFUSED", err)
+    sys.exit(3)
+run(opt, m, 2); run(opt2, m2, 2)
+print("EQUAL", all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters())))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_flattened_distributed_checkpoint_is_refused_not_silently_reset(tmp_path, flat):
+    """``torch.distributed.checkpoint`` with ``flatten_optimizer_state_dict=True`` keeps only the keys of the live
+    optimizer state, which dropped flatpeft's buffers and step counter without a word (the run restarted its
+    schedules and EMAs). The loss is now refused naming the option; the unflattened route resumes exactly."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "flat.py"
+    script.write_text(FLATTENED)
+    port = str(29600 + int(flat))
+    res = subprocess.run([sys.executable, str(script), "1" if flat else "0", port], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if flat:
+        assert res.returncode == 3 and "flatten_optimizer_state_dict=False" in res.stdout, res.stdout + res.stderr
+    else:
+        assert res.returncode == 0 and "EQUAL True" in res.stdout, res.stdout + res.stderr

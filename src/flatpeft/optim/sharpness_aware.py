@@ -123,6 +123,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self._frozen_norms: list[nn.Module] = []
         self._store: dict[str, Any] = {"step": 0, "buffers": {}}
         self._check_lora_factors()
+        self._mark_step()
         # flatpeft's state travels in torch's own state dict through its hooks (no override of state_dict)
         self.register_state_dict_pre_hook(SharpnessAware._before_state_dict)
         self.register_state_dict_post_hook(SharpnessAware._add_own_state)
@@ -281,6 +282,7 @@ class SharpnessAware(torch.optim.Optimizer):
         for rule in self.rules:
             rule.after_update(state)
         self._own["step"] = self.step_count + 1
+        self._mark_step()
         self._awaiting_update = False
 
     def _needs_first_step(self) -> bool:
@@ -416,9 +418,11 @@ class SharpnessAware(torch.optim.Optimizer):
 
     @staticmethod
     def _add_own_state(opt: "SharpnessAware", sd: dict[str, Any]) -> dict[str, Any]:
-        """State-dict post-hook: each persistent buffer of a parameter in that parameter's entry under
+        """State-dict post-hook: the base optimizer's own state dict (its ``state_dict`` override and hooks run,
+        e.g. an 8-bit optimizer's), plus each persistent buffer of a parameter in that parameter's entry under
         ``"flatpeft.<key>"`` (a DTensor shaped like the parameter under FSDP2, so ``torch.distributed.checkpoint``
         shards it), and the step counter as ``"flatpeft_step"`` in every group."""
+        sd = opt.base_optimizer.state_dict()
         inner = dict(sd["state"])
         for key, slot in opt._own["buffers"].items():
             for position, tensor in slot.items():
@@ -436,6 +440,14 @@ class SharpnessAware(torch.optim.Optimizer):
         groups = [dict(g) for g in state_dict["param_groups"]]
         steps = [g.pop(_STEP_KEY) for g in groups if _STEP_KEY in g]
         position_of = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
+        foreign = [k for k in state_dict["state"] if k not in position_of]
+        if foreign:
+            raise ValueError(
+                f"optimizer state dict: entry {foreign[0]!r} belongs to no parameter of its groups"
+                + (" (the layout of a pre-release flatpeft, which kept everything under state['flatpeft']; it is no "
+                   "longer read: resume that run with the flatpeft version that saved it)" if foreign[0] == "flatpeft"
+                   else "")
+            )
         inner: dict[Any, Any] = {}
         buffers: dict[str, dict[int, torch.Tensor]] = {}
         for k, entry in state_dict["state"].items():
@@ -448,14 +460,20 @@ class SharpnessAware(torch.optim.Optimizer):
             if base_entry:
                 inner[k] = base_entry
         opt._loaded = {"step": int(steps[0]) if steps else 0, "buffers": buffers}
-        return {**state_dict, "state": inner, "param_groups": groups}
+        # the base optimizer loads its own state (its load_state_dict override and hooks run); torch's load of the
+        # wrapper then only checks the groups, and the post-hook shares the base's loaded state again
+        opt.base_optimizer.load_state_dict({**state_dict, "state": inner, "param_groups": groups})
+        return {**state_dict, "state": {}, "param_groups": groups}
 
     @staticmethod
     def _share_loaded_state(opt: "SharpnessAware") -> None:
-        """Load post-hook: torch's ``load_state_dict`` gave the wrapper new ``state`` / ``param_groups`` objects; hand
-        them to the base optimizer (through its own ``__setstate__``, which fills its defaults) and share them again,
-        then place flatpeft's buffers like their parameters."""
-        opt.base_optimizer.__setstate__({"state": opt.state, "param_groups": opt.param_groups})
+        """Load post-hook: share the base optimizer's loaded ``state`` / ``param_groups`` again (torch's load gave the
+        wrapper objects of its own), then place flatpeft's buffers like their parameters.
+
+        A state dict saved after step 0 that lacks buffers the method keeps is refused:
+        ``torch.distributed.checkpoint`` with ``flatten_optimizer_state_dict=True`` (which transformers' distributed
+        optimizer saving uses) keeps only the keys of the live optimizer state, so flatpeft's buffers are lost there.
+        """
         opt.param_groups = opt.base_optimizer.param_groups
         opt.state = opt.base_optimizer.state
         loaded = opt.__dict__.pop("_loaded")
@@ -463,6 +481,23 @@ class SharpnessAware(torch.optim.Optimizer):
         buffers = {key: {i: opt._placed(t, opt.trainable[i]) for i, t in store.items()}
                    for key, store in loaded["buffers"].items()}
         opt._store = {"step": loaded["step"], "buffers": buffers}
+        opt._mark_step()
+        held = {(key, i) for key, store in buffers.items() for i in store}
+        opt.materialize_state()
+        missing = sorted({key for key, store in opt._own["buffers"].items() for i in store if (key, i) not in held})
+        if loaded["step"] > 0 and missing:
+            raise ValueError(
+                f"optimizer state dict of step {loaded['step']} holds no flatpeft buffer(s) {', '.join(missing)} for "
+                f"method {opt.method!r}: it was saved by another method, or through torch.distributed.checkpoint with "
+                "flatten_optimizer_state_dict=True, which keeps only the keys of the live optimizer state and drops "
+                "flatpeft's (save with flatten_optimizer_state_dict=False; docs/distributed.md)"
+            )
+
+    def _mark_step(self) -> None:
+        """Keep the step counter in the live parameter groups too, so that a state dict that keeps only the live
+        groups' keys (a flattened distributed checkpoint) still carries it."""
+        for g in self.param_groups:
+            g[_STEP_KEY] = self.step_count
 
     @staticmethod
     def _placed(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
