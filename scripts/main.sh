@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 flatpeft data prepare --only finefoods,minilm
-flatpeft compare configs/finefoods_fewshot.yaml --methods base,sam,flatpo,eflat-lora --seeds 3 --output-dir runs/main "$@"
+flatpeft compare finefoods_fewshot --methods base,sam,flatpo,eflat-lora --seeds 3 --output-dir runs/main "$@"
