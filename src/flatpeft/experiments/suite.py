@@ -351,8 +351,8 @@ def _run_on_submitit(plan: SuitePlan, todo: list[Unit], root: Path, threads: int
     ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     ex.update_parameters(name="flatpeft-suite", **options)
     verbosity = _transformers_verbosity()
-    jobs = [ex.submit(_unit_worker, (plan.path, u.name, str(root / u.name), threads, progress,
-                                     list(only) if only else None, verbosity, keep_other_code)) for u in todo]
+    jobs = [ex.submit(_unit_worker, _worker_args(plan, u, root, threads, progress, only, verbosity, keep_other_code))
+            for u in todo]
     return [job.result() for job in jobs]
 
 
@@ -362,6 +362,13 @@ def _transformers_verbosity() -> int | None:
     except ImportError:  # pragma: no cover - the suite's tasks need transformers
         return None
     return transformers.logging.get_verbosity()
+
+
+def _worker_args(plan: SuitePlan, unit: Unit, root: Path, threads: int, progress: bool,
+                 only: Sequence[str] | None, verbosity: int | None, keep_other_code: bool) -> tuple:
+    """The picklable arguments of :func:`_unit_worker` for ``unit`` (a process pool or a submitit job)."""
+    return (plan.path, unit.name, str(root / unit.name), threads, progress, list(only) if only else None, verbosity,
+            keep_other_code)
 
 
 def _unit_worker(args: tuple) -> dict[str, Any]:
@@ -493,9 +500,8 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
 
                 with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
                     verbosity = _transformers_verbosity()
-                    futs = {pool.submit(_unit_worker, (plan.path, u.name, str(root / u.name), threads, progress,
-                                                       list(only) if only else None, verbosity,
-                                                       keep_other_code)): u for u in todo}
+                    futs = {pool.submit(_unit_worker, _worker_args(plan, u, root, threads, progress, only, verbosity,
+                                                                   keep_other_code)): u for u in todo}
                     for fut in cf.as_completed(futs):
                         rec = fut.result()
                         inv["units"].append(rec)
