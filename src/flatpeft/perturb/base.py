@@ -204,8 +204,7 @@ def run_transform(transform: Transform, updates: list[torch.Tensor], step: StepS
     stored back (saved by ``state_dict()``).
     """
     params = step.params
-    names = list(transform.init([]))
-    materialize(transform, step)
+    names = materialize(transform, step)
     state = {n: [step.store[n][step.position(p)] for p in params] for n in names}
     out, new = transform.update(updates, state, step)
     for n, tensors in new.items():
@@ -215,12 +214,16 @@ def run_transform(transform: Transform, updates: list[torch.Tensor], step: StepS
     return out
 
 
-def materialize(transform: Transform, step: StepState) -> None:
-    """Create the transform's persistent state for ``step.params`` where it is missing (before a checkpoint load)."""
-    names = list(transform.init([]))
+def materialize(transform: Transform, step: StepState) -> list[str]:
+    """Create the transform's persistent state for ``step.params`` where it is missing (on first use, and before a
+    checkpoint load); returns the names of its state (none for a stateless transform)."""
+    names = list(transform.init([]))  # names only: init on no targets allocates nothing
+    if not names:
+        return names
     missing = [p for p in step.params if any(step.position(p) not in step.store.get(n, {}) for n in names)]
-    if names and missing:
+    if missing:
         for n, tensors in transform.init(missing).items():
             slot = step.store.setdefault(n, {})
             for p, t in zip(missing, tensors):
                 slot.setdefault(step.position(p), t)
+    return names
