@@ -138,6 +138,12 @@ class Task(abc.ABC):
         """Metrics on ``split`` (``"test"``, ``"train"``, ``"val"``); must contain ``"accuracy"``."""
 
     # ---- defaults -------------------------------------------------------------------------------
+    def anchors(self, split: str = "test") -> dict[str, dict[str, float]]:
+        """Reference predictors on ``split`` with this run's data (its shots and seed), by name (``majority``,
+        ``probe``, ``zero_shot``; :mod:`flatpeft.experiments.anchors`), each with the metric names of
+        :meth:`evaluate`. The model is not trained; its weights are left as they are. Default: none."""
+        return {}
+
     def save(self, out_dir: str | Path) -> None:
         """Write the trained weights to ``out_dir/adapter`` (peft ``save_pretrained``: adapter_config.json +
         adapter_model.safetensors, including ``modules_to_save``); a model without ``save_pretrained``
