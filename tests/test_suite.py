@@ -220,27 +220,24 @@ def test_task_groups_split_methods_exactly(tmp_path):
 def test_claims_test_ablations_and_flag_identical_methods():
     """A claim about SPIDER is tested with SPIDER's default and with its ablation on the same task; a method
     that gave base's number on every seed is flagged, not counted as support or refutation."""
-    import pandas as pd
-
-    from flatpeft.experiments.stats import paired_difference
-    from flatpeft.experiments.suite import Ablation, SuiteTask
-    from flatpeft.experiments.suite_page import IDENTICAL, _claim_rows, _verdict
+    from flatpeft.experiments.evidence import IDENTICAL, _claims, claim_verdict, paired
+    from flatpeft.experiments.suite import SuitePlan
 
     seen = {"base": [0.50, 0.60, 0.40], "spider": [0.50, 0.60, 0.40], "spider (mask-all)": [0.60, 0.65, 0.50]}
-    frame = lambda m: pd.DataFrame({"method": m, "seed": [0, 1, 2], "seen_classes_accuracy": seen[m]})
-    task = SuiteTask(name="t", config="c.yaml", metrics=["seen_classes_accuracy"])
-    abl = Ablation(name="mask-all", method="spider")
-    data = {"t": {"task": task, "methods": ["base", "spider"], "runs": pd.concat([frame("base"), frame("spider")]),
-                  "abl": {"mask-all": (abl, frame("spider (mask-all)"))}}}
-    claim = {"id": "x", "paper": "SPIDER", "claim": "forgets less", "metric": "seen_classes_accuracy",
-             "a": "spider", "b": "base"}
-    rows = list(_claim_rows(claim, data, ["t"]))
-    assert [(r[2], r[3]) for r in rows] == [("spider", "base"), ("spider (mask-all)", "base")]
-    assert _verdict(rows[0][4], "better") == IDENTICAL
-    d = rows[1][4]
-    assert d.n == 3 and abs(d.mean - (0.10 + 0.05 + 0.10) / 3) < 1e-12      # paired by seed
-    assert _verdict(d, "better") == "supports"                              # diffs 0.10, 0.05, 0.10 > 0
-    assert _verdict(paired_difference([0.5, 0.7], [0.5, 0.6]), "better") != IDENTICAL
+    arm = lambda m, method, abl=None: {"method": method, "phase": "test", "ablation": abl,  # noqa: E731
+                                       "seeds": {s: {"seen_classes_accuracy": v} for s, v in enumerate(seen[m])}}
+    arms = {"base": arm("base", "base"), "spider": arm("spider", "spider"),
+            "spider (mask-all)": arm("spider (mask-all)", "spider", "mask-all")}
+    claim = {"id": "x", "kind": "forgets-less", "paper": "SPIDER", "claim": "forgets less",
+             "metric": "seen_classes_accuracy", "a": "spider", "b": "base"}
+    plan = SuitePlan(tasks=[], claims=[claim])
+    rows = _claims(plan, {"t": {"metrics": ["seen_classes_accuracy"], "arms": arms}})
+    assert [(r["a"], r["b"]) for r in rows] == [("spider", "base"), ("spider (mask-all)", "base")]
+    assert rows[0]["verdict"] == IDENTICAL
+    d = rows[1]["diff"]
+    assert d["n"] == 3 and abs(d["mean"] - (0.10 + 0.05 + 0.10) / 3) < 1e-12      # paired by seed
+    assert rows[1]["verdict"] == "supports"                                      # diffs 0.10, 0.05, 0.10 > 0
+    assert claim_verdict(paired({0: 0.5, 1: 0.7}, {0: 0.5, 1: 0.6}), "better") != IDENTICAL
 
 
 def test_parallel_units_keep_the_cli_quiet(tmp_path, capfd):
@@ -284,14 +281,20 @@ def test_executor_options_are_checked(tmp_path, capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
-def test_claim_kind_is_explicit_not_read_from_the_wording():
+def test_claim_kind_is_explicit_not_read_from_the_wording(tmp_path):
     """The verdict rule comes from the claim's ``kind``; the English sentence no longer decides it (a claim
-    saying "keeps" was judged as an equivalence whatever it meant)."""
-    from flatpeft.experiments.suite import CLAIMS
-    from flatpeft.experiments.suite_page import _kind
+    saying "keeps" was judged as an equivalence whatever it meant). Claims live in the plan file; one without a
+    valid kind is refused by name."""
+    from flatpeft.experiments.evidence import claim_verdict, paired
+    from flatpeft.experiments.suite import CLAIMS, load_plan
 
     assert all(c["kind"] in ("better", "forgets-less", "match") for c in CLAIMS)
-    assert _kind({"id": "a", "claim": "it keeps more of the skill", "kind": "forgets-less"}) == "better"
-    assert _kind({"id": "b", "claim": "it generalises better", "kind": "match"}) == "match"
-    with pytest.raises(ValueError, match="claim 'c': kind must be"):
-        _kind({"id": "c", "claim": "it matches"})
+    d = paired({0: 0.499, 1: 0.602, 2: 0.4005}, {0: 0.50, 1: 0.60, 2: 0.40})   # interval [-0.32, +0.42] pp
+    assert claim_verdict(d, "match") == "supports" and claim_verdict(d, "better").startswith("refutes a gain")
+    plan = _plan(tmp_path, seeds=1)
+    data = yaml.safe_load(plan.read_text())
+    data["claims"] = [{"id": "c", "kind": "keeps", "paper": "P", "claim": "it matches", "metric": "accuracy",
+                       "a": "sam", "b": "base"}]
+    plan.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"claims\[0\] \(c\): kind must be better, forgets-less or match"):
+        load_plan(plan)

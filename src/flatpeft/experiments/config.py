@@ -315,6 +315,10 @@ class TrainConfig:
         "Evaluate the validation split at these steps during training (val_accuracy / val_macro_f1 lines in "
         "metrics.jsonl and TensorBoard): learning curves for choosing steps and lr without touching the test "
         "split. Not counted in time_per_step."))
+    anchors: bool = field(default=False, metadata=_help(
+        "Also evaluate the task's anchors on the test split before training (the reference predictors fine-tuning "
+        "must beat: majority class, a linear probe on the frozen pre-trained features of the same shots, "
+        "zero-shot where the model has it), written to eval.json as anchor_<name>_<metric> (e.g. anchor_probe_accuracy)."))
     device: str = field(default="auto", metadata=_help(
         "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps; a device this machine lacks is an error."))
 

@@ -80,11 +80,15 @@ class ReproduceReport:
 def sample_runs(plan: Any, root: Path, only: Sequence[str] | None, sample: int) -> list[tuple[Any, Any, str, int, Path]]:
     """``(unit, config, method, seed, run dir)`` of the lowest ``sample`` seeds per compare directory and method
     among the runs the page shows (finished, planned settings, current data; any code)."""
+    from .evidence import selected_settings
     from .runner import _run_config, _valid_runs, _with_method, run_dir_for
     from .suite import _load_unit_config, units
 
     out = []
-    for unit in units(plan, only):
+    chosen = selected_settings(plan, root, only)[0]
+    for unit in units(plan, only, chosen, phases=["test"]):  # the page's tables (not the validation grid)
+        if unit.pending:
+            continue
         d = root / unit.name
         if not d.is_dir():
             continue

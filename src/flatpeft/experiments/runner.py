@@ -295,6 +295,21 @@ def _train_loop(task: Task, opt, cfg: ExperimentConfig, out_dir: Path, progress:
     return {"train_time_s": train_time, "time_per_step": train_time / steps, "final_loss": last.get("loss", math.nan)}
 
 
+def _anchors(task: Task, cfg: ExperimentConfig) -> dict[str, dict[str, float]] | None:
+    """The task's anchors on the test split, evaluated before training (``train.anchors``), or ``None``. The
+    global random state is left as it was, so the run trains exactly as without them."""
+    if not cfg.train.anchors:
+        return None
+    from flatpeft.optim.rng import RNGState
+
+    state = RNGState.capture()
+    try:
+        return {name: {k: float(v) for k, v in metrics.items()} for name, metrics in task.anchors("test").items()}
+    finally:
+        state.restore()
+        task.model.train()
+
+
 def evaluate_task(task: Task, splits: Sequence[str]) -> dict[str, float]:
     """Evaluate ``splits``; ``test`` metrics keep their names, others get a ``<split>_`` prefix."""
     out: dict[str, float] = {}
@@ -394,6 +409,7 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
         check_replaceable(out, overwrite)  # before the (slow) build; the old run stays until the new one finished
         _set_seed(seed)
         task = task_cls(cfg, seed)
+        anchors = _anchors(task, cfg)
         opt = build_optimizer(task, cfg, seed)
         staging = staging_dir(out)
         staging.mkdir(parents=True)
@@ -411,6 +427,8 @@ def train_run(cfg: ExperimentConfig, *, seed: int | None = None, out_dir: str | 
             metrics.update(timing, eval_time_s=time.perf_counter() - start, steps=cfg.train.steps, seed=seed,
                            method=cfg.method["name"], task=cfg.task)
             metrics.update(_data_record(task, cfg.train.eval_splits), code=code_record())
+            if anchors is not None:  # flat, like every other metric: anchor_<name>_<metric>
+                metrics.update({f"anchor_{name}_{k}": v for name, m in anchors.items() for k, v in m.items()})
             task.save(staging)
             write_json(staging / "eval.json", _finite_or_none(metrics))  # strict JSON: a NaN metric is null
             write_manifest(staging, state="finished", **ident)
@@ -743,9 +761,10 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
     if keep_other_code and not resume:
         raise ValueError("--keep-other-code keeps finished runs of other code when resuming: use it with --resume")
     validate_config(cfg, methods)
-    if "test" not in cfg.train.eval_splits:
-        raise ValueError(f"train.eval_splits: compare tabulates test accuracy, so it must include test "
-                         f"(got {cfg.train.eval_splits})")
+    if "test" not in cfg.train.eval_splits and "val" not in cfg.train.eval_splits:
+        raise ValueError(f"train.eval_splits: compare tabulates test accuracy (or, for a selection on validation "
+                         f"data, validation accuracy), so it must include test or val (got {cfg.train.eval_splits})")
+    table_metric = "accuracy" if "test" in cfg.train.eval_splits else "val_accuracy"
     plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(out, m, s)) for s in seed_list for m in methods}
     foreign = _foreign_in_compare_dir(out)
     if foreign:
@@ -784,7 +803,8 @@ def compare(cfg: ExperimentConfig, methods: Sequence[str], seeds: Sequence[int] 
 
         def write_tables():
             runs = _valid_runs(plan, out, data, keep_other_code)
-            return tables.collect_and_write(out, methods=methods, runs=runs, failed=failed, code=code_notes(runs))
+            return tables.collect_and_write(out, methods=methods, metric=table_metric, runs=runs, failed=failed,
+                                            code=code_notes(runs))
 
         if existing:
             write_tables()  # fresh tables of what is there (a killed process may have finished a run after them)

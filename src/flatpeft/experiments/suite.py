@@ -26,6 +26,7 @@ error that may be transient (a ``RuntimeError`` such as CUDA out of memory) is r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -54,6 +55,51 @@ class Ablation:
 
 
 @dataclass
+class Selection:
+    """Hyper-parameter selection of a task on validation data only (issue: "tuning is part of the instrument").
+
+    For every method with a ``grid`` entry (``{key: [values]}``, config keys as ``--set`` takes them, e.g.
+    ``method.rho`` or ``train.lr``; several keys give their product), every grid point trains with the validation
+    ``seeds`` (never the test seeds) and evaluates only the validation split (``train.eval_splits=[val]``, plus the
+    ``set`` overrides, e.g. a smaller evaluation); the test split is never evaluated. The selected point maximises
+    the mean over those seeds of ``val_<metric>`` (default: the task's primary metric); ties go to the point listed
+    first (list radii from small to large: ties go to the smaller radius). A method without a grid runs at the
+    task's settings."""
+
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    seeds: int | list[int] = field(default_factory=lambda: [100, 101])
+    set: list[str] = field(default_factory=list)
+    metric: str | None = None
+
+    def seed_list(self) -> list[int]:
+        return list(range(100, 100 + int(self.seeds))) if isinstance(self.seeds, int) else [int(s) for s in self.seeds]
+
+
+@dataclass
+class FractionCurve:
+    """FlatPO's question asked directly: ``method`` (FlatPO) perturbing the top fraction ``f`` of the adapter
+    tensors against a random fraction ``f`` (``method.selection=random``), for every ``f`` in ``fractions``, at the
+    method's selected setting, with the task's test seeds (paired with every other run of the task). At ``f = 1``
+    both select every tensor, so only the top arm runs."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])
+    method: str = "flatpo"
+    set: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Tradeoff:
+    """A learning-vs-forgetting curve per run, read from its validation records along training
+    (``train.val_eval_steps``): ``downstream`` and ``retained`` name two validation metrics (``val_`` prefixed, as
+    the run's ``metrics.jsonl`` holds them); ``levels`` are the downstream values at which the methods are compared
+    (the retained metric interpolated on each seed's curve, paired over seeds)."""
+
+    downstream: str = "val_accuracy"
+    retained: str = "val_seen_classes_accuracy"
+    levels: list[float] = field(default_factory=list)
+
+
+@dataclass
 class SuiteTask:
     """One task of the plan: a config, overrides, and what to report."""
 
@@ -68,6 +114,9 @@ class SuiteTask:
     enabled: bool = True
     skip_reason: str = ""
     description: str = ""
+    select: Selection | None = None           # tune on validation first; every method then its own directory
+    fraction: FractionCurve | None = None     # FlatPO's fraction curve (needs the method's selection)
+    tradeoff: Tradeoff | None = None          # learning-vs-forgetting curves from the validation records
 
 
 @dataclass
@@ -82,7 +131,11 @@ class SuitePlan:
     threads: int = 1
     jobs: int = 1
     notes: str = ""
+    claims: list[dict[str, str]] | None = None   # default: CLAIMS
     path: str = ""
+
+    def plan_claims(self) -> list[dict[str, str]]:
+        return list(CLAIMS if self.claims is None else self.claims)
 
     def task_methods(self, task: SuiteTask) -> list[str]:
         return list(task.methods or self.methods)
@@ -163,6 +216,67 @@ _TASK_TYPES: dict[str, Callable[[Any, str], None]] = {
 _ABLATION_TYPES: dict[str, Callable[[Any, str], None]] = {"method": _is_str, "set": _check_list, "note": _is_str}
 
 
+def _check_grid(value: Any, where: str) -> None:
+    """``{method: {config key: [values]}}`` with at least one value per key."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping method -> {{key: [values]}}, got {value!r}")
+    for method, keys in value.items():
+        if not isinstance(keys, dict) or not keys:
+            raise ValueError(f"{where}.{method}: expected a mapping config key -> [values], got {keys!r}")
+        for key, values in keys.items():
+            if not isinstance(key, str) or "." not in key:
+                raise ValueError(f"{where}.{method}: {key!r} is not a config key such as method.rho or train.lr")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}.{method}.{key}: expected a non-empty list of values, got {values!r}")
+
+
+def _check_numbers(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{where}: expected a non-empty list of numbers, got {value!r}")
+
+
+def _check_fractions(value: Any, where: str) -> None:
+    _check_numbers(value, where)
+    if not all(0 < v <= 1 for v in value) or len(set(value)) != len(value):
+        raise ValueError(f"{where}: expected distinct fractions in (0, 1], got {value!r}")
+
+
+_SECTION_TYPES: dict[str, dict[str, Callable[[Any, str], None]]] = {
+    "select": {"grid": _check_grid, "seeds": _check_seeds, "set": _check_list, "metric": _is_str},
+    "fraction": {"fractions": _check_fractions, "method": _is_str, "set": _check_list},
+    "tradeoff": {"downstream": _is_str, "retained": _is_str, "levels": _check_numbers},
+}
+_CLAIM_KEYS = ("id", "kind", "paper", "claim", "metric", "a", "b")
+
+
+def _parse_section(raw: Any, cls: type, where: str, name: str) -> Any:
+    """One optional task section (``select``, ``fraction``, ``tradeoff``) as its dataclass, keys and types checked."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}.{name}: expected a mapping, got {raw!r}")
+    _check_keys(raw, cls, f"{where}.{name}")
+    _check_types(raw, f"{where}.{name}", _SECTION_TYPES[name])
+    return cls(**raw)
+
+
+def _parse_claims(raw: Any, where: str) -> list[dict[str, str]] | None:
+    """The plan's ``claims`` (each with every key of :data:`_CLAIM_KEYS`, an explicit ``kind``)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: claims: expected a list, got {raw!r}")
+    for i, c in enumerate(raw):
+        if not isinstance(c, dict) or sorted(c) != sorted(_CLAIM_KEYS) or not all(isinstance(v, str) for v in c.values()):
+            raise ValueError(f"{where}: claims[{i}]: each claim needs exactly the string keys {', '.join(_CLAIM_KEYS)}, "
+                             f"got {c!r}")
+        if c["kind"] not in ("better", "forgets-less", "match"):
+            raise ValueError(f"{where}: claims[{i}] ({c['id']}): kind must be better, forgets-less or match, got "
+                             f"{c['kind']!r}")
+    return raw
+
+
 def load_plan(path: str | Path) -> SuitePlan:
     """Read and check a plan file, or the built-in plan by name (``suite``): unknown keys, values of the wrong type
     (a string where a list belongs, seeds that are not integers), names that are not plain identifiers and
@@ -195,11 +309,13 @@ def load_plan(path: str | Path) -> SuitePlan:
             _check_name(a["name"], f"{where}.ablations[{j}].name")
             _check_types(a, f"{where}.ablations[{j}]", _ABLATION_TYPES)
             abls.append(Ablation(**a))
-        tasks.append(SuiteTask(**{**t, "ablations": abls}))
+        sections = {name: _parse_section(t.get(name), cls, where, name)
+                    for name, cls in (("select", Selection), ("fraction", FractionCurve), ("tradeoff", Tradeoff))}
+        tasks.append(SuiteTask(**{**t, "ablations": abls, **sections}))
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: task names must be unique, got {names}")
-    plan = SuitePlan(**{**raw, "tasks": tasks}, path=str(path))
+    plan = SuitePlan(**{**raw, "tasks": tasks, "claims": _parse_claims(raw.get("claims"), str(path))}, path=str(path))
     dirs = [u.name for u in units(plan, names)]
     clash = sorted({d for d in dirs if dirs.count(d) > 1})
     if clash:
@@ -220,10 +336,47 @@ class Unit:
     seeds: list[int]
     overrides: list[str]
     ablation: Ablation | None = None
+    phase: str = "test"       # "select" (validation grid), "test" (the task's table), "fraction" (FlatPO's curve)
+    label: str = ""           # how the page names the unit's runs (default: the method)
+    point: str = ""           # "select": the grid point (e.g. "rho=0.05")
+    pending: bool = False     # its settings wait for a selection that has not finished
 
 
-def units(plan: SuitePlan, only: Sequence[str] | None = None) -> list[Unit]:
-    """The compare directories of the plan, in order (a task's main comparison, then its ablations)."""
+def _value_text(value: Any) -> str:
+    """A grid value as ``--set`` takes it and as a directory name shows it."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def grid_points(keys: dict[str, list[Any]]) -> list[tuple[str, list[str]]]:
+    """``(label, overrides)`` of every point of a grid ``{key: [values]}`` (product, in the order listed):
+    ``("rho=0.05", ["method.rho=0.05"])``."""
+    import itertools
+
+    names = list(keys)
+    out = []
+    for values in itertools.product(*(keys[k] for k in names)):
+        label = ",".join(f"{k.rsplit('.', 1)[-1]}={_value_text(v)}" for k, v in zip(names, values))
+        out.append((label, [f"{k}={_value_text(v)}" for k, v in zip(names, values)]))
+    return out
+
+
+def selection_units(plan: SuitePlan, task: SuiteTask) -> list[Unit]:
+    """The validation units of ``task``'s selection: one compare directory per method and grid point
+    (``<task>__select__<method>__<point>``), validation seeds, validation split only."""
+    sel = task.select
+    if sel is None:
+        return []
+    extra = [*task.set, *sel.set, "train.eval_splits=[val]", "train.anchors=false"]
+    return [Unit(task, f"{task.name}__select__{m}__{label}", [m], sel.seed_list(), [*extra, *sets], phase="select",
+                 label=m, point=label)
+            for m, keys in sel.grid.items() for label, sets in grid_points(keys)]
+
+
+def units(plan: SuitePlan, only: Sequence[str] | None = None,
+          selected: dict[str, dict[str, list[str]]] | None = None, phases: Sequence[str] | None = None) -> list[Unit]:
+    """The compare directories of the plan, in order: a task's selection units, its main comparison, its ablations,
+    its fraction curve. ``selected``: ``{task: {method: overrides}}`` of the finished selections (the units that
+    need a missing one are marked ``pending``); ``phases``: keep only these phases."""
     out = []
     for t in plan.tasks:
         if only is not None and t.name not in only:
@@ -231,17 +384,43 @@ def units(plan: SuitePlan, only: Sequence[str] | None = None) -> list[Unit]:
         if only is None and not t.enabled:
             continue
         seeds = plan.task_seeds(t)
+        chosen = (selected or {}).get(t.name, {})
+
+        def sel(method: str, t: SuiteTask = t, chosen: dict[str, list[str]] = chosen) -> tuple[list[str], bool]:
+            if t.select is None or method not in t.select.grid:
+                return [], False
+            return (list(chosen[method]), False) if method in chosen else ([], True)
+
+        found = selection_units(plan, t)
         for name, methods in task_groups(plan, t):
-            out.append(Unit(t, name, methods, seeds, list(t.set)))
+            sets = [sel(m) for m in methods]
+            # the anchors are evaluated once per seed, by base's runs when base has a directory of its own
+            anchors = ["train.anchors=true"] if methods == ["base"] else []
+            found.append(Unit(t, name, methods, seeds, [*t.set, *(x for s, _ in sets for x in s), *anchors],
+                              pending=any(p for _, p in sets)))
         for a in t.ablations:
-            out.append(Unit(t, f"{t.name}__{a.name}", [a.method], seeds, [*t.set, *a.set], a))
+            s, p = sel(a.method)
+            found.append(Unit(t, f"{t.name}__{a.name}", [a.method], seeds, [*t.set, *s, *a.set], a,
+                              label=f"{a.method} ({a.name})", pending=p))
+        if t.fraction is not None:
+            fc = t.fraction
+            s, p = sel(fc.method)
+            for f in fc.fractions:
+                for pick in ("topk",) if f >= 1 else ("topk", "random"):
+                    found.append(Unit(t, f"{t.name}__fraction__{pick}-{f:g}", [fc.method], seeds,
+                                      [*t.set, *s, *fc.set, f"method.fraction={f}", f"method.selection={pick}"],
+                                      phase="fraction", label=f"{fc.method} {pick} {100 * f:g} %", pending=p))
+        out += [u for u in found if phases is None or u.phase in phases]
     return out
 
 
 def task_groups(plan: SuitePlan, task: SuiteTask) -> list[tuple[str, list[str]]]:
     """``(directory name, methods)`` of a task's main comparison: one directory, or one per method group
-    (``groups``; the first keeps the task's name, the others are ``<name>__g2``, ...). Seeds pair across them."""
+    (``groups``; the first keeps the task's name, the others are ``<name>__g2``, ...). Seeds pair across them.
+    A task with a ``select`` section runs every method in its own directory (``<name>__<method>``)."""
     methods = plan.task_methods(task)
+    if task.select is not None:
+        return [(f"{task.name}__{m}", [m]) for m in methods]
     if not task.groups:
         return [(task.name, methods)]
     grouped = [m for g in task.groups for m in g]
@@ -270,7 +449,11 @@ def _check_unit(unit: Unit) -> None:
     try:
         cfg = _load_unit_config(unit)
         validate_config(cfg, unit.methods)
-        if "test" not in cfg.train.eval_splits:
+        if unit.phase == "select":
+            if cfg.train.eval_splits != ["val"]:
+                raise ValueError(f"train.eval_splits: a selection unit evaluates only the validation split, got "
+                                 f"{cfg.train.eval_splits}")
+        elif "test" not in cfg.train.eval_splits:
             raise ValueError(f"train.eval_splits: the suite tabulates the test split, so it must include test "
                              f"(got {cfg.train.eval_splits})")
     except ValueError as err:
@@ -366,20 +549,18 @@ def _transformers_verbosity() -> int | None:
 
 def _worker_args(plan: SuitePlan, unit: Unit, root: Path, threads: int, progress: bool,
                  only: Sequence[str] | None, verbosity: int | None, keep_other_code: bool) -> tuple:
-    """The picklable arguments of :func:`_unit_worker` for ``unit`` (a process pool or a submitit job)."""
-    return (plan.path, unit.name, str(root / unit.name), threads, progress, list(only) if only else None, verbosity,
-            keep_other_code)
+    """The picklable arguments of :func:`_unit_worker` for ``unit`` (a process pool or a submitit job): the unit
+    itself (its settings are resolved, selection included), so a worker never re-derives it."""
+    return (unit, str(root / unit.name), threads, progress, verbosity, keep_other_code)
 
 
 def _unit_worker(args: tuple) -> dict[str, Any]:
-    plan_path, unit_name, out, threads, progress, only, verbosity, keep_other_code = args
+    unit, out, threads, progress, verbosity, keep_other_code = args
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if verbosity is not None:  # a spawned process starts with transformers' defaults: keep the parent's (the CLI's)
         import transformers
 
         transformers.logging.set_verbosity(verbosity)
-    plan = load_plan(plan_path)
-    unit = next(u for u in units(plan, only) if u.name == unit_name)
     return _run_unit(unit, out, threads, progress, keep_other_code=keep_other_code)
 
 
@@ -464,15 +645,15 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
     page_file = page_path(plan, output_dir, page)
     jobs = int(jobs or plan.jobs or 1)
     threads = int(threads if threads is not None else plan.threads)
-    todo = units(plan, only)
+    todo = units(plan, only, phases=["select"])
     check_page(page_file, [t.name for t in plan.tasks])
-    for u in todo:  # the whole plan is checked before anything trains
-        _check_unit(u)
+    for u in [*todo, *units(plan, only, _first_points(plan), phases=["test", "fraction"])]:
+        _check_unit(u)  # the whole plan is checked before anything trains (a selection's first point stands in)
     root.mkdir(parents=True, exist_ok=True)
     log = _read_log(root)
     inv: dict[str, Any] = {"start": time.time(), "jobs": jobs, "threads": threads, "units": [],
                            "only": list(only) if only else None, "train": train, "machine": machine_info()}
-    if train and todo:
+    if train and (todo or units(plan, only)):
         import signal
 
         def _terminate(signum, frame):  # a plain `kill` records the invocation like Ctrl-C does
@@ -481,31 +662,27 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)
         sampler = _LoadSampler()
-        echo(f"suite: {len(todo)} compare director{'y' if len(todo) == 1 else 'ies'} under {root} "
-             f"({jobs} parallel, {threads} thread(s) each): " + ", ".join(u.name for u in todo))
+        run = functools.partial(_run_units, plan, root=root, jobs=jobs, threads=threads, progress=progress, only=only,
+                                keep_other_code=keep_other_code, executor=executor,
+                                executor_options=executor_options, echo=echo, records=inv["units"])
         try:
-            if executor == "submitit":
-                for rec in _run_on_submitit(plan, todo, root, threads, progress, only, keep_other_code,
-                                            dict(executor_options or {})):
-                    inv["units"].append(rec)
-                    echo(f"suite: {rec['unit']}: {rec['status']} in {rec['wall_s'] / 60:.1f} min")
-            elif jobs <= 1:
-                for u in todo:
-                    rec = _run_unit(u, str(root / u.name), threads, progress, keep_other_code=keep_other_code)
-                    inv["units"].append(rec)
-                    echo(f"suite: {u.name}: {rec['status']} in {rec['wall_s'] / 60:.1f} min")
-            else:
-                import concurrent.futures as cf
-                import multiprocessing as mp
+            if todo:  # 1. the selections on validation data
+                echo(f"suite: selection on validation data: {len(todo)} compare directories under {root}")
+                run(todo)
+            from .evidence import selected_settings
 
-                with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                    verbosity = _transformers_verbosity()
-                    futs = {pool.submit(_unit_worker, _worker_args(plan, u, root, threads, progress, only, verbosity,
-                                                                   keep_other_code)): u for u in todo}
-                    for fut in cf.as_completed(futs):
-                        rec = fut.result()
-                        inv["units"].append(rec)
-                        echo(f"suite: {rec['unit']}: {rec['status']} in {rec['wall_s'] / 60:.1f} min")
+            chosen, missing = selected_settings(plan, root, only)
+            rest = units(plan, only, chosen, phases=["test", "fraction"])
+            for u in [u for u in rest if u.pending]:
+                inv["units"].append({"unit": u.name, "task": u.task.name, "start": time.time(), "end": time.time(),
+                                     "wall_s": 0.0, "status": "error", "failed": [], "trained": 0,
+                                     "error": f"not run: the selection it needs did not finish "
+                                              f"({'; '.join(missing.get(u.task.name, []))})"})
+            todo = [u for u in rest if not u.pending]
+            for u in todo:
+                _check_unit(u)
+            # 2. the tables (each method at its selected setting), ablations and fraction curves
+            run(todo)
         finally:
             samples = sampler.stop()
             inv["end"] = time.time()
@@ -530,6 +707,46 @@ def run_suite(plan: SuitePlan, *, output_dir: str | Path | None = None, page: st
                                f"{'y' if len(inv['units']) == 1 else 'ies'} did not finish: "
                                + "; ".join(f"{r['unit']} ({r['error']})" for r in errors))
     return out
+
+
+def _first_points(plan: SuitePlan) -> dict[str, dict[str, list[str]]]:
+    """Stand-in selections for checking a plan before anything trains: every grid's first point."""
+    return {t.name: {m: grid_points(keys)[0][1] for m, keys in t.select.grid.items()}
+            for t in plan.tasks if t.select is not None}
+
+
+def _run_units(plan: SuitePlan, todo: list[Unit], *, root: Path, jobs: int, threads: int, progress: bool,
+               only: Sequence[str] | None, keep_other_code: bool, executor: str,
+               executor_options: dict[str, Any] | None, echo: Callable[[str], None],
+               records: list[dict[str, Any]]) -> None:
+    """Run ``todo`` here (one after another, or ``jobs`` spawned processes) or as submitit jobs, appending each
+    unit's log record to ``records`` as it finishes."""
+    if not todo:
+        return
+    echo(f"suite: {len(todo)} compare director{'y' if len(todo) == 1 else 'ies'} under {root} "
+         f"({jobs} parallel, {threads} thread(s) each): " + ", ".join(u.name for u in todo))
+
+    def done(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        echo(f"suite: {rec['unit']}: {rec['status']} in {rec['wall_s'] / 60:.1f} min")
+
+    if executor == "submitit":
+        for rec in _run_on_submitit(plan, todo, root, threads, progress, only, keep_other_code,
+                                    dict(executor_options or {})):
+            done(rec)
+    elif jobs <= 1:
+        for u in todo:
+            done(_run_unit(u, str(root / u.name), threads, progress, keep_other_code=keep_other_code))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            verbosity = _transformers_verbosity()
+            futs = [pool.submit(_unit_worker, _worker_args(plan, u, root, threads, progress, only, verbosity,
+                                                           keep_other_code)) for u in todo]
+            for fut in cf.as_completed(futs):
+                done(fut.result())
 
 
 def write_page(plan: SuitePlan, output_dir: str | Path | None = None, page: str | Path | None = None) -> Path:

@@ -1,27 +1,26 @@
-"""The results page of ``flatpeft suite`` (``docs/results.md``), rebuilt from the runs' ``eval.json`` files.
+"""The results page of ``flatpeft suite`` (``docs/results.md``), rendered from one machine-readable file.
 
-Every number on the page is read from a run directory of the suite (or its ``suite_log.json`` for wall time
-and load); nothing is typed in. Statistics: :func:`flatpeft.experiments.stats.paired_difference` (paired over
-the seeds both methods have, 95 % Student-t interval). The page names the code behind every table (the code
-each run recorded, :mod:`flatpeft.experiments.provenance`) and states per task whether its runs reproduce bit
-for bit (:data:`DETERMINISM`).
+:func:`write_page` gathers every number from the runs once (:func:`flatpeft.experiments.evidence.collect`),
+writes it as ``results.json`` beside the page (``<page stem>.json``), reads that file back and renders the page
+and its plots from it alone: small renderers, one per section (header, summary with anchors, selected settings,
+claims, per task: anchors, validation grid, table, fraction curve, trade-off curve, per-seed values; cost per
+run). Nothing on the page is typed in. The page names the code behind every table (the code each run recorded,
+:mod:`flatpeft.experiments.provenance`) and states per task whether its runs reproduce bit for bit
+(:data:`DETERMINISM`).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from .results import _is_percent, collect_runs, plot, summarize
-from .stats import mean_std, paired_difference
+from .results import _is_percent
 
 #: tolerance of the "matches" claims (equivalence): the interval's lower end must be above -MARGIN
-MARGIN = 0.01
+from .evidence import IDENTICAL, MARGIN  # noqa: F401 - re-exported for readers of the page code
 
 #: Per built-in task: does a rerun reproduce its numbers bit for bit, and when not, why (docs/cli.md, "Determinism").
 DETERMINISM: dict[str, str] = {
@@ -53,157 +52,6 @@ DETERMINISM: dict[str, str] = {
 }
 
 
-def _fmt(v: float, pct: bool, digits: int = 1, sign: bool = False) -> str:
-    if v is None or not np.isfinite(v):
-        return "–"
-    s = f"{100 * v:+.{digits}f}" if (pct and sign) else f"{100 * v:.{digits}f}" if pct else (
-        f"{v:+.3g}" if sign else f"{v:.4g}")
-    return s
-
-
-def _pm(m: float, s: float, pct: bool) -> str:
-    return _fmt(m, pct) + ("" if s is None or not np.isfinite(s) else f" ± {_fmt(s, pct)}")
-
-
-def _diff_cell(d, pct: bool) -> str:
-    if d is None or d.n == 0:
-        return "–"
-    if d.n < 2:
-        return f"{_fmt(d.mean, pct, sign=True)} (1 seed)"
-    return f"{_fmt(d.mean, pct, sign=True)} [{_fmt(d.ci_low, pct, sign=True)}, {_fmt(d.ci_high, pct, sign=True)}]"
-
-
-def paired(runs: pd.DataFrame, a: str, b: str, metric: str, other: pd.DataFrame | None = None):
-    """Paired difference ``a - b`` of ``metric`` (``b`` looked up in ``other`` when given) or None."""
-    other = runs if other is None else other
-    if metric not in runs or metric not in other:
-        return None
-    ra = runs[runs["method"] == a].set_index("seed")[metric].dropna()
-    rb = other[other["method"] == b].set_index("seed")[metric].dropna()
-    common = sorted(set(ra.index) & set(rb.index))
-    if not common:
-        return None
-    return paired_difference(ra.loc[common].to_numpy(), rb.loc[common].to_numpy())
-
-
-def _settings_line(cfg: dict[str, Any]) -> str:
-    d, p, t, m = cfg.get("data", {}), cfg.get("peft", {}), cfg.get("train", {}), cfg.get("method", {})
-    parts = [f"task `{cfg.get('task')}`", f"model `{cfg.get('model')}`",
-             f"shots {d.get('shots')} per class" if d.get("shots") is not None else "",
-             f"max length {d.get('max_length')}" if cfg.get("task") == "text_classification" else "",
-             f"{p.get('type')} r={p.get('r')} alpha={p.get('alpha')} on {p.get('target_modules')}",
-             f"{t.get('steps')} steps, batch {t.get('batch_size')}, {t.get('base_optimizer')} lr {t.get('lr')}",
-             ("method keywords " + ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")) if len(m) > 1 else ""]
-    args = cfg.get("task_args") or {}
-    if args:
-        parts.append("task_args " + ", ".join(f"{k}={v}" for k, v in args.items()))
-    return "; ".join(x for x in parts if x)
-
-
-#: verdict of a pair of methods that gave the same number on every seed: no evidence either way
-IDENTICAL = "not tested: identical on every seed"
-
-
-def _verdict(d, kind: str) -> str:
-    """``supports`` / ``refutes`` / ``cannot resolve`` for a claim of ``kind`` ("better" or "match") from the
-    paired difference ``d`` (see the page's verdict rule); :data:`IDENTICAL` when the two methods gave the same
-    number on every seed (a method that did not act, e.g. SPIDER's default scope on a pure-LoRA model)."""
-    if d is None or d.n < 2 or not np.isfinite(d.ci_low):
-        return "cannot resolve (too few seeds)"
-    if d.mean == 0 and d.std == 0:
-        return IDENTICAL
-    if kind == "match":
-        if d.ci_high < 0 and d.ci_low < -MARGIN:
-            return "refutes"
-        if d.ci_low > -MARGIN:
-            return "supports"
-        return "cannot resolve"
-    if d.ci_low > 0:
-        return "supports"
-    if d.ci_high < 0:
-        return "refutes"
-    if d.ci_high < MARGIN:
-        return f"refutes a gain of {100 * MARGIN:.0f} pp or more"
-    return "cannot resolve"
-
-
-def _kind(claim: dict[str, str]) -> str:
-    """The verdict rule of a claim from its explicit ``kind``: "match" (equivalence) or "better" (also for
-    "forgets-less", a better value of a retained metric)."""
-    kind = claim.get("kind")
-    if kind not in ("better", "forgets-less", "match"):
-        raise ValueError(f"claim {claim.get('id')!r}: kind must be better, forgets-less or match, got {kind!r}")
-    return "match" if kind == "match" else "better"
-
-
-def _claim_rows(claim: dict[str, str], data: dict[str, dict[str, Any]], ran: list[str]):
-    """``(task, metric, label a, label b, paired difference)`` for every task that can test ``claim``: its
-    method ``a`` against ``b`` and, for each ablation of ``a`` on that task (e.g. SPIDER with another scope),
-    the ablation against ``b``."""
-    for n in ran:
-        d = data[n]
-        metric = d["task"].metrics[0] if claim["metric"] == "primary" else claim["metric"]
-        if metric not in d["task"].metrics or claim["b"] not in d["methods"]:
-            continue
-        if claim["a"] in d["methods"]:
-            pdiff = paired(d["runs"], claim["a"], claim["b"], metric)
-            if pdiff is not None:
-                yield n, metric, claim["a"], claim["b"], pdiff
-        for a, ar in d["abl"].values():
-            if a.method != claim["a"] or ar.empty:
-                continue
-            label = f"{a.method} ({a.name})"
-            pdiff = paired(ar, label, claim["b"], metric, other=d["runs"])
-            if pdiff is not None:
-                yield n, metric, label, claim["b"], pdiff
-
-
-def _task_runs(root: Path, unit: str, methods: list[str], config: str | None = None,
-               overrides: list[str] | None = None, seeds: list[int] | None = None) -> pd.DataFrame:
-    """The finished runs of one compare directory. With ``config`` (the plan's settings), only the runs whose
-    recorded settings are the planned ones (compare's check), so the page never mixes settings."""
-    d = root / unit
-    if not d.is_dir():
-        return pd.DataFrame(columns=["method", "seed"])
-    runs_list = None
-    if config is not None and seeds is not None:
-        runs_list = _unit_runs(root, unit, methods, config, overrides, seeds)
-    runs = collect_runs(d, methods, runs_list)
-    if "seen_classes_accuracy" in runs and "seen_classes_accuracy_before" in runs:
-        before = runs["seen_classes_accuracy_before"].replace(0, np.nan)
-        runs["retained_fraction"] = runs["seen_classes_accuracy"] / before
-    return runs
-
-
-def _unit_runs(root: Path, unit: str, methods: list[str], config: str, overrides: list[str] | None,
-               seeds: list[int]) -> list[tuple[str, int, Path]]:
-    """``(method, seed, run dir)`` of the finished runs of one compare directory whose recorded settings are the
-    planned ones and whose data are the current files (compare's check), whatever code trained them: the page
-    shows them and names their code."""
-    from .config import load_config
-    from .runner import _run_config, _valid_runs, _with_method, run_dir_for
-
-    d = root / unit
-    if not d.is_dir():
-        return []
-    cfg = load_config(config, overrides or [])
-    plan = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(d, m, s)) for s in seeds for m in methods}
-    return _valid_runs(plan, d, keep_other_code=True, strict_data=False)
-
-
-def _task_code(plan, root: Path, t) -> list[tuple[str, int, dict[str, Any] | None]]:
-    """``(method label, seed, code record)`` of every run shown for task ``t`` (its groups and ablations)."""
-    from .runner import run_code
-    from .suite import task_groups
-
-    seeds = plan.task_seeds(t)
-    out = []
-    for name, ms in task_groups(plan, t):
-        out += [(m, s, run_code(r)) for m, s, r in _unit_runs(root, name, ms, t.config, t.set, seeds)]
-    for a in t.ablations:
-        out += [(f"{a.method} ({a.name})", s, run_code(r))
-                for _, s, r in _unit_runs(root, f"{t.name}__{a.name}", [a.method], t.config, [*t.set, *a.set], seeds)]
-    return out
 
 
 def _seeds_text(seeds: list[int]) -> str:
@@ -219,59 +67,6 @@ def _seeds_text(seeds: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _code_lines(runs: list[tuple[str, int, dict[str, Any] | None]]) -> list[str]:
-    """The code behind one task's table: one version, or each version with the runs it trained."""
-    from .provenance import code_label, code_record
-
-    current = code_label(code_record())
-    groups: dict[str, dict[str, list[int]]] = {}
-    for method, seed, code in runs:
-        groups.setdefault(code_label(code), {}).setdefault(method, []).append(seed)
-    mark = lambda label: " (the code that wrote this page)" if label == current else ""  # noqa: E731
-    if len(groups) == 1:
-        (label,) = groups
-        return [f"Code: every run of this table was trained by {label}{mark(label)}."]
-    lines = [f"Code: **the runs of this table were trained by {len(groups)} code versions** (kept with "
-             "`--keep-other-code`):"]
-    for label, per in groups.items():
-        lines.append(f"* {label}{mark(label)}: " + "; ".join(f"{m} seeds {_seeds_text(s)}" for m, s in per.items()))
-    return lines + [""]
-
-
-def _code_summary(codes: list[list[tuple[str, int, dict[str, Any] | None]]]) -> str:
-    """The header's sentence on the code: the code that wrote the page and the versions behind its runs
-    (``codes``: :func:`_task_code` of every task)."""
-    from .provenance import NOT_RECORDED, code_label, code_record
-
-    current = code_label(code_record())
-    counts: dict[str, int] = {}
-    for task_codes in codes:
-        for _, _, code in task_codes:
-            counts[code_label(code)] = counts.get(code_label(code), 0) + 1
-    text = f"This page was written by {current}."
-    if not counts:
-        return text
-    if list(counts) == [current]:
-        return text + f" Every run behind its tables ({counts[current]}) was trained by that code."
-    versions = "; ".join(f"{label}: {n} run(s)" for label, n in counts.items())
-    note = (" Runs whose code is not recorded may come from any earlier code: their numbers need not be what "
-            "the current code gives." if NOT_RECORDED in counts else "")
-    return text + f" **Its runs were trained by {len(counts)} code version(s)**: {versions}.{note}"
-
-
-def _failed(root: Path, unit: str) -> dict[str, Any]:
-    """The failed runs ``compare_plan.json`` of a unit records; a damaged file is an error naming it."""
-    path = root / unit / "compare_plan.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        data = err
-    if not isinstance(data, dict) or not isinstance(data.get("failed") or {}, dict):
-        raise ValueError(f"{path}: damaged (not the compare plan flatpeft wrote: {str(data)[:80]}); run the suite "
-                         f"again to rewrite it (its compare directory resumes), or move it away")
-    return data.get("failed") or {}
 
 
 def _trained(inv: dict[str, Any]) -> bool:
@@ -283,8 +78,9 @@ def _trained(inv: dict[str, Any]) -> bool:
     return any(u["trained"] > 0 if "trained" in u else float(u.get("wall_s", 0)) >= 5.0 for u in inv["units"])
 
 
-def _unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float], dict[str, Any]]:
-    """Wall seconds per unit (summed over invocations), total suite wall, load samples, last machine."""
+def unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float], dict[str, Any], int]:
+    """Wall seconds per unit (summed over invocations), total suite wall, load samples, last machine, and the
+    number of invocations that trained."""
     per: dict[str, float] = {}
     loads, machine, spans = [], {}, []
     for inv in log.get("invocations", []):
@@ -301,7 +97,9 @@ def _unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float
         if b > end:
             total += b - max(a, end)
             end = b
-    return per, total, loads, machine
+    return per, total, loads, machine, len(spans)
+
+
 
 
 #: The first line of every page flatpeft writes; a file that does not begin with it is not replaced.
@@ -336,267 +134,486 @@ def check_page(page: Path, tasks: list[str]) -> None:
                              f"({', '.join(taken[:3])}); set another page (page: / --page), or move them away")
 
 
+
+
+# ---- formatting ---------------------------------------------------------------------------------------------------
+def _fmt(v: float | None, pct: bool, digits: int = 1, sign: bool = False) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    if pct:
+        return f"{100 * v:+.{digits}f}" if sign else f"{100 * v:.{digits}f}"
+    return f"{v:+.3g}" if sign else f"{v:.4g}"
+
+
+def _pm(summary: dict[str, Any] | None, pct: bool) -> str:
+    if not summary or summary.get("mean") is None:
+        return "–"
+    sd = summary.get("std")
+    return _fmt(summary["mean"], pct) + ("" if sd is None else f" ± {_fmt(sd, pct)}")
+
+
+def _diff(d: dict[str, Any] | None, pct: bool, n: bool = False) -> str:
+    if not d:
+        return "–"
+    if d["n"] < 2 or d["ci_low"] is None:
+        return f"{_fmt(d['mean'], pct, sign=True)} (1 seed)"
+    return (f"{_fmt(d['mean'], pct, sign=True)} [{_fmt(d['ci_low'], pct, sign=True)}, "
+            f"{_fmt(d['ci_high'], pct, sign=True)}]" + (f" n={d['n']}" if n else ""))
+
+
+def _values(arm: dict[str, Any], metric: str) -> list[float]:
+    return [r[metric] for r in arm["seeds"].values() if r.get(metric) is not None]
+
+
+def _summary(arm: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    v = _values(arm, metric)
+    if not v:
+        return None
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v)}
+
+
+def _settings_line(cfg: dict[str, Any]) -> str:
+    d, p, t = cfg.get("data", {}), cfg.get("peft", {}), cfg.get("train", {})
+    parts = [f"task `{cfg.get('task')}`", f"model `{cfg.get('model')}`",
+             f"shots {d.get('shots')} per class" if d.get("shots") is not None else "",
+             f"max length {d.get('max_length')}" if cfg.get("task") == "text_classification" else "",
+             f"{p.get('type')} r={p.get('r')} alpha={p.get('alpha')} on {p.get('target_modules')}",
+             f"{t.get('steps')} steps, batch {t.get('batch_size')}, {t.get('base_optimizer')} lr {t.get('lr')}"]
+    args = cfg.get("task_args") or {}
+    if args:
+        parts.append("task_args " + ", ".join(f"{k}={v}" for k, v in args.items()))
+    return "; ".join(x for x in parts if x)
+
+
+def _short(config: str) -> str:
+    return Path(config).name if Path(config).is_absolute() else config
+
+
+# ---- sections -----------------------------------------------------------------------------------------------------
+def _header(r: dict[str, Any]) -> list[str]:
+    from .provenance import NOT_RECORDED
+
+    plan = r.get("plan") or "PLAN"
+    L = [PAGE_TITLE, "",
+         f"Produced by `flatpeft suite {plan}` from the runs under `{r['output_dir']}` (finished runs with the same "
+         f"settings, data and code are kept, missing ones trained); regenerated {r['generated']}. Every number below "
+         "is read from `results.json` beside this page, which the same command writes from the runs' `eval.json` "
+         "and `metrics.jsonl` files; nothing is typed in.", ""]
+    codes = r.get("code_of_runs") or {}
+    text = f"This page was written by {r['code_label']}."
+    if list(codes) == [r["code_label"]]:
+        text += f" Every run behind its tables ({codes[r['code_label']]}) was trained by that code."
+    elif codes:
+        text += (f" **Its runs were trained by {len(codes)} code version(s)**: "
+                 + "; ".join(f"{k}: {n} run(s)" for k, n in codes.items()) + "."
+                 + (" Runs whose code is not recorded may come from any earlier code." if NOT_RECORDED in codes else ""))
+    L.append(f"**Code.** {text} `flatpeft suite {plan} --reproduce` retrains one seed per task and method at the "
+             "current code and reports the largest difference of each metric (docs/cli.md).")
+    m, w = r.get("machine") or {}, r["wall"]
+    if m:
+        L.append(f"**Machine.** {m.get('cores')} CPU cores ({m.get('cpu')}), "
+                 f"{'a GPU was visible' if m.get('gpu') else 'no GPU'}; torch {m.get('torch')}, Python "
+                 f"{m.get('python')}.")
+    if w.get("invocations"):
+        load = (f" Load average (1 min) during the runs: mean {w['load_mean']:.1f}, max {w['load_max']:.1f} on "
+                f"{m.get('cores')} cores, so step times are only indicative." if w.get("load_mean") is not None else "")
+        L.append(f"**Wall time.** {w['total_s'] / 60:.1f} min over {w['invocations']} invocation(s) of the suite "
+                 f"({w.get('jobs')} compare directories in parallel, {w.get('threads')} torch thread(s) each).{load}")
+    pct = 100 * r["margin"]
+    L += ["", "**Selection rule.** Every tuned hyper-parameter is chosen per task and method on validation data only "
+          "(validation seeds distinct from the test seeds; only the validation split is evaluated): the grid point "
+          "with the highest mean validation score of the task's primary metric, ties to the point listed first "
+          "(the smaller radius). Each method then runs at its selected point with the test seeds.", "",
+          "**Verdict rule.** For each method the paired difference to `base` (same seed: same initialisation, "
+          "k-shot sample, batch order and dropout stream) is averaged over the seeds both have; the 95 % interval "
+          "is d̄ ± t(0.975, n−1)·s/√n. A method is called better / worse only when the interval excludes zero. A "
+          "claim is *supported* when the interval of the difference it predicts excludes zero in its direction, "
+          f"*refuted* when it excludes zero the other way (or, for a claimed gain, when the whole interval lies "
+          f"below +{pct:.0f} pp: *refutes a gain of {pct:.0f} pp or more*), and *cannot resolve* otherwise; a "
+          f"*match* claim is supported when the interval's lower end lies above −{pct:.0f} pp. Two arms that gave "
+          "the same number on every seed test nothing. Accuracies and F1 in %, differences in percentage points "
+          "(pp).", ""]
+    if r.get("notes"):
+        L += [r["notes"].strip(), ""]
+    return L
+
+
+def _summary_section(r: dict[str, Any]) -> list[str]:
+    tasks = r["tasks"]
+    labels = list(dict.fromkeys(k for t in tasks.values() for k, a in t["arms"].items()
+                                if k != "base" and a["phase"] == "test" and not a.get("ablation")))
+    L = ["## Summary", "",
+         "Each task's primary metric: `base` and its anchors (mean ± std over the test seeds), then each method's "
+         "paired difference to `base` at its selected setting, pp [95 % interval]. A task whose `base` does not beat "
+         "its probe anchor is flagged: it measures the shots more than the fine-tuning.", "",
+         "| task (primary metric) | majority | probe | zero-shot | base | " + " | ".join(labels) + " |",
+         "|---|---|---|---|---|" + "---|" * len(labels)]
+    for name, t in tasks.items():
+        metric, pct = t["metrics"][0], _is_percent(t["metrics"][0])
+        anchors = [_pm((t["anchors"].get(a) or {}).get(metric), pct) for a in ("majority", "probe", "zero_shot")]
+        base = t["arms"].get("base")
+        flag = ""
+        if t.get("anchor_check") and not t["anchor_check"]["beats_probe"]:
+            flag = " ⚑ base does not beat its probe"
+        cells = [f"{name} ({metric}){flag}", *anchors,
+                 (_pm(_summary(base, metric), pct) + f" (n={len(_values(base, metric))})") if base else "–"]
+        for label in labels:
+            cells.append(_diff((t["comparisons"].get(label) or {}).get(metric), pct, n=True))
+        L.append("| " + " | ".join(cells) + " |")
+    L += ["", "Selected settings (validation only; the score is the mean validation value of the primary metric):", "",
+          "| task | method | selected | validation score | grid (mean validation score per point) |",
+          "|---|---|---|---|---|"]
+    for name, t in tasks.items():
+        for m, sel in t["selection"].items():
+            pct = _is_percent(sel["metric"])
+            best = next((p for p in sel["points"] if p["label"] == sel["selected"]), None)
+            grid = ", ".join(f"{p['label']}: {_fmt(p['mean'], pct)}" + ("" if p["complete"] else " (incomplete)")
+                             for p in sel["points"])
+            L.append(f"| {name} | `{m}` | {sel['selected'] or 'not selected (grid incomplete)'} | "
+                     f"{_fmt(best['mean'], pct) if best else '–'} | {grid} |")
+    return L + [""]
+
+
+def _claims_section(r: dict[str, Any]) -> list[str]:
+    L = ["## The seed papers' claims", "",
+         "| paper | claim | task | metric | difference tested | Δ, pp [95 % interval] (n) | verdict |",
+         "|---|---|---|---|---|---|---|"]
+    for c in r["claims"]:
+        L.append(f"| {c['paper']} | {c['claim']} | {c['task']} | {c['metric']} | {c['a']} − {c['b']} | "
+                 f"{_diff(c['diff'], _is_percent(c['metric']))} ({c['diff']['n']}) | {c['verdict']} |")
+    for name, t in r["tasks"].items():
+        fr = t.get("fraction")
+        if not fr:
+            continue
+        for row in fr["rows"]:
+            if row["fraction"] == 0.05 and row.get("top_minus_full"):
+                d = row["top_minus_full"]
+                L.append(f"| FlatPO | 5 % > 100 %: perturbing the sharpest 5 % beats perturbing all adapter tensors "
+                         f"(fraction curve) | {name} | {fr['metric']} | top 5 % − top 100 % | "
+                         f"{_diff(d, _is_percent(fr['metric']))} ({d['n']}) | {d['claim']} |")
+    L += [""]
+    if any(c["verdict"] == IDENTICAL for c in r["claims"]):
+        L += [f"*{IDENTICAL}*: the two arms gave the same number on every seed (typically a method that cannot act "
+              "on that model at its setting), so the row says nothing about the claim.", ""]
+    return L
+
+
+def _anchor_lines(t: dict[str, Any]) -> list[str]:
+    if not t["anchors"]:
+        return ["Anchors: none recorded (the task reports none, or base's runs did not evaluate them).", ""]
+    metrics = t["metrics"]
+    L = ["Anchors (test split, the same shots as each seed's runs; mean ± std over seeds):", "",
+         "| anchor | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for a, per in t["anchors"].items():
+        L.append(f"| {a} | " + " | ".join(_pm(per.get(m), _is_percent(m)) for m in metrics) + " |")
+    ck = t.get("anchor_check")
+    if ck:
+        d = ck["base_minus_probe"]
+        L += ["", f"base − probe on {ck['metric']}: {_diff(d, _is_percent(ck['metric']))} (n={d['n'] if d else 0}): "
+              + ("base beats its probe anchor." if ck["beats_probe"] else
+                 "**base does not beat its probe anchor** (flagged: a linear probe on the frozen features of the same "
+                 "shots does as well, so the fine-tuning adds nothing measurable here).")]
+    return L + [""]
+
+
+def _selection_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[str]:
+    if not t["selection"]:
+        return []
+    L = ["Validation grid (mean over the validation seeds; **bold**: selected):", ""]
+    for m, sel in t["selection"].items():
+        pct = _is_percent(sel["metric"])
+        cells = [(f"**{p['label']}: {_fmt(p['mean'], pct)}**" if p["label"] == sel["selected"] else
+                  f"{p['label']}: {_fmt(p['mean'], pct)}") + (f" (n={p['n']})" if not p["complete"] else "")
+                 for p in sel["points"]]
+        L.append(f"* `{m}` ({sel['metric']}, seeds {_seeds_text(sel['seeds'])}): " + "; ".join(cells))
+    png = fig / f"{name}_selection.png"
+    _plot_selection(t, png)
+    return L + ["", f"![{name}: validation grid]({figdir}/{png.name})", ""]
+
+
+def _table_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[str]:
+    metrics = t["metrics"]
+    arms = {k: a for k, a in t["arms"].items() if a["phase"] == "test" and a["seeds"]}
+    header = ["method", "setting", "n"]
+    for m in metrics:
+        header += [f"{m} (%)" if _is_percent(m) else m, f"Δ {m} vs base [95 %]"]
+    header += ["verdict (primary)", "time/step × base"]
+    L = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base_time = _summary(arms["base"], "time_per_step") if "base" in arms else None
+    for label, arm in arms.items():
+        sel = t["selection"].get(arm["method"], {}).get("selected") if not arm.get("ablation") else None
+        cells = [f"`{label}`", sel or "task's", str(len(arm["seeds"]))]
+        for m in metrics:
+            cells.append(_pm(_summary(arm, m), _is_percent(m)))
+            cells.append("reference" if label == "base" else _diff(t["comparisons"][label].get(m), _is_percent(m)))
+        prim = None if label == "base" else t["comparisons"][label].get(metrics[0])
+        cells.append("reference" if label == "base" else (prim["verdict"] if prim else "–"))
+        tps = _summary(arm, "time_per_step")
+        cells.append(f"{tps['mean'] / base_time['mean']:.2f}" if tps and base_time and base_time["mean"] else "–")
+        L.append("| " + " | ".join(cells) + " |")
+    png = fig / f"{name}.png"
+    _plot_task(t, arms, png)
+    L += ["", f"![{name}: {metrics[0]}]({figdir}/{png.name})", "",
+          f"<details><summary>{metrics[0]} per seed</summary>", ""]
+    seeds = sorted({int(s) for a in arms.values() for s in a["seeds"]})
+    L += ["| method | " + " | ".join(map(str, seeds)) + " |", "|---|" + "---|" * len(seeds)]
+    for label, arm in arms.items():
+        L.append(f"| {label} | " + " | ".join(_fmt(arm["seeds"].get(str(s), {}).get(metrics[0]), _is_percent(metrics[0]))
+                                             for s in seeds) + " |")
+    return L + ["", "</details>", ""]
+
+
+def _fraction_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[str]:
+    fr = t.get("fraction")
+    if not fr or not any("topk" in row for row in fr["rows"]):
+        return []
+    pct = _is_percent(fr["metric"])
+    L = [f"### FlatPO's fraction curve ({name})", "",
+         f"`{fr['method']}` at its selected setting perturbing the top fraction f of the adapter tensors (by gradient "
+         "norm, every step) against a random fraction f; the test seeds of the task's table, paired. "
+         f"{fr['metric']}: mean ± std; differences pp [95 %].", "",
+         "| f | top-f | random-f | top − random | top-f − top-100 % | top-f − base |", "|---|---|---|---|---|---|"]
+    for row in fr["rows"]:
+        top, rnd = row.get("topk"), row.get("random")
+        L.append(f"| {100 * row['fraction']:g} % | {_pm(top, pct)} | {_pm(rnd, pct) if rnd else '– (= top)'} | "
+                 f"{_diff(row.get('top_minus_random'), pct)} | {_diff(row.get('top_minus_full'), pct)} | "
+                 f"{_diff(top.get('vs_base') if top else None, pct)} |")
+    five = next((row for row in fr["rows"] if row["fraction"] == 0.05), None)
+    if five and five.get("top_minus_full"):
+        d = five["top_minus_full"]
+        L += ["", f"**5 % > 100 %?** On {name}: top 5 % − top 100 % = {_diff(d, pct)} (n={d['n']}): {d['claim']}."]
+    png = fig / f"{name}_fraction.png"
+    _plot_fraction(fr, png)
+    return L + ["", f"![{name}: fraction curve]({figdir}/{png.name})", ""]
+
+
+def _tradeoff_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[str]:
+    tr = t.get("tradeoff")
+    if not tr or not tr["curves"]:
+        return []
+    pct = _is_percent(tr["retained"])
+    L = [f"### Learning vs forgetting ({name})", "",
+         f"Each test run records `{tr['downstream']}` (downstream skill) and `{tr['retained']}` (the pre-fine-tuning "
+         "skill kept) on validation images along training. At each matched downstream level the retained value is "
+         "interpolated on every seed's curve (first crossing) and paired against `base`; a seed whose curve never "
+         "reaches the level drops out (its n is smaller).", ""]
+    for lv in tr["levels"].values():
+        L += [f"At {tr['downstream']} = {_fmt(lv['level'], _is_percent(tr['downstream']))}"
+              f"{' %' if _is_percent(tr['downstream']) else ''}:", "",
+              "| method | retained (mean) | n | Δ retained vs base [95 %] | verdict |", "|---|---|---|---|---|"]
+        for label, vals in lv["values"].items():
+            v = list(vals.values())
+            d = lv["vs_base"].get(label)
+            L.append(f"| `{label}` | {_fmt(float(np.mean(v)) if v else None, pct)} | {len(v)} | "
+                     f"{'reference' if label == 'base' else _diff(d, pct)} | "
+                     f"{'reference' if label == 'base' else (d['claim'] if d else '–')} |")
+        L.append("")
+    winners = sorted({label for lv in tr["levels"].values() for label, d in lv["vs_base"].items()
+                      if d and d["claim"] == "supports"})
+    losers = sorted({label for lv in tr["levels"].values() for label, d in lv["vs_base"].items()
+                     if d and d["claim"] == "refutes"})
+    L.append("Whose front dominates: " + (
+        f"{', '.join(winners)} keep(s) more than base at matched downstream skill" if winners else
+        "no method keeps significantly more than base at matched downstream skill")
+        + (f"; {', '.join(losers)} keep(s) less" if losers else "") + ".")
+    png = fig / f"{name}_tradeoff.png"
+    _plot_tradeoff(t, png)
+    return L + ["", f"![{name}: learning vs forgetting]({figdir}/{png.name})", ""]
+
+
+def _task_section(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[str]:
+    L = [f"## {name}", ""]
+    if t.get("description"):
+        L += [t["description"].strip(), ""]
+    if t.get("settings"):
+        L += [f"Settings: {_settings_line(t['settings'])}. Config `{_short(t['config'])}`"
+              + (f" with `{' '.join('--set ' + s for s in t['set'])}`" if t["set"] else "") + ".", ""]
+    L += _code_lines(t["code"])
+    if t.get("determinism"):
+        L += [f"Reproducibility ({t['task']}): {t['determinism']}."]
+    L += ["", f"Wall time of this task's compare directories (summed; several ran in parallel): "
+          f"{t['wall_s'] / 60:.1f} min.", ""]
+    if t["failed"]:
+        L += ["**Failed runs** (kept out of every statistic): " + "; ".join(
+            f"{f.get('method')} seed {f.get('seed')} ({f['unit']}): {f.get('error', '')}" for f in t["failed"]), ""]
+    L += _anchor_lines(t)
+    L += _selection_lines(name, t, fig, figdir)
+    L += _table_lines(name, t, fig, figdir)
+    L += _fraction_lines(name, t, fig, figdir)
+    L += _tradeoff_lines(name, t, fig, figdir)
+    return L
+
+
+def _code_lines(codes: dict[str, dict[str, list[int]]]) -> list[str]:
+    """The code behind one task's table: one version, or each version with the runs it trained."""
+    from .provenance import code_label, code_record
+
+    current = code_label(code_record())
+    mark = lambda label: " (the code that wrote this page)" if label == current else ""  # noqa: E731
+    if len(codes) == 1:
+        (label,) = codes
+        return [f"Code: every run of this task was trained by {label}{mark(label)}."]
+    lines = [f"Code: **the runs of this task were trained by {len(codes)} code versions** (kept with "
+             "`--keep-other-code`):"]
+    for label, per in codes.items():
+        lines.append(f"* {label}{mark(label)}: " + "; ".join(f"{m} seeds {_seeds_text(s)}" for m, s in per.items()))
+    return lines + [""]
+
+
+def _cost_section(r: dict[str, Any]) -> list[str]:
+    L = ["## Cost per run", "", "Mean over the runs of each task and arm (seconds; training excludes evaluation).", "",
+         "| task | arm | runs | time per step (s) | training (s) | evaluation (s) |", "|---|---|---|---|---|---|"]
+    for name, t in r["tasks"].items():
+        for label, arm in t["arms"].items():
+            if not arm["seeds"]:
+                continue
+            cell = lambda k, arm=arm: (f"{_summary(arm, k)['mean']:.2f}" if _summary(arm, k) else "–")  # noqa: E731
+            L.append(f"| {name} | `{label}` | {len(arm['seeds'])} | {cell('time_per_step')} | {cell('train_time_s')} "
+                     f"| {cell('eval_time_s')} |")
+    return L + [""]
+
+
+def render(r: dict[str, Any], fig: Path) -> str:
+    """The page (Markdown) of a ``results.json`` mapping; plots go to ``fig`` (``<page stem>/``)."""
+    fig.mkdir(parents=True, exist_ok=True)
+    L = _header(r)
+    if r["tasks"]:
+        L += _summary_section(r)
+        L += _claims_section(r)
+        for name, t in r["tasks"].items():
+            L += _task_section(name, t, fig, fig.name)
+        L += _cost_section(r)
+    if r["not_run"]:
+        L += ["## Not run by this plan", ""]
+        L += [f"* **{n['task']}** (`{_short(n['config'])}`): {n['reason']}. Run it with "
+              f"`flatpeft suite {r.get('plan') or 'PLAN'} --tasks {n['task']}`." for n in r["not_run"]]
+        L.append("")
+    return "\n".join(L).rstrip() + "\n"
+
+
+# ---- plots --------------------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from .rundir import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+
+
+def _plot_task(t: dict[str, Any], arms: dict[str, dict[str, Any]], path: Path) -> None:
+    """Primary metric per arm (seeds as dots, mean as a bar) with the anchors as horizontal lines."""
+    plt = _pyplot()
+    metric = t["metrics"][0]
+    k = 100.0 if _is_percent(metric) else 1.0
+    labels = list(arms)
+    fig, ax = plt.subplots(figsize=(3 + 1.1 * len(labels), 4))
+    for i, label in enumerate(labels):
+        v = np.array(_values(arms[label], metric)) * k
+        ax.bar(i, v.mean() if v.size else 0, color="tab:blue", alpha=0.5)
+        ax.scatter(np.full(v.size, i), v, color="black", s=10, zorder=3)
+    for (a, per), style in zip(t["anchors"].items(), ("--", ":", "-.")):
+        if per.get(metric, {}).get("mean") is not None:
+            ax.axhline(per[metric]["mean"] * k, color="tab:red", ls=style, lw=1, label=f"{a} anchor")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric}{' (%)' if k == 100 else ''} (test)")
+    if t["anchors"]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_selection(t: dict[str, Any], path: Path) -> None:
+    """Validation score per grid point, one panel line per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m, sel in t["selection"].items():
+        k = 100.0 if _is_percent(sel["metric"]) else 1.0
+        pts = [p for p in sel["points"] if p["mean"] is not None]
+        ax.plot(range(len(pts)), [p["mean"] * k for p in pts], "o-", label=m)
+        for i, p in enumerate(pts):
+            ax.annotate(p["label"].split("=")[-1], (i, p["mean"] * k), fontsize=7, xytext=(2, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("grid point (in the order listed; value annotated)")
+    ax.set_ylabel("mean validation score" + (" (%)" if _is_percent(t["metrics"][0]) else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_fraction(fr: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    k = 100.0 if _is_percent(fr["metric"]) else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pick, color in (("topk", "tab:blue"), ("random", "tab:orange")):
+        rows = [r for r in fr["rows"] if pick in r or (pick == "random" and r["fraction"] >= 1 and "topk" in r)]
+        xs = [100 * r["fraction"] for r in rows]
+        ys = [(r.get(pick) or r["topk"])["mean"] * k for r in rows]
+        es = [((r.get(pick) or r["topk"])["std"] or 0) * k for r in rows]
+        ax.errorbar(xs, ys, yerr=es, fmt="o-", color=color, capsize=4, label=f"{pick}-f (mean ± std)")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction f of adapter tensors perturbed (%)")
+    ax.set_ylabel(f"{fr['metric']}{' (%)' if k == 100 else ''} (test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_tradeoff(t: dict[str, Any], path: Path) -> None:
+    """Left: mean curve along training steps per method; right: the validation grid's end points per method."""
+    plt = _pyplot()
+    tr = t["tradeoff"]
+    kd = 100.0 if _is_percent(tr["downstream"]) else 1.0
+    kr = 100.0 if _is_percent(tr["retained"]) else 1.0
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, per in tr["curves"].items():
+        curves = [np.array(c) for c in per.values()]
+        n = min(len(c) for c in curves)
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        a1.plot(mean[:, 1] * kd, mean[:, 2] * kr, "o-", ms=3, label=label)
+    for lv in tr["levels"].values():
+        a1.axvline(lv["level"] * kd, color="grey", ls=":", lw=1)
+    a1.set_title("along training steps (mean over test seeds)")
+    for m, sel in t["selection"].items():
+        pts = [p["val_means"] for p in sel["points"] if tr["downstream"] in p["val_means"]
+               and tr["retained"] in p["val_means"]]
+        if pts:
+            a2.plot([p[tr["downstream"]] * kd for p in pts], [p[tr["retained"]] * kr for p in pts], "o", label=m)
+    a2.set_title("across the validation grid (end of training)")
+    for ax in (a1, a2):
+        ax.set_xlabel(f"{tr['downstream']}{' (%)' if kd == 100 else ''}")
+        ax.set_ylabel(f"{tr['retained']}{' (%)' if kr == 100 else ''}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ---- the page -----------------------------------------------------------------------------------------------------
+def results_path(page: Path) -> Path:
+    """``results.json`` beside the page: ``<page stem>.json``."""
+    return Path(page).with_suffix(".json")
+
+
 def write_page(plan, root: Path, page: Path, log: dict[str, Any]) -> Path:
-    """Write ``page`` (Markdown) and its plots (``<page stem>/<task>.png``) from the runs under ``root``
-    (refused by :func:`check_page` where that would replace a file flatpeft did not write)."""
-    from .config import read_config_mapping
+    """Collect the runs under ``root`` into ``results.json`` (beside ``page``), then render ``page`` and its plots
+    (``<page stem>/``) from that file alone (refused by :func:`check_page` where a file flatpeft did not write
+    would be replaced)."""
+    from .evidence import collect
     from .rundir import write_atomic
-    from .suite import CLAIMS
 
     page = Path(page)
     check_page(page, [t.name for t in plan.tasks])
-    fig_dir = page.parent / page.stem
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    per_unit, total_wall, loads, machine = _unit_wall(log)
-    invocations = [i for i in log.get("invocations", []) if _trained(i)]
-    L: list[str] = []
-    L.append(PAGE_TITLE)
-    L.append("")
-    L.append(f"Produced by `flatpeft suite {plan.path or 'PLAN'}` (with `--resume` semantics: finished runs with "
-             "the same settings, data and code are kept, missing ones trained) from the runs under "
-             f"`{plan.output_dir}`; regenerated "
-             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Every number below is read from "
-             "the runs' `eval.json` files; nothing is typed in.")
-    L.append("")
-    codes = {t.name: _task_code(plan, root, t) for t in plan.tasks}
-    L.append(f"**Code.** {_code_summary(list(codes.values()))} Each task's section names the code behind its table; "
-             f"`flatpeft suite {plan.path or 'PLAN'} --reproduce` retrains one seed per task and method at the "
-             "current code and reports the largest difference of each metric (docs/cli.md).")
-    if machine:
-        L.append(f"**Machine.** {machine.get('cores')} CPU cores ({machine.get('cpu')}), no GPU used"
-                 f"{'' if not machine.get('gpu') else ' (a GPU was visible)'}; torch {machine.get('torch')}, "
-                 f"Python {machine.get('python')}. The machine was shared with other jobs.")
-    if invocations:
-        j = invocations[-1]
-        L.append(f"**Wall time.** {total_wall / 60:.1f} min over {len(invocations)} invocation(s) of the suite "
-                 f"({j.get('jobs')} compare director{'y' if j.get('jobs') == 1 else 'ies'} in parallel, "
-                 f"{j.get('threads')} torch thread(s) each); per task below. "
-                 + (f"Load average (1 min) during the runs: mean {np.mean(loads[::2]):.1f}, max "
-                    f"{max(loads[1::2]):.1f} on {machine.get('cores')} cores, so step times and time ratios are only "
-                    "indicative." if loads else ""))
-    L.append("")
-    L.append("**Verdict rule.** For each method the paired difference to `base` (same seed: same initialisation, "
-             "k-shot sample, batch order and dropout stream) is averaged over the seeds both have; the 95 % "
-             "interval is d̄ ± t(0.975, n−1)·s/√n. A method is called better / worse only when the interval "
-             "excludes zero; otherwise *no significant difference*. A claim of a paper is *supported* when the "
-             "interval of the difference it predicts excludes zero in its direction, *refuted* when it excludes "
-             f"zero in the other direction (or, for a claimed gain, when the whole interval lies below +"
-             f"{100 * MARGIN:.0f} pp: *refutes a gain of {100 * MARGIN:.0f} pp or more*; the papers report gains of "
-             "1-3 points), and *cannot resolve* otherwise. Claims that a method *matches* "
-             f"another are supported when the interval's lower end lies above −{100 * MARGIN:.0f} point. "
-             "Two methods that gave the same number on every seed test nothing (*not tested: identical on every "
-             "seed*), and a claim about a method is also tested through that method's ablations on the same task. "
-             "Accuracies in %, differences in percentage points (pp).")
-    L.append("")
-    if plan.notes:
-        L.append(plan.notes.strip())
-        L.append("")
-
-    # ---- collect everything --------------------------------------------------------------------
-    data: dict[str, dict[str, Any]] = {}
-    from .suite import task_groups
-
-    for t in plan.tasks:
-        methods = plan.task_methods(t)
-        seeds = plan.task_seeds(t)
-        parts = [_task_runs(root, name, ms, t.config, t.set, seeds) for name, ms in task_groups(plan, t)]
-        parts = [r for r in parts if not r.empty]
-        runs = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["method", "seed"])
-        if not runs.empty:
-            runs["method"] = pd.Categorical(runs["method"].astype(str), categories=methods, ordered=True)
-            runs = runs.sort_values(["method", "seed"]).reset_index(drop=True)
-        abl = {}
-        for a in t.ablations:
-            ar = _task_runs(root, f"{t.name}__{a.name}", [a.method], t.config, [*t.set, *a.set], seeds)
-            if not ar.empty:
-                ar = ar.assign(method=f"{a.method} ({a.name})")
-            abl[a.name] = (a, ar)
-        cfg_path = root / t.name / "compare_config.yaml"
-        cfg = read_config_mapping(cfg_path) if cfg_path.is_file() else None
-        data[t.name] = {"task": t, "methods": methods, "runs": runs, "abl": abl, "cfg": cfg,
-                        "failed": _failed(root, t.name)}
-
-    ran = [n for n, d in data.items() if not d["runs"].empty]
-    cut = [d["task"] for d in data.values() if d["runs"].empty]
-
-    # ---- summary table ---------------------------------------------------------------------------
-    L.append("## Summary")
-    L.append("")
-    all_methods = list(dict.fromkeys(m for n in ran for m in data[n]["methods"] if m != "base"))
-    L.append("Paired difference to `base` of each task's primary metric, pp [95 % interval]; `n` = paired seeds.")
-    L.append("")
-    L.append("| task (primary metric) | base | " + " | ".join(all_methods) + " |")
-    L.append("|---|---|" + "---|" * len(all_methods))
-    for n in ran:
-        d = data[n]
-        runs, metric = d["runs"], d["task"].metrics[0]
-        pct = _is_percent(metric)
-        b = runs[runs["method"] == "base"][metric] if metric in runs else pd.Series(dtype=float)
-        cells = [f"{n} ({metric})", f"{_pm(*mean_std(b), pct)} (n={len(b)})" if len(b) else "–"]
-        for m in all_methods:
-            pd_ = paired(runs, m, "base", metric) if m in d["methods"] else None
-            cells.append(_diff_cell(pd_, pct) + (f" n={pd_.n}" if pd_ is not None else ""))
-        L.append("| " + " | ".join(cells) + " |")
-    L.append("")
-
-    # ---- claims ------------------------------------------------------------------------------------
-    L.append("## The seed papers' claims")
-    L.append("")
-    L.append("| paper | claim | task | metric | difference tested | Δ, pp [95 % interval] (n) | verdict |")
-    L.append("|---|---|---|---|---|---|---|")
-    claim_rows = [(c, list(_claim_rows(c, data, ran))) for c in CLAIMS]  # table, words and footnote share them
-    for c, rows in claim_rows:
-        for n, metric, label_a, label_b, pdiff in rows:
-            L.append(f"| {c['paper']} | {c['claim']} | {n} | {metric} | {label_a} − {label_b} | "
-                     f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, _kind(c))} |")
-        if c["id"] == "flatpo-vs-sam":
-            for n in ran:
-                d = data[n]
-                for aname, (a, ar) in d["abl"].items():
-                    if ar.empty or a.method != "flatpo":
-                        continue
-                    metric = d["task"].metrics[0]
-                    pdiff = paired(d["runs"], "flatpo", f"{a.method} ({a.name})", metric, other=ar)
-                    if pdiff is not None:
-                        L.append(f"| FlatPO (flatpeft ablation) | ranking only the adapters (default) beats ranking adapters and head "
-                                 f"(ablation `{aname}`) | {n} | {metric} | flatpo − flatpo ({aname}) | "
-                                 f"{_diff_cell(pdiff, _is_percent(metric))} ({pdiff.n}) | {_verdict(pdiff, 'better')} |")
-    L.append("")
-    L.append("In words:")
-    L.append("")
-    for c, rows in claim_rows:
-        verdicts = []
-        for n, metric, label_a, label_b, pdiff in rows:
-            v = _verdict(pdiff, _kind(c))
-            where = f"{n}" + (f" with `{label_a}`" if label_a != c["a"] else "")
-            verdicts.append(f"says nothing on {where} ({label_a} and {label_b} are identical on every seed)"
-                            if v == IDENTICAL else f"{v} on {where} ({_diff_cell(pdiff, _is_percent(metric))})")
-        if verdicts:
-            L.append(f"* **{c['paper']}: {c['claim']}.** This suite " + "; ".join(verdicts) + ".")
-        else:
-            L.append(f"* **{c['paper']}: {c['claim']}.** Not tested by the tasks that ran.")
-    if any(_verdict(p, _kind(c)) == IDENTICAL for c, rows in claim_rows for *_, p in rows):
-        L.append("")
-        L.append(f"*{IDENTICAL}*: the two runs of every seed gave the same number, so the comparison says nothing "
-                 "about the claim; the task's section says why (typically a method that cannot act on that model "
-                 "at its defaults, tested again through its ablation row).")
-    L.append("")
-
-    # ---- per task -------------------------------------------------------------------------------------
-    for n in ran:
-        d = data[n]
-        t, runs, methods = d["task"], d["runs"], d["methods"]
-        L.append(f"## {n}")
-        L.append("")
-        if t.description:
-            L.append(t.description.strip())
-            L.append("")
-        if d["cfg"] is not None:
-            L.append(f"Settings: {_settings_line(d['cfg'])}. Config `{t.config if not Path(t.config).is_absolute() else Path(t.config).name}`"
-                     + (f" with `{' '.join('--set ' + s for s in t.set)}`" if t.set else "") + ".")
-            L.append("")
-        L.extend(_code_lines(codes[n]))
-        task_name = (d["cfg"] or {}).get("task")
-        if task_name in DETERMINISM:
-            L.append(f"Reproducibility ({task_name}): {DETERMINISM[task_name]}.")
-        L.append("")
-        seeds = sorted(set(runs["seed"].astype(int)))
-        names = [name for name, _ in task_groups(plan, t)] + [f"{n}__{a.name}" for a in t.ablations]
-        wall = sum(per_unit.get(name, 0.0) for name in names)
-        parallel = len(names) > 1
-        cost = (runs.get("train_time_s", pd.Series(dtype=float)).sum() + runs.get("eval_time_s", pd.Series(dtype=float)).sum())
-        L.append(f"{len(runs)} runs, seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds). Wall time of this task's "
-                 f"compare directories{' (run partly in parallel, summed)' if parallel else ''}: {wall / 60:.1f} min; "
-                 f"training + evaluation time summed over its runs: {cost / 60:.1f} min.")
-        if d["failed"]:
-            L.append("")
-            L.append("**Failed runs** (kept out of every statistic): " + "; ".join(
-                f"{r['method']} seed {r['seed']}: {r.get('error', '')}" for r in d["failed"].values()))
-        L.append("")
-        metrics = [m for m in t.metrics if m in runs]
-        extra = ["retained_fraction"] if "retained_fraction" in runs and "seen_classes_accuracy" in metrics else []
-        header = ["method", "n"]
-        for m in metrics:
-            header += [f"{m} (%)" if _is_percent(m) else m, f"Δ {m} vs base [95 %]"]
-        header += [*(["retained of before"] if extra else []), "verdict (primary)", "time/step × base"]
-        L.append("| " + " | ".join(header) + " |")
-        L.append("|" + "---|" * len(header))
-        base_time = runs[runs["method"] == "base"]["time_per_step"].mean() if "time_per_step" in runs else math.nan
-        rows_runs = [(m, runs) for m in methods] + [(f"{a.method} ({a.name})", ar) for a, ar in d["abl"].values()
-                                                    if not ar.empty]
-        for m, src in rows_runs:
-            g = src[src["method"] == m]
-            if g.empty:
-                continue
-            cells = [f"`{m}`", str(len(g))]
-            prim = None
-            for k, metric in enumerate(metrics):
-                pct = _is_percent(metric)
-                cells.append(_pm(*mean_std(g[metric].dropna()), pct))
-                if m == "base":
-                    cells.append("reference")
-                    continue
-                pdiff = paired(src, m, "base", metric, other=runs)
-                cells.append(_diff_cell(pdiff, pct))
-                if k == 0:
-                    prim = pdiff
-            if extra:
-                cells.append(_pm(*mean_std(g["retained_fraction"].dropna()), True))
-            cells.append("reference" if m == "base" else (prim.verdict if prim is not None else "–"))
-            cells.append(f"{g['time_per_step'].mean() / base_time:.2f}" if "time_per_step" in g and base_time > 0 else "–")
-            L.append("| " + " | ".join(cells) + " |")
-        L.append("")
-        befores = [c for c in runs.columns if c.endswith("_before") or c == "zero_shot_accuracy"]
-        if befores:
-            L.append("Before fine-tuning (the pre-trained model, the same for every run): " + ", ".join(
-                f"{c} {_fmt(runs[c].mean(), _is_percent(c))}{' %' if _is_percent(c) else ''}" for c in befores) + ".")
-            L.append("")
-        metric = t.metrics[0]
-        summ = summarize(runs, metric)
-        if not summ.empty and metric in runs:
-            png = fig_dir / f"{n}.png"
-            plot(runs, summ, png, metric)
-            L.append(f"![{n}: {metric}]({fig_dir.name}/{png.name})")
-            L.append("")
-        per_seed = runs.pivot_table(index="method", columns="seed", values=metric, observed=True)
-        L.append(f"<details><summary>{metric} per seed (%)</summary>")
-        L.append("")
-        L.append("| method | " + " | ".join(str(s) for s in per_seed.columns) + " |")
-        L.append("|---|" + "---|" * len(per_seed.columns))
-        for m, row in per_seed.iterrows():
-            L.append(f"| {m} | " + " | ".join(_fmt(v, _is_percent(metric)) for v in row.to_numpy()) + " |")
-        L.append("")
-        L.append("</details>")
-        L.append("")
-
-    # ---- cost per run ------------------------------------------------------------------------------------
-    if ran:
-        L.append("## Cost per run")
-        L.append("")
-        L.append("Mean over the runs of each task and method (seconds, on the shared machine; training excludes "
-                 "evaluation).")
-        L.append("")
-        L.append("| task | method | runs | time per step (s) | training (s) | evaluation (s) |")
-        L.append("|---|---|---|---|---|---|")
-        for n in ran:
-            d = data[n]
-            frames = [(m, d["runs"]) for m in d["methods"]] + [(f"{a.method} ({a.name})", ar)
-                                                               for a, ar in d["abl"].values() if not ar.empty]
-            for m, src in frames:
-                g = src[src["method"] == m]
-                if g.empty:
-                    continue
-                cell = lambda c, g=g: f"{g[c].mean():.2f}" if c in g and g[c].notna().any() else "–"  # noqa: E731
-                L.append(f"| {n} | `{m}` | {len(g)} | {cell('time_per_step')} | {cell('train_time_s')} | "
-                         f"{cell('eval_time_s')} |")
-        L.append("")
-
-    if cut:
-        L.append("## Not run by this plan")
-        L.append("")
-        for t in cut:
-            L.append(f"* **{t.name}** (`{Path(t.config).name}`): {t.skip_reason or 'no finished runs yet'}. Run it with "
-                     f"`flatpeft suite {plan.path or 'PLAN'} --tasks {t.name}`.")
-        L.append("")
-    write_atomic(page, "\n".join(L).rstrip() + "\n")
+    results = collect(plan, root, log)
+    data = results_path(page)
+    write_atomic(data, json.dumps(results, indent=1, allow_nan=False) + "\n")
+    write_atomic(page, render(json.loads(data.read_text()), page.parent / page.stem))
     return page

@@ -24,6 +24,8 @@ Pipeline (the protocol of ``docs/algorithms.md``):
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -422,6 +424,8 @@ class TextClassificationTask(Task):
             val_idx, rest = np.array([], np.int64), np.arange(len(pool))
         source = (f"the train pool {train_path}" + (f" after the validation split (data.val_size={d.val_size})"
                   if d.val_size else "") + (f" (task_args.shift={self.args.shift})" if self.args.shift else ""))
+        #: labels of the pool the shots are drawn from (its majority class is the ``majority`` anchor)
+        self.pool_labels = pool_y[rest]
         train_idx = sample_shots(pool_y, d.shots, self.seed, classes=range(len(self.classes)), pool=rest,
                                  names=self.classes, source=source)
 
@@ -513,6 +517,42 @@ class TextClassificationTask(Task):
         finally:
             model.train(was_training)
         return preds
+
+    @torch.inference_mode()
+    def features(self, split: str) -> torch.Tensor:
+        """Frozen pre-trained features of ``split``: the last hidden state of the backbone, mean over the
+        non-padding tokens, with the adapters disabled (the model as pre-trained; a full fine-tuning run's model
+        has no adapter to disable, so call this before training)."""
+        model = self.model
+        disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        data = self.splits[split]
+        bs = self.cfg.train.eval_batch_size
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            with disable:
+                for start in range(0, len(data["labels"]), bs):
+                    batch = self._collate(split, list(range(start, min(start + bs, len(data["labels"])))))
+                    batch.pop("labels")
+                    hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    out.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out)
+
+    def anchors(self, split: str = "test") -> dict[str, dict[str, float]]:
+        """``majority`` (the constant classifier predicting the most frequent label of the labelled pool the
+        shots are drawn from: the class prior a reader compares accuracy with) and ``probe``
+        (:func:`~flatpeft.experiments.anchors.linear_probe` on :meth:`features` of the shots, with their labels as
+        trained, noise included) on ``split``, with ``accuracy`` and ``macro_f1``."""
+        from .anchors import linear_probe, majority_class
+
+        y, train_y, n = self.splits[split]["labels"], self.splits["train"]["labels"], len(self.classes)
+        majority = np.full(len(y), majority_class(self.pool_labels, n))
+        probe = linear_probe(self.features("train"), train_y, self.features(split), n)
+        return {"majority": classification_metrics(y, majority, n), "probe": classification_metrics(y, probe, n)}
 
     def evaluate(self, model: torch.nn.Module, split: str = "test") -> dict[str, float]:
         """``accuracy`` and ``macro_f1`` on ``split`` (``test``, ``train`` = the k-shot set, ``val``)."""
