@@ -809,9 +809,13 @@ def _cmd_suite(args: Any) -> int:
                            threads=args.threads, tolerance=args.tolerance, progress=args.progress)
         return 0 if report.passed else 1
     if args.list:
-        for u in units(plan, only):
+        from .evidence import selected_settings
+
+        root = Path(args.output_dir or plan.output_dir).expanduser()
+        for u in units(plan, only, selected_settings(plan, root, only)[0] if root.is_dir() else None):
             print(f"{u.name}: {u.task.config} methods={','.join(u.methods)} seeds={len(u.seeds)} "
-                  f"set={' '.join(u.overrides) or '-'}")
+                  f"set={' '.join(u.overrides) or '-'}" + (" (+ the selected setting, after selection)"
+                                                           if u.pending else ""))
         for t in plan.tasks:
             if not t.enabled and not (only and t.name in only):
                 print(f"{t.name}: not in the default plan ({t.skip_reason or 'disabled'})")
