@@ -174,7 +174,16 @@ def test_default_plan_loads():
     plan = load_plan(root / "configs" / "suite.yaml")
     assert {t.name for t in plan.tasks} >= {"finefoods_noisy", "finefoods_shift", "vlm_forgetting", "clip_fewshot"}
     for u in units(plan):
-        assert len(u.seeds) >= 10 and {"base", *u.methods} >= set(u.methods)
+        if u.phase == "select":        # validation seeds, never a test seed
+            assert not set(u.seeds) & set(plan.task_seeds(u.task)) and "train.eval_splits=[val]" in u.overrides
+        else:
+            assert len(u.seeds) >= 10
+    enabled = [t for t in plan.tasks if t.enabled]
+    assert enabled and all(t.select is not None and set(t.select.grid) == set(plan.task_methods(t)) for t in enabled)
+    for t in enabled:                   # radii span at least 1.5 decades
+        for m, keys in t.select.grid.items():
+            if "method.rho" in keys:
+                assert np.log10(max(keys["method.rho"]) / min(keys["method.rho"])) >= 1.5, (t.name, m)
 
 
 # ---- the small-VLM setting's new options -------------------------------------------------------------------------

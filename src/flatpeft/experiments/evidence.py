@@ -355,6 +355,9 @@ def collect(plan: Any, root: Path, log: dict[str, Any]) -> dict[str, Any]:
         sel = selections(plan, t, root)
         chosen = {m: s["set"] for m, s in sel.items() if s["set"] is not None}
         arms = _task_arms(plan, t, root, chosen)
+        names = {a["unit"] for a in arms.values()} | {f"{t.name}__select__{m}__{p['label']}"
+                                                      for m, s in sel.items() for p in s["points"]}
+        failed = _failed_runs(root, sorted(names))  # read (and a damaged record refused) even before any run finished
         if not any(a["seeds"] for a in arms.values()) and not any(p["n"] for s in sel.values() for p in s["points"]):
             out["not_run"].append({"task": t.name, "config": t.config, "reason": t.skip_reason or "no finished runs yet"})
             continue
@@ -376,8 +379,6 @@ def collect(plan: Any, root: Path, log: dict[str, Any]) -> dict[str, Any]:
         codes = _code_groups(arms)
         for label, per in codes.items():
             all_code[label] = all_code.get(label, 0) + sum(len(v) for v in per.values())
-        names = {a["unit"] for a in arms.values()} | {f"{t.name}__select__{m}__{p['label']}"
-                                                      for m, s in sel.items() for p in s["points"]}
         task_name = (cfg or {}).get("task")
         out["tasks"][t.name] = {
             "config": t.config, "set": list(t.set), "description": t.description, "metrics": metrics,
@@ -386,7 +387,7 @@ def collect(plan: Any, root: Path, log: dict[str, Any]) -> dict[str, Any]:
             "arms": _public(arms), "comparisons": comparisons,
             "fraction": _fraction(t, arms, primary), "tradeoff": _tradeoff(t, arms),
             "code": codes, "wall_s": sum(per_unit.get(n, 0.0) for n in names),
-            "failed": _failed_runs(root, sorted(names))}
+            "failed": failed}
         private[t.name] = {"metrics": metrics, "arms": arms}
     out["claims"] = _claims(plan, private)
     out["code_of_runs"] = all_code

@@ -452,8 +452,8 @@ def _code_lines(codes: dict[str, dict[str, list[int]]]) -> list[str]:
     mark = lambda label: " (the code that wrote this page)" if label == current else ""  # noqa: E731
     if len(codes) == 1:
         (label,) = codes
-        return [f"Code: every run of this task was trained by {label}{mark(label)}."]
-    lines = [f"Code: **the runs of this task were trained by {len(codes)} code versions** (kept with "
+        return [f"Code: every run of this table was trained by {label}{mark(label)}."]
+    lines = [f"Code: **the runs of this table were trained by {len(codes)} code versions** (kept with "
              "`--keep-other-code`):"]
     for label, per in codes.items():
         lines.append(f"* {label}{mark(label)}: " + "; ".join(f"{m} seeds {_seeds_text(s)}" for m, s in per.items()))
