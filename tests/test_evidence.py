@@ -154,3 +154,22 @@ def test_plan_sections_are_checked_by_name(tmp_path, capsys):
         plan.write_text(yaml.safe_dump(bad))
         assert main(["suite", str(plan), "--list"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_diverged_grid_point_is_never_selected_and_the_suite_carries_on(tmp_path):
+    from flatpeft.cli import main
+
+    plan = _evidence_plan(tmp_path)
+    data = yaml.safe_load(plan.read_text())
+    t = data["tasks"][0]
+    t["select"]["grid"] = {"base": {"train.lr": [1.0e30, 0.002]}}   # the first point diverges at once
+    data["methods"] = ["base"]
+    t.pop("fraction")
+    plan.write_text(yaml.safe_dump(data))
+    assert main(["--quiet", "suite", str(plan)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    sel = res["tasks"]["tiny"]["selection"]["base"]
+    assert sel["points"][0]["failed"] == [100] and sel["points"][0]["mean"] is None
+    assert sel["selected"] == "lr=0.002"
+    assert yaml.safe_load((tmp_path / "runs/tiny__base/base/seed0/config.yaml").read_text())["train"]["lr"] == 0.002
+    assert "diverged: seed 100" in (tmp_path / "results.md").read_text()

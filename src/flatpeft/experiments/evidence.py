@@ -149,9 +149,11 @@ def selections(plan: Any, task: Any, root: Path) -> dict[str, dict[str, Any]]:
     for u in selection_units(plan, task):
         rows = _eval_rows(unit_runs(root, u))
         scores = {s: r.get(metric) for s, r in rows.items()}
-        point = {"label": u.point, "set": _point_sets(task, u),
-                 "scores": scores, "mean": _num(np.mean(list(scores.values()))) if scores else None,
-                 "n": len(scores), "complete": set(scores) >= set(u.seeds) and None not in scores.values()}
+        failed = sorted({int(f["seed"]) for f in _failed_runs(root, [u.name])} - set(scores))
+        done = set(scores) | set(failed) >= set(u.seeds) and None not in scores.values()
+        point = {"label": u.point, "set": _point_sets(task, u), "scores": scores, "failed": failed,
+                 "mean": _num(np.mean(list(scores.values()))) if scores and not failed else None,
+                 "n": len(scores), "complete": done}
         extra = {k: _num(np.mean([r[k] for r in rows.values() if r.get(k) is not None]))
                  for k in ("val_accuracy", "val_seen_classes_accuracy", "val_seen_classes_accuracy_before")
                  if any(r.get(k) is not None for r in rows.values())}
@@ -160,8 +162,8 @@ def selections(plan: Any, task: Any, root: Path) -> dict[str, dict[str, Any]]:
     for sel in out.values():
         sel["complete"] = all(p["complete"] for p in sel["points"])
         best = None
-        for p in sel["points"]:  # ties go to the point listed first
-            if p["complete"] and (best is None or p["mean"] > best["mean"]):
+        for p in sel["points"]:  # ties go to the point listed first; a point with a diverged run is never chosen
+            if p["complete"] and p["mean"] is not None and (best is None or p["mean"] > best["mean"]):
                 best = p
         sel["selected"] = best["label"] if (best and sel["complete"]) else None
         sel["set"] = best["set"] if (best and sel["complete"]) else None

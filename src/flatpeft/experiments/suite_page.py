@@ -324,6 +324,7 @@ def _selection_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> li
         pct = _is_percent(sel["metric"])
         cells = [(f"**{p['label']}: {_fmt(p['mean'], pct)}**" if p["label"] == sel["selected"] else
                   f"{p['label']}: {_fmt(p['mean'], pct)}") + (f" (n={p['n']})" if not p["complete"] else "")
+                 + (f" (diverged: seed {', '.join(map(str, p['failed']))})" if p.get("failed") else "")
                  for p in sel["points"]]
         L.append(f"* `{m}` ({sel['metric']}, seeds {_seeds_text(sel['seeds'])}): " + "; ".join(cells))
     png = fig / f"{name}_selection.png"
