@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from flatpeft.analysis.preference import (
     parse_fractions,
@@ -78,48 +79,45 @@ def test_preference_arms_and_fractions():
             parse_fractions(bad)
 
 
+def _eval(path):
+    return json.loads(path.read_text())
+
+
 def test_preference_aggregation_against_numpy(tmp_path):
-    """A fake train_run with known metrics: the summary equals statistics computed here with numpy/scipy."""
+    """Every arm is a compare directory of real runs; the summary equals statistics computed here with
+    numpy/scipy from the runs' own eval.json files."""
     from scipy import stats
 
     from _fixtures import tiny_config
 
-    cfg = tiny_config(tmp_path / "cfg", method={"name": "flatpo", "rho": 0.05})
-    acc = {"base": [0.60, 0.70, 0.65], "flatpo-top-0.5": [0.62, 0.74, 0.66], "flatpo-random-0.5": [0.59, 0.71, 0.60],
-           "flatpo-top-1": [0.61, 0.69, 0.70]}
-    seen = []
-
-    def fake_train_run(run_cfg, *, seed, out_dir, overwrite, extra_eval):
-        label = out_dir.parent.name
-        seen.append((label, seed, run_cfg.method, list(run_cfg.train.eval_splits)))
-        a = acc[label][seed]
-        return {"accuracy": a, "train_accuracy": 1.0 - 0.01 * seed, "top_eigenvalue": 10.0 * a + seed}
-
-    res = run_preference(cfg, fractions=(0.5, 1.0), seeds=3, out_dir=tmp_path / "pref",
-                         train_run=fake_train_run, progress=False)
-    assert len(seen) == 12 and all("train" in s[3] for s in seen)
-    assert {s[2]["selection"] for s in seen if s[0] != "base"} == {"topk", "random"}
+    cfg = tiny_config(tmp_path / "cfg", method={"name": "flatpo", "rho": 0.05},
+                      train={"steps": 2, "eval_splits": ["test"], "lr": 0.05})
+    out = tmp_path / "pref"
+    res = run_preference(cfg, fractions=(0.5, 1.0), seeds=3, out_dir=out, eig_ncv=4, progress=False)
+    method = {"base": "base", "flatpo-top-0.5": "flatpo", "flatpo-random-0.5": "flatpo", "flatpo-top-1": "flatpo"}
+    ev = {a: [_eval(out / a / m / f"seed{s}" / "eval.json") for s in range(3)] for a, m in method.items()}
+    assert all("train_accuracy" in e for runs in ev.values() for e in runs)          # train split added for the gap
+    cfgs = {a: yaml.safe_load((out / a / m / "seed0" / "config.yaml").read_text())["method"] for a, m in method.items()}
+    assert cfgs["flatpo-random-0.5"]["selection"] == "random" and cfgs["flatpo-top-0.5"]["fraction"] == 0.5
     rows = {r["arm"]: r for r in res.summary}
-    for label, a in acc.items():
-        a = np.array(a)
+    for label, runs in ev.items():
+        a = np.array([e["accuracy"] for e in runs])
         r = rows[label]
         assert r["accuracy_mean"] == pytest.approx(100 * a.mean()) and r["accuracy_std"] == pytest.approx(100 * a.std(ddof=1))
-        gap = 100 * ((1.0 - 0.01 * np.arange(3)) - a)
-        assert r["gap_mean"] == pytest.approx(gap.mean()) and r["gap_std"] == pytest.approx(gap.std(ddof=1))
-        assert r["top_eigenvalue_mean"] == pytest.approx((10 * a + np.arange(3)).mean())
+        gap = 100 * (np.array([e["train_accuracy"] for e in runs]) - a)
+        assert r["gap_mean"] == pytest.approx(gap.mean()) and r["gap_std"] == pytest.approx(gap.std(ddof=1), nan_ok=True)
+        assert r["top_eigenvalue_mean"] == pytest.approx(np.mean([e["top_eigenvalue"] for e in runs]))
         if label != "base":
-            d = 100 * (a - np.array(acc["base"]))
-            half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+            d = 100 * (a - np.array([e["accuracy"] for e in ev["base"]]))
             assert r["diff_to_base_mean"] == pytest.approx(d.mean())
-            assert (r["diff_ci_low"], r["diff_ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+            if d.std(ddof=1) > 0:
+                half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+                assert (r["diff_ci_low"], r["diff_ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
             assert r["better_than_base"] == int((d > 0).sum())
     for name in ("preference.md", "preference.csv", "preference_runs.csv", "preference.png", "preference.json"):
-        assert (tmp_path / "pref" / name).is_file()
-    md = (tmp_path / "pref" / "preference.md").read_text()
-    assert "| flatpo-top-0.5 | 0.5 | 67.3 ± 6.1 |" in md
+        assert (out / name).is_file()
     with pytest.raises(ValueError, match="--overwrite"):
-        run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=tmp_path / "pref", train_run=fake_train_run,
-                       progress=False)
+        run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, progress=False)
 
 
 def test_preference_cli_end_to_end_on_tiny_fixture(tiny_run, tmp_path, capsys):
@@ -136,7 +134,7 @@ def test_preference_cli_end_to_end_on_tiny_fixture(tiny_run, tmp_path, capsys):
     assert [r["label"] for r in runs] == ["base", "flatpo-top-0.5", "flatpo-random-0.5"]
     for r in runs:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and math.isfinite(float(r["top_eigenvalue"]))
-        ev = json.loads((out / r["label"] / "seed0" / "eval.json").read_text())
+        ev = json.loads((out / r["label"] / r["method"] / "seed0" / "eval.json").read_text())
         assert ev["top_eigenvalue"] == pytest.approx(float(r["top_eigenvalue"]))
     assert (out / "preference.png").read_bytes()[:4] == b"\x89PNG"
     before = (out / "preference_runs.csv").read_bytes()
@@ -153,39 +151,21 @@ def csv_rows(path):
 
 
 def test_preference_resume_reuses_finished_runs_and_checks_settings(tmp_path):
-    from flatpeft.experiments import save_config
     from _fixtures import tiny_config
 
-    cfg = tiny_config(tmp_path / "cfg")
-    calls = []
-
-    def fake_train_run(run_cfg, *, seed, out_dir, overwrite, extra_eval):
-        """Writes what train_run records: the resolved config, the manifest with the settings and the code."""
-        from flatpeft.experiments.provenance import code_record
-        from flatpeft.experiments.rundir import write_manifest
-        from flatpeft.experiments.runner import _run_config
-
-        calls.append((out_dir.parent.name, seed))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(_run_config(run_cfg, seed, out_dir), out_dir / "config.yaml")
-        write_manifest(out_dir, state="finished", code=code_record())
-        metrics = {"accuracy": 0.5 + 0.1 * seed, "train_accuracy": 0.9, "top_eigenvalue": 1.0}
-        (out_dir / "eval.json").write_text(json.dumps(metrics))
-        return metrics
-
+    cfg = tiny_config(tmp_path / "cfg", train={"steps": 2, "eval_splits": ["test"]})
     out = tmp_path / "pref"
-    run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, train_run=fake_train_run, progress=False)
-    assert len(calls) == 3
-    calls.clear()
-    res = run_preference(cfg, fractions=(0.5,), seeds=2, out_dir=out, train_run=fake_train_run, progress=False,
-                         resume=True)
-    assert sorted(calls) == [("base", 1), ("flatpo-random-0.5", 1), ("flatpo-top-0.5", 1)]
+    kw = dict(fractions=(0.5,), out_dir=out, eig_ncv=4, progress=False)
+    run_preference(cfg, seeds=1, **kw)
+    first = (out / "base" / "base" / "seed0" / "eval.json").read_bytes()
+    res = run_preference(cfg, seeds=2, resume=True, **kw)
+    assert (out / "base" / "base" / "seed0" / "eval.json").read_bytes() == first      # kept, not retrained
+    assert (out / "flatpo-random-0.5" / "flatpo" / "seed1" / "eval.json").is_file()   # the new seed trained
     assert [r["seed"] for r in res.runs] == [0, 0, 0, 1, 1, 1]
-    assert {r["arm"]: r["accuracy_mean"] for r in res.summary}["base"] == pytest.approx(55.0)
-    cfg.train.steps = 99
-    with pytest.raises(ValueError, match="train"):
-        run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, train_run=fake_train_run, progress=False,
-                       resume=True)
+    accs = [_eval(out / "base" / "base" / f"seed{s}" / "eval.json")["accuracy"] for s in (0, 1)]
+    assert {r["arm"]: r["accuracy_mean"] for r in res.summary}["base"] == pytest.approx(100 * np.mean(accs))
+    cfg.train.steps = 3
+    with pytest.raises(ValueError, match="train.steps"):
+        run_preference(cfg, seeds=1, resume=True, **kw)
     with pytest.raises(ValueError, match="mutually exclusive"):
-        run_preference(cfg, fractions=(0.5,), seeds=1, out_dir=out, overwrite=True, resume=True,
-                       train_run=fake_train_run, progress=False)
+        run_preference(cfg, seeds=1, overwrite=True, resume=True, **kw)

@@ -112,7 +112,7 @@ def test_resumed_compare_retrains_runs_of_other_code(tiny, tmp_path, capfd):
     out = tmp_path / "cmp"
     compare(tiny, ["base", "sam"], 1, out_dir=out, progress=False)
     sam_before = (out / "sam" / "seed0" / "eval.json").read_bytes()
-    fake_old_code(out / "base" / "seed0")
+    fake_old_code(out / "base" / "base" / "seed0")
     res = compare(tiny, ["base", "sam"], 1, out_dir=out, resume=True, progress=False)
     assert "base/seed0 was trained by other code (flatpeft" in capfd.readouterr().err
     for name in (".flatpeft-run.json", "eval.json"):   # retrained by the current code
@@ -175,7 +175,7 @@ def test_preference_resume_refuses_other_task_args_and_data_and_retrains_other_c
     out = tmp_path / "pref"
     kw = dict(fractions=(1.0,), seeds=1, out_dir=out, eig_ncv=4, progress=False)
     run_preference(tiny, **kw)
-    runs = ("base/seed0", "flatpo-top-1/seed0")
+    runs = ("base/base/seed0", "flatpo-top-1/flatpo/seed0")
     before = {r: (out / r / "eval.json").read_bytes() for r in runs}
     noisy = copy.deepcopy(tiny)
     noisy.task_args = {"label_noise": 0.3}
@@ -189,15 +189,15 @@ def test_preference_resume_refuses_other_task_args_and_data_and_retrains_other_c
         run_preference(tiny, resume=True, keep_other_code=True, **kw)
     assert {r: (out / r / "eval.json").read_bytes() for r in runs} == before
     F.make_sentiment_files(tmp_path / "fx" / "data")                            # the original file again
-    fake_old_code(out / "base" / "seed0")
+    fake_old_code(out / "base" / "base" / "seed0")
     res = run_preference(tiny, resume=True, keep_other_code=True, **kw)        # kept, and named
-    assert (out / "base" / "seed0" / "eval.json").read_bytes() != before["base/seed0"]  # (the faked record)
-    assert json.loads((out / "base" / "seed0" / "eval.json").read_text())["code"]["source_sha256"] == OLD
+    assert (out / "base" / "base" / "seed0" / "eval.json").read_bytes() != before["base/base/seed0"]  # (faked)
+    assert json.loads((out / "base" / "base" / "seed0" / "eval.json").read_text())["code"]["source_sha256"] == OLD
     md = (out / "preference.md").read_text()
     assert "runs of 2 code versions" in md and "source 000000000000" in md
     res = run_preference(tiny, resume=True, **kw)                              # default: retrained
-    assert json.loads((out / "base" / "seed0" / "eval.json").read_text())["code"] == provenance.code_record()
-    assert (out / "flatpo-top-1" / "seed0" / "eval.json").read_bytes() == before["flatpo-top-1/seed0"]
+    assert json.loads((out / "base" / "base" / "seed0" / "eval.json").read_text())["code"] == provenance.code_record()
+    assert (out / "flatpo-top-1" / "flatpo" / "seed0" / "eval.json").read_bytes() == before["flatpo-top-1/flatpo/seed0"]
     assert [r["label"] for r in res.runs] == ["base", "flatpo-top-1"]
     assert "Code: every run trained by" in (out / "preference.md").read_text()
 

@@ -3,7 +3,8 @@
 For each fraction ``f`` the experiment trains ``flatpo`` with ``selection="topk"`` (the top ``max(1,
 floor(f n))`` tensors by gradient norm, recomputed every step) and its ablation ``selection="random"`` (the same
 number of tensors drawn at random each step), plus ``base`` (no perturbation), over seeds ``0..n-1``; every arm
-of one seed shares initialisation, k-shot sample and batch order (runner contract).  After training, a hook
+of one seed shares initialisation, k-shot sample and batch order (runner contract). Each arm is one ``compare``
+directory (resume, overwrite and the settings / data / code guards are compare's). After training, a hook
 measures the top Hessian eigenvalue of the training loss on a few analysis batches (scipy eigsh with a small
 Lanczos basis, trainable tensors only, eval mode); the training-set accuracy comes from the runner's ``train``
 evaluation split.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,6 @@ __all__ = [
     "top_eigenvalue_hook",
     "summarize_preference",
     "run_preference",
-    "check_resumable",
     "write_preference_outputs",
     "plot_preference",
 ]
@@ -126,23 +126,6 @@ def top_eigenvalue_hook(
         }
 
     return hook
-
-
-def check_resumable(run_dir: Path, run_cfg: Any, data: dict[str, str] | None = None) -> Any:
-    """Raise ``ValueError`` unless the finished run in ``run_dir`` was trained with the resolved settings of
-    ``run_cfg`` (every key that changes a run: method, model, peft, data, training and ``task_args``; ``run_cfg``
-    is the run's config as ``train_run`` resolves it, seed included) on the current data files (their sha256,
-    ``data``: computed when not given). Returns the :class:`~flatpeft.experiments.runner.RunMatch`, which names
-    the code that trained the run (a run of other code is retrained unless ``keep_other_code``)."""
-    from flatpeft.experiments.runner import match_run
-
-    match = match_run(run_dir, run_cfg, data)
-    problems = match.settings + match.data
-    if problems:
-        raise ValueError(f"--resume: run {str(run_dir)!r} was trained with other settings or data than the "
-                         f"experiment asks for: {'; '.join(problems[:6])}{'; ...' if len(problems) > 6 else ''}; "
-                         "use a new --output-dir or --overwrite")
-    return match
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -280,7 +263,10 @@ def plot_preference(result: PreferenceResult, path: str | Path) -> Path:
     fig.suptitle(f"Flatness preference: FlatPO top-f vs random-f ({len(result.seeds)} seed(s))")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    from flatpeft.experiments.rundir import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -291,20 +277,19 @@ def write_preference_outputs(result: PreferenceResult, out_dir: str | Path) -> d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": result.save(out_dir / "preference.json")}
-    md = out_dir / "preference.md"
-    md.write_text(preference_markdown(result))
-    paths["md"] = md
+    from flatpeft.experiments.rundir import write_atomic
+
+    paths["md"] = write_atomic(out_dir / "preference.md", preference_markdown(result))
     for name, rows in (("preference.csv", result.summary), ("preference_runs.csv", result.runs)):
-        p = out_dir / name
         keys: list[str] = []
         for r in rows:
             keys.extend(k for k in r if k not in keys)
-        with p.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            for r in rows:
-                w.writerow(r)
-        paths[name] = p
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        paths[name] = write_atomic(out_dir / name, buf.getvalue())
     paths["png"] = plot_preference(result, out_dir / "preference.png")
     return paths
 
@@ -326,9 +311,7 @@ def _check_preference_config(cfg: Any, arms: Sequence[Any], out_dir: Path) -> No
                          f"test (got {list(cfg.train.eval_splits)}; train is added for the gap)")
     check_output_dir(out_dir)
     for arm in arms:
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.method = dict(arm.method)
-        validate_config(run_cfg)
+        validate_config(_arm_config(cfg, arm))
 
 
 def run_preference(
@@ -340,36 +323,27 @@ def run_preference(
     overwrite: bool = False,
     eig_batches: int = 1,
     eig_ncv: int = 12,
-    train_run: Callable[..., dict] | None = None,
     progress: bool = True,
     resume: bool = False,
     keep_other_code: bool = False,
 ) -> PreferenceResult:
-    """Train every arm of :func:`preference_arms` for seeds ``0..seeds-1`` with ``train_run`` and summarise.
+    """Train every arm of :func:`preference_arms` for seeds ``0..seeds-1`` and summarise.
 
-    ``cfg`` is an ``ExperimentConfig``; each arm gets a deep copy with ``method`` replaced and
-    ``train.eval_splits`` including ``train`` (for the gap).  Runs go to ``out_dir/<arm>/seed<s>``.
-    Raises ``ValueError`` if ``out_dir`` exists and is not empty, unless ``overwrite`` or ``resume``.
-    With ``resume`` a finished run (``eval.json`` present) whose saved config and data match the arm (see
-    :func:`check_resumable`; other settings or data are refused) is read instead of retrained, so seeds can be
-    added to an earlier experiment; a run trained by other code is retrained unless ``keep_other_code``, and the
-    tables name the code of every run.
+    Each arm is one :func:`flatpeft.experiments.runner.compare` directory ``out_dir/<arm>`` (runs in
+    ``out_dir/<arm>/<method>/seed<s>``) of ``cfg`` with the arm's ``method`` and ``train.eval_splits`` including
+    ``train`` (for the gap); the top-eigenvalue measurement is compare's ``extra_eval`` hook. So the guards are
+    compare's: ``out_dir`` must be new or empty unless ``overwrite`` (every run redone) or ``resume`` (finished runs
+    with the same settings and data are read, not retrained; other settings or data are refused by name; a run
+    trained by other code is retrained unless ``keep_other_code``, and the tables name the code of every run).
     """
-    import sys
+    from flatpeft.experiments.runner import _read_eval, code_notes, compare, run_dir_for
 
-    from flatpeft.experiments.provenance import code_label
-    from flatpeft.experiments.runner import _run_config, code_notes, data_hashes
-    from tqdm.auto import tqdm
-
-    if train_run is None:
-        from flatpeft.experiments import train_run as _train_run
-
-        train_run = _train_run
     if not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
     fractions = parse_fractions(fractions)
     out_dir = Path(out_dir)
-    _check_preference_config(cfg, preference_arms(dict(cfg.method), fractions), out_dir)
+    arms = preference_arms(dict(cfg.method), fractions)
+    _check_preference_config(cfg, arms, out_dir)
     if overwrite and resume:
         raise ValueError("--overwrite and --resume are mutually exclusive")
     if keep_other_code and not resume:
@@ -377,61 +351,45 @@ def run_preference(
     if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise ValueError(f"output directory {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it "
                          "(or --resume to reuse its finished runs)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arms = preference_arms(dict(cfg.method), fractions)
     hook = top_eigenvalue_hook(eig_batches, ncv=eig_ncv)
-    runs: list[dict[str, Any]] = []
-    used: list[tuple[str, int, Path]] = []
-    if resume:  # the data files must resolve before a finished run is judged by their hashes
-        from flatpeft.experiments.tasks import get_task
-
-        get_task(cfg.task).check_config(cfg)
-    data = data_hashes(cfg) if resume else {}
     t0 = time.perf_counter()
-    jobs = [(s, arm) for s in range(seeds) for arm in arms]
-    for seed, arm in tqdm(jobs, desc="preference runs", disable=not progress):
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.method = dict(arm.method)
-        if "train" not in run_cfg.train.eval_splits:
-            run_cfg.train.eval_splits = [*run_cfg.train.eval_splits, "train"]
-        run_dir = out_dir / arm.label / f"seed{seed}"
-        run_cfg.output_dir = str(run_dir)
-        t = time.perf_counter()
-        reuse = False
-        if resume and (run_dir / "eval.json").is_file():
-            match = check_resumable(run_dir, _run_config(run_cfg, seed, run_dir), data)
-            reuse = keep_other_code or match.same_code
-            if not reuse:
-                print(f"flatpeft: note: {arm.label}/seed{seed} was trained by other code ({code_label(match.code)}); "
-                      "retraining it (--keep-other-code keeps it)", file=sys.stderr)
-        if reuse:
-            metrics = json.loads((run_dir / "eval.json").read_text())
-        else:  # in resume mode an unfinished run directory is an interrupted run: replace it
-            metrics = train_run(run_cfg, seed=seed, out_dir=run_dir, overwrite=overwrite or resume, extra_eval=hook)
-        used.append((arm.label, seed, run_dir))
-        record = {
-            "label": arm.label,
-            "method": arm.method["name"],
-            "selection": arm.selection or "",
-            "fraction": arm.fraction if arm.fraction is not None else float("nan"),
-            "seed": seed,
-            "accuracy": _number(metrics["accuracy"]),
-            "train_accuracy": _number(metrics["train_accuracy"]),
-            "top_eigenvalue": _number(metrics.get("top_eigenvalue")),
-            "top_eigenvalue_residual": _number(metrics.get("top_eigenvalue_residual")),
-            "seconds": round(time.perf_counter() - t, 2),
-        }
-        runs.append(record)
-    wall = time.perf_counter() - t0
+    records: list[tuple[int, int, dict[str, Any]]] = []
+    used: list[tuple[str, int, Path]] = []
+    for k, arm in enumerate(arms):
+        arm_cfg = _arm_config(cfg, arm)
+        method = arm.method["name"]
+        compare(arm_cfg, [method], list(range(seeds)), out_dir=out_dir / arm.label, overwrite=overwrite,
+                resume=resume, extra_eval=hook, progress=progress, keep_other_code=keep_other_code)
+        for seed in range(seeds):
+            run = run_dir_for(out_dir / arm.label, method, seed)
+            metrics = _read_eval(run)
+            used.append((arm.label, seed, run))
+            records.append((seed, k, {
+                "label": arm.label, "method": method, "selection": arm.selection or "",
+                "fraction": arm.fraction if arm.fraction is not None else float("nan"), "seed": seed,
+                "accuracy": _number(metrics.get("accuracy")), "train_accuracy": _number(metrics.get("train_accuracy")),
+                "top_eigenvalue": _number(metrics.get("top_eigenvalue")),
+                "top_eigenvalue_residual": _number(metrics.get("top_eigenvalue_residual")),
+                "seconds": round(_number(metrics.get("train_time_s")) + _number(metrics.get("eval_time_s")), 2)}))
+    runs = [r for _, _, r in sorted(records, key=lambda x: (x[0], x[1]))]   # seed-major, arms in order
     result = PreferenceResult(
         fractions=tuple(fractions),
         seeds=tuple(range(seeds)),
         runs=tuple(runs),
         summary=tuple(summarize_preference(runs, arms)),
-        wall_seconds=round(wall, 1),
+        wall_seconds=round(time.perf_counter() - t0, 1),
         settings={"eig_batches": eig_batches, "eig_ncv": eig_ncv, "method": dict(cfg.method),
                   "train": dataclasses.asdict(cfg.train) if dataclasses.is_dataclass(cfg.train) else str(cfg.train),
                   "code": code_notes(used)},
     )
     write_preference_outputs(result, out_dir)
     return result
+
+
+def _arm_config(cfg: Any, arm: PreferenceArm) -> Any:
+    """``cfg`` with the arm's method and the ``train`` split evaluated too (for the generalisation gap)."""
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.method = dict(arm.method)
+    if "train" not in run_cfg.train.eval_splits:
+        run_cfg.train.eval_splits = [*run_cfg.train.eval_splits, "train"]
+    return run_cfg
