@@ -346,3 +346,31 @@ def test_wheel_runs_a_builtin_config_by_name_outside_the_checkout(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((work / "run" / "eval.json").read_text())
     assert metrics["method"] == "flatpo" and 0 <= metrics["accuracy"] <= 1
+
+
+def test_the_package_has_no_import_cycle():
+    """Issue 19: every ``import`` of every module, at the top or inside a function, forms an acyclic graph
+    (``from . import x`` counts as an edge to the submodule ``x``, not to its package)."""
+    import ast
+    import graphlib
+
+    root = Path(__file__).resolve().parents[1] / "src" / "flatpeft"
+    mods = {}
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods]
+                cands = subs if len(subs) == len(node.names) else [target, *subs]
+            elif isinstance(node, ast.Import):
+                cands = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {c for c in cands if c in mods and c != m}
+    graphlib.TopologicalSorter(graph).prepare()        # raises CycleError naming the cycle

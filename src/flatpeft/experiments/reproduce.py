@@ -82,7 +82,7 @@ def sample_runs(plan: Any, root: Path, only: Sequence[str] | None, sample: int) 
     among the runs the page shows (finished, planned settings, current data; any code)."""
     from .evidence import selected_settings
     from .runner import _run_config, _valid_runs, _with_method, run_dir_for
-    from .suite import _load_unit_config, units
+    from .plan import unit_config, units
 
     out = []
     chosen = selected_settings(plan, root, only)[0]
@@ -92,7 +92,7 @@ def sample_runs(plan: Any, root: Path, only: Sequence[str] | None, sample: int) 
         d = root / unit.name
         if not d.is_dir():
             continue
-        cfg = _load_unit_config(unit)
+        cfg = unit_config(unit)
         planned = {(m, s): _run_config(_with_method(cfg, m), s, run_dir_for(d, m, s))
                    for s in unit.seeds for m in unit.methods}
         valid = _valid_runs(planned, d, keep_other_code=True, strict_data=False)

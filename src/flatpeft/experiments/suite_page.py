@@ -11,7 +11,6 @@ run). Nothing on the page is typed in. The page names the code behind every tabl
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +19,7 @@ import numpy as np
 from .results import _is_percent
 
 #: tolerance of the "matches" claims (equivalence): the interval's lower end must be above -MARGIN
-from .evidence import IDENTICAL, MARGIN  # noqa: F401 - re-exported for readers of the page code
-
-#: Per built-in task: does a rerun reproduce its numbers bit for bit, and when not, why (docs/cli.md, "Determinism").
-DETERMINISM: dict[str, str] = {
-    "text_classification": (
-        "bit for bit on the same machine with the same torch thread count, code and library versions (every "
-        "random draw is seeded: validation carve, shots, label noise, test subset, head and LoRA initialisation, "
-        "dropout, batch order; evaluation batches are length-sorted); another thread count or CPU can sum "
-        "floats in another order (large matrix products are split across threads), which changes the last bits "
-        "and, over training, possibly some predictions (a tiny model may still agree); on a "
-        "GPU some CUDA kernels (atomic-add reductions in backward passes, the memory-efficient attention "
-        "backward) are not deterministic and flatpeft does not turn on torch's deterministic algorithms, so "
-        "bit-for-bit reruns are not guaranteed there"),
-    "clip_fewshot": (
-        "bit for bit on the same machine with the same thread count, code and asset cache (the shots, the "
-        "template draw and the batch order are seeded); the pre-aligned projections and the before-fine-tuning "
-        "metrics are computed once and cached in the asset cache (`multimodal/clip_prealign_*`, "
-        "`clip_before_*`), keyed by their settings, not by the code or machine that made them: a cache "
-        "built elsewhere or by older code gives other starting weights (their sha256 is recorded with each run "
-        "as `data_sha256.prealign`). Other thread counts, CPUs or a GPU: as text_classification"),
-    "vlm_instruct": (
-        "bit for bit on the same machine with the same thread count, code and asset cache (shots, caption mix "
-        "and batch order are seeded; answers are generated greedily); the pre-aligned projector and the image "
-        "features are computed once and cached in the asset cache (`multimodal/vlm_prealign_*`, `features_*`, "
-        "`vlm_before_*`), keyed by their settings, not by the code or machine that made them. Other thread "
-        "counts, CPUs or a GPU: as text_classification, and greedy generation can then pick another token"),
-    "hf_vlm": (
-        "in float32 on a CPU as text_classification; the GPU recipe (bfloat16) is not bit for bit: its attention "
-        "and reduction kernels are not deterministic and bfloat16 rounding amplifies the differences"),
-}
-
-
-
+from .evidence import DETERMINISM, IDENTICAL, MARGIN, unit_wall  # noqa: F401 - re-exported for readers of the page code
 
 def _seeds_text(seeds: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
@@ -65,39 +32,6 @@ def _seeds_text(seeds: list[int]) -> str:
             parts.append(f"{start}" if start == s else f"{start}-{s}")
             start = None
     return ", ".join(parts)
-
-
-
-
-def _trained(inv: dict[str, Any]) -> bool:
-    """Whether a suite invocation trained any run. A page rebuild, or a resume that found every run finished,
-    adds no run time and must not dilute the load figures. In records written before units logged ``trained``,
-    a unit counts as training when it took 5 s or more (a resume that finds its runs finished takes about 3 s)."""
-    if not inv.get("train"):
-        return False
-    return any(u["trained"] > 0 if "trained" in u else float(u.get("wall_s", 0)) >= 5.0 for u in inv["units"])
-
-
-def unit_wall(log: dict[str, Any]) -> tuple[dict[str, float], float, list[float], dict[str, Any], int]:
-    """Wall seconds per unit (summed over invocations), total suite wall, load samples, last machine, and the
-    number of invocations that trained."""
-    per: dict[str, float] = {}
-    loads, machine, spans = [], {}, []
-    for inv in log.get("invocations", []):
-        if not _trained(inv):
-            continue
-        spans.append((float(inv["start"]), float(inv.get("end", inv["start"]))))
-        if "load_mean" in inv:
-            loads += [inv["load_mean"], inv.get("load_max", inv["load_mean"])]
-        machine = inv.get("machine", machine)
-        for r in inv["units"]:
-            per[r["unit"]] = per.get(r["unit"], 0.0) + float(r["wall_s"])
-    total, end = 0.0, -math.inf  # union of the invocations' time spans (parallel invocations count once)
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return per, total, loads, machine, len(spans)
 
 
 

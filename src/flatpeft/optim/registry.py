@@ -121,9 +121,7 @@ def register_method(info: MethodInfo) -> MethodInfo:
 
 def unregister_method(name: str) -> MethodInfo:
     """Remove a method added with :func:`register_method` (built-in methods cannot be removed); returns its info."""
-    from flatpeft import METHODS
-
-    if name in METHODS:
+    if get_method(name).build.__module__.startswith("flatpeft.methods."):  # a built-in method's module
         raise ValueError(f"method {name!r} is built in and cannot be unregistered")
     return _REGISTRY.pop(get_method(name).name)
 
