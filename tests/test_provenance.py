@@ -112,7 +112,7 @@ def test_resumed_compare_retrains_runs_of_other_code(tiny, tmp_path, capfd):
     out = tmp_path / "cmp"
     compare(tiny, ["base", "sam"], 1, out_dir=out, progress=False)
     sam_before = (out / "sam" / "seed0" / "eval.json").read_bytes()
-    fake_old_code(out / "base" / "base" / "seed0")
+    fake_old_code(out / "base" / "seed0")
     res = compare(tiny, ["base", "sam"], 1, out_dir=out, resume=True, progress=False)
     assert "base/seed0 was trained by other code (flatpeft" in capfd.readouterr().err
     for name in (".flatpeft-run.json", "eval.json"):   # retrained by the current code
