@@ -272,3 +272,24 @@ def test_evaluate_refuses_an_unknown_split(tiny):
         task.evaluate(task.model, "dev")
     with pytest.raises(ValueError, match="split must be"):
         task.anchors("train")
+
+
+@pytest.mark.slow
+def test_real_clip_validation_and_anchors():
+    """EfficientNet-Lite0 + MiniLM, k=4: the untrained model's val numbers are the pre-aligned model's, the seen
+    classes are recognised far above chance on validation images, and the probe anchor beats the majority class
+    and the zero-shot prompts (which put the new classes mostly on "shirt")."""
+    from flatpeft.experiments.tasks import get_task
+
+    cfg = config_from_dict({"task": "clip_fewshot", "model": "builtin:minilm", "data": {"shots": 4},
+                            "peft": {"type": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+                            "train": {"device": "cpu", "eval_splits": ["test", "val"]},
+                            "task_args": {"eval_per_class": 50, "seen_eval_per_class": 50, "val_per_class": 50,
+                                          "seen_val_per_class": 50}})
+    task = get_task("clip_fewshot")(cfg, 0)
+    val = task.evaluate(task.model, "val")
+    assert val["accuracy"] == val["zero_shot_accuracy"] and val["seen_classes_accuracy"] == val["seen_classes_accuracy_before"]
+    assert val["seen_classes_accuracy"] > 0.6
+    a = task.anchors("val")
+    assert a["majority"]["accuracy"] == pytest.approx(0.2)
+    assert a["probe"]["accuracy"] > max(a["majority"]["accuracy"], a["zero_shot"]["accuracy"]) + 0.2
