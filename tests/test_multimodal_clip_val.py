@@ -18,7 +18,8 @@ from flatpeft.experiments.config import config_from_dict
 from flatpeft.multimodal.clip_fewshot import ClipFewShotTask, clip_train_splits
 from flatpeft.multimodal.data import (CLASS_NAMES, DOWNSTREAM_CLASSES, SEEN_CLASSES, TRAIN_TEMPLATES,
                                       UNSEEN_TEMPLATES, to_pixels)
-from flatpeft.multimodal.dual_encoder import ClipPrealignSettings, DualEncoder, prealign_dual_encoder, prealign_indices
+from flatpeft.multimodal.dual_encoder import (ClipPrealignSettings, DualEncoder, prealign_dual_encoder,
+                                              prealign_indices)
 
 PER_CLASS_TRAIN, PER_CLASS_TEST, SIZE = 120, 20, 8
 
@@ -67,10 +68,12 @@ class TinyClip(ClipFewShotTask):
 
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            image = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((8, 1)), torch.nn.Flatten(), torch.nn.Linear(24, 24))
-            text = AutoModel.from_pretrained(self.cfg.model, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-            model = DualEncoder(image, text, AutoTokenizer.from_pretrained(self.cfg.model), image_dim=24, text_dim=16,
-                                embed_dim=self.args.embed_dim, logit_scale=self.args.logit_scale)
+            nn = torch.nn
+            image = nn.Sequential(nn.AdaptiveAvgPool2d((8, 1)), nn.Flatten(), nn.Linear(24, 24))  # row means
+            text = AutoModel.from_pretrained(self.cfg.model, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0)
+            model = DualEncoder(image, text, AutoTokenizer.from_pretrained(self.cfg.model), image_dim=24,
+                                text_dim=16, embed_dim=self.args.embed_dim, logit_scale=self.args.logit_scale)
         xtr, ytr, _, _ = synthetic_fashion()  # the real pre-alignment, on the synthetic seen-class images
         idx = prealign_indices(ytr, self.settings)
         prealign_dual_encoder(model, xtr[idx], np.searchsorted(SEEN_CLASSES, ytr[idx]),
@@ -199,7 +202,8 @@ def test_run_records_the_validation_curve(tiny):
     the last one is the trained model's, as in eval.json."""
     from flatpeft.experiments.runner import train_run
 
-    _, cfg = tiny(0, train={"steps": 12, "val_eval_steps": [4, 8, 12], "eval_splits": ["test", "val"], "log_every": 4})
+    _, cfg = tiny(0, train={"steps": 12, "val_eval_steps": [4, 8, 12], "eval_splits": ["test", "val"],
+                            "log_every": 4})
     m = train_run(cfg, seed=0, out_dir=cfg.output_dir, progress=False)
     lines = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     curve = [rec for rec in lines if "val_accuracy" in rec]
@@ -288,7 +292,8 @@ def test_real_clip_validation_and_anchors():
                                           "seen_val_per_class": 50}})
     task = get_task("clip_fewshot")(cfg, 0)
     val = task.evaluate(task.model, "val")
-    assert val["accuracy"] == val["zero_shot_accuracy"] and val["seen_classes_accuracy"] == val["seen_classes_accuracy_before"]
+    assert val["accuracy"] == val["zero_shot_accuracy"]
+    assert val["seen_classes_accuracy"] == val["seen_classes_accuracy_before"]
     assert val["seen_classes_accuracy"] > 0.6
     a = task.anchors("val")
     assert a["majority"]["accuracy"] == pytest.approx(0.2)

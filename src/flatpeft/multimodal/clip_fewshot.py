@@ -5,8 +5,9 @@ Protocol (CLIP-LoRA style, ``docs/multimodal.md``):
 1. Start from the pre-aligned :class:`~flatpeft.multimodal.dual_encoder.DualEncoder` (cached, see
    :func:`~flatpeft.multimodal.dual_encoder.pretrained_dual_encoder`).
 2. Draw ``data.shots`` training images per downstream class (sandal, shirt, sneaker, bag, ankle boot) with
-   the run seed, outside the validation reserve (:func:`clip_train_splits`); LoRA (``peft``) on both towers: the text tower's ``peft.target_modules`` and the image
-   tower's pointwise convolutions; the projections stay frozen.
+   the run seed, outside the validation reserve (:func:`clip_train_splits`); LoRA (``peft``) on both towers:
+   the text tower's ``peft.target_modules`` and the image tower's pointwise convolutions; the projections stay
+   frozen.
 3. Loss: cross-entropy of the scaled cosine scores of each image against the five class embeddings
    (prompt-ensembled over :data:`~flatpeft.multimodal.data.TRAIN_TEMPLATES`, through the text LoRA).
 4. Metrics (``evaluate``): ``accuracy`` on the downstream test images; ``unseen_prompt_accuracy`` on the
