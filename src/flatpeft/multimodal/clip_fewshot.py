@@ -95,6 +95,9 @@ class ClipFewShotArgs:
 
 #: in-process cache of the pre-aligned model's metrics: (settings key, eval spec) -> metrics
 _BEFORE_CACHE: dict[str, dict[str, float]] = {}
+#: in-process cache of the pre-aligned model's image embeddings of an evaluation split (the probe anchor's
+#: inputs, the same for every seed): (settings key, eval spec) -> (N, embed_dim) float tensor on the CPU
+_FROZEN_EMB_CACHE: dict[str, torch.Tensor] = {}
 
 
 @dataclass
@@ -293,16 +296,20 @@ class ClipFewShotTask(Task):
         ``majority`` (the most frequent shot label, ties to the lowest class), ``probe``
         (:func:`~flatpeft.experiments.anchors.linear_probe` on the pre-aligned model's normalised image
         embeddings, adapters disabled) and ``zero_shot`` (the pre-aligned model's prompts: ``zero_shot_accuracy``).
-        Weights, adapter state and train/eval mode are left as they were."""
+        The split's frozen embeddings are cached in memory per (pre-alignment, eval subset), so later seeds only
+        encode their shots. Weights, adapter state and train/eval mode are left as they were."""
         images, labels = self._eval_sets(split)[:2]
         model = self.model
         was_training = model.training
         model.eval()
+        key = self._before_key(split)
         try:
             with model.disable_adapter():
                 with torch.no_grad():
                     shot_emb = model.encode_image(self.train_pixels.to(self.device))
-                split_emb = self._image_embeddings(model, images)
+                if key not in _FROZEN_EMB_CACHE:
+                    _FROZEN_EMB_CACHE[key] = self._image_embeddings(model, images).cpu()
+            split_emb = _FROZEN_EMB_CACHE[key]
             zero_shot = self._before_metrics(model, split)["zero_shot_accuracy"]
         finally:
             model.train(was_training)
