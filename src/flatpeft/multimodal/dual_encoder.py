@@ -37,7 +37,8 @@ from flatpeft.experiments.sampling import sample_shots
 from .data import (CLASS_NAMES, SEEN_CLASSES, TRAIN_TEMPLATES, load_fashion_mnist, to_pixels)
 
 __all__ = ["DualEncoder", "ClipPrealignSettings", "build_dual_encoder", "prealign_dual_encoder",
-           "pretrained_dual_encoder", "clip_prealign_path", "IMAGE_LORA_TARGETS", "lora_target_regex",
+           "pretrained_dual_encoder", "clip_prealign_path", "prealign_indices", "IMAGE_LORA_TARGETS",
+           "lora_target_regex",
            "image_block_regex"]
 
 #: peft target regex (full-matched) of EfficientNet-Lite's pointwise convolutions (after plain_pointwise).
@@ -248,6 +249,13 @@ def prealign_dual_encoder(model: DualEncoder, images: np.ndarray, labels: np.nda
     return {"loss": float(loss.item()), "train_accuracy": acc}
 
 
+def prealign_indices(labels: np.ndarray, settings: ClipPrealignSettings) -> np.ndarray:
+    """Indices into the Fashion-MNIST training set of the images the pre-alignment trains on: ``settings.per_class``
+    per seen class, drawn with ``settings.seed`` (a validation split of the seen classes must avoid them)."""
+    return sample_shots(labels, settings.per_class, settings.seed, classes=SEEN_CLASSES,
+                        key="pre-alignment per_class")
+
+
 def pretrained_dual_encoder(settings: ClipPrealignSettings | None = None, *, force: bool = False) -> DualEncoder:
     """The pre-aligned dual encoder ("pre-trained model" of every downstream run).
 
@@ -268,7 +276,7 @@ def pretrained_dual_encoder(settings: ClipPrealignSettings | None = None, *, for
         model.text_proj.weight.data.copy_(state["text_proj.weight"])
         return model
     xtr, ytr, _, _ = load_fashion_mnist()
-    idx = sample_shots(ytr, settings.per_class, settings.seed, classes=SEEN_CLASSES, key="pre-alignment per_class")
+    idx = prealign_indices(ytr, settings)
     remap = {c: i for i, c in enumerate(SEEN_CLASSES)}
     labels = np.array([remap[int(c)] for c in ytr[idx]])
     stats = prealign_dual_encoder(model, xtr[idx], labels, [CLASS_NAMES[c] for c in SEEN_CLASSES], settings)
