@@ -173,3 +173,20 @@ def test_a_diverged_grid_point_is_never_selected_and_the_suite_carries_on(tmp_pa
     assert sel["selected"] == "lr=0.002"
     assert yaml.safe_load((tmp_path / "runs/tiny__base/base/seed0/config.yaml").read_text())["train"]["lr"] == 0.002
     assert "diverged: seed 100" in (tmp_path / "results.md").read_text()
+
+
+def test_tasks_declare_their_metrics_and_retained_ratios_follow():
+    """Issue 19: a metric's meaning comes from the task's declaration, not from its name's suffix."""
+    from flatpeft.experiments.evidence import _add_retained, metric_info
+
+    clip = metric_info("clip_fewshot")
+    assert clip["seen_classes_accuracy"]["before"] == "seen_classes_accuracy_before"
+    assert clip["seen_classes_accuracy_retained"]["percent"] is True
+    vlm = metric_info("vlm_instruct")
+    assert vlm["ppl_after"] == {"percent": False, "before": "ppl_before", "higher_is_better": False}
+    assert set(metric_info("text_classification")) == {"accuracy", "macro_f1"} and metric_info("nope") == {}
+    arms = {"base": {"seeds": {0: {"seen_classes_accuracy": 0.5, "seen_classes_accuracy_before": 0.8},
+                               1: {"seen_classes_accuracy": 0.6, "seen_classes_accuracy_before": 0.0}}}}
+    assert _add_retained(arms, ["accuracy", "seen_classes_accuracy"], clip) == ["seen_classes_accuracy_retained"]
+    assert arms["base"]["seeds"][0]["seen_classes_accuracy_retained"] == pytest.approx(0.625)
+    assert "seen_classes_accuracy_retained" not in arms["base"]["seeds"][1]        # no before value: no ratio

@@ -233,7 +233,7 @@ def test_claims_test_ablations_and_flag_identical_methods():
     from flatpeft.experiments.suite import SuitePlan
 
     seen = {"base": [0.50, 0.60, 0.40], "spider": [0.50, 0.60, 0.40], "spider (mask-all)": [0.60, 0.65, 0.50]}
-    arm = lambda m, method, abl=None: {"method": method, "phase": "test", "ablation": abl,  # noqa: E731
+    arm = lambda m, method, abl=None: {"method": method, "phase": "test", "ablation": abl,
                                        "seeds": {s: {"seen_classes_accuracy": v} for s, v in enumerate(seen[m])}}
     arms = {"base": arm("base", "base"), "spider": arm("spider", "spider"),
             "spider (mask-all)": arm("spider (mask-all)", "spider", "mask-all")}

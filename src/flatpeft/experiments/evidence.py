@@ -23,7 +23,7 @@ import numpy as np
 from .plan import grid_points, selection_units, units
 from .stats import mean_std, paired_difference
 
-__all__ = ["DETERMINISM", "unit_wall", "unit_runs", "selections", "selected_settings", "collect", "paired", "interpolate_at", "MARGIN",
+__all__ = ["DETERMINISM", "unit_wall", "unit_runs", "metric_info", "selections", "selected_settings", "collect", "paired", "interpolate_at", "MARGIN",
            "RESULTS_VERSION"]
 
 #: tolerance of the "matches" claims and of "refutes a gain of ... or more" (fractions: 0.01 = 1 pp)
@@ -391,6 +391,43 @@ def _claims(plan: Any, tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     return rows
 
 
+def metric_info(task_name: str | None) -> dict[str, dict[str, Any]]:
+    """``{metric: {"percent", "before", "higher_is_better"}}`` as the task declares them (:class:`Task.metrics
+    <flatpeft.experiments.tasks.Metric>`), plus ``<metric>_retained`` for each metric retained against a before
+    value; empty for an unknown task."""
+    import dataclasses
+
+    from .tasks import get_task
+
+    if not task_name:
+        return {}
+    try:
+        declared = get_task(task_name).metrics
+    except ValueError:
+        return {}
+    out = {name: dataclasses.asdict(m) for name, m in declared.items()}
+    for name, m in declared.items():
+        if m.before:
+            out[f"{name}_retained"] = {"percent": True, "before": None, "higher_is_better": m.higher_is_better}
+    return out
+
+
+def _add_retained(arms: dict[str, dict[str, Any]], metrics: list[str], info: dict[str, dict[str, Any]]) -> list[str]:
+    """Add ``<metric>_retained = metric / before`` to every run of every arm for the task's metrics retained against
+    a before value (the share of the pre-fine-tuning skill kept); returns the names added."""
+    added = []
+    for m in metrics:
+        before = (info.get(m) or {}).get("before")
+        if not before:
+            continue
+        for arm in arms.values():
+            for row in arm["seeds"].values():
+                if row.get(m) is not None and row.get(before):
+                    row[f"{m}_retained"] = row[m] / row[before]
+        added.append(f"{m}_retained")
+    return added
+
+
 def _public(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Arms without the private ``_run`` / ``_code`` entries (the code is summarised per task)."""
     return {label: {**{k: v for k, v in arm.items() if k != "seeds"},
@@ -428,10 +465,13 @@ def collect(plan: Any, root: Path, log: dict[str, Any]) -> dict[str, Any]:
             out["not_run"].append({"task": t.name, "config": t.config, "reason": t.skip_reason or "no finished runs yet"})
             continue
         metrics = list(t.metrics)
-        base = arms.get("base", {}).get("seeds", {})
         cfg_path = next((root / a["unit"] / "compare_config.yaml" for a in arms.values()
                          if (root / a["unit"] / "compare_config.yaml").is_file()), None)
         cfg = read_config_mapping(cfg_path) if cfg_path is not None else None
+        info = metric_info((cfg or {}).get("task"))
+        retained = _add_retained(arms, metrics, info)
+        metrics += [r for r in retained if r not in metrics]
+        base = arms.get("base", {}).get("seeds", {})
         comparisons = {label: {m: paired(_values(arm["seeds"], m), _values(base, m)) for m in metrics}
                        for label, arm in arms.items() if label != "base"}
         anchors = _anchors(base, metrics)
@@ -448,6 +488,7 @@ def collect(plan: Any, root: Path, log: dict[str, Any]) -> dict[str, Any]:
         task_name = (cfg or {}).get("task")
         out["tasks"][t.name] = {
             "config": t.config, "set": list(t.set), "description": t.description, "metrics": metrics,
+            "metric_info": info,
             "settings": cfg, "task": task_name, "determinism": DETERMINISM.get(task_name),
             "selection": sel, "anchors": {k: v["metrics"] for k, v in anchors.items()}, "anchor_check": anchor_check,
             "arms": _public(arms), "comparisons": comparisons,

@@ -71,6 +71,19 @@ def check_page(page: Path, tasks: list[str]) -> None:
 
 
 # ---- formatting ---------------------------------------------------------------------------------------------------
+#: ``{metric: {"percent": ...}}`` of every task on the page being rendered (the tasks' declarations, from results.json)
+_INFO: dict[str, dict[str, Any]] = {}
+
+
+def _pct(name: str) -> bool:
+    """Whether ``name`` is shown in % (its task's declaration; ``val_`` and ``anchor_<name>_`` prefixes are looked up
+    by the plain name; a name no task declares: by its suffix)."""
+    plain = name.removeprefix("val_")
+    for a in ("majority", "probe", "zero_shot"):
+        plain = plain.removeprefix(f"anchor_{a}_")
+    return bool(_INFO[plain]["percent"]) if plain in _INFO else _is_percent(plain)
+
+
 def _fmt(v: float | None, pct: bool, digits: int = 1, sign: bool = False) -> str:
     if v is None or not np.isfinite(v):
         return "–"
@@ -183,7 +196,7 @@ def _summary_section(r: dict[str, Any]) -> list[str]:
          "| task (primary metric) | majority | probe | zero-shot | base | " + " | ".join(labels) + " |",
          "|---|---|---|---|---|" + "---|" * len(labels)]
     for name, t in tasks.items():
-        metric, pct = t["metrics"][0], _is_percent(t["metrics"][0])
+        metric, pct = t["metrics"][0], _pct(t["metrics"][0])
         anchors = [_pm((t["anchors"].get(a) or {}).get(metric), pct) for a in ("majority", "probe", "zero_shot")]
         base = t["arms"].get("base")
         flag = ""
@@ -199,7 +212,7 @@ def _summary_section(r: dict[str, Any]) -> list[str]:
           "|---|---|---|---|---|"]
     for name, t in tasks.items():
         for m, sel in t["selection"].items():
-            pct = _is_percent(sel["metric"])
+            pct = _pct(sel["metric"])
             best = next((p for p in sel["points"] if p["label"] == sel["selected"]), None)
             grid = ", ".join(f"{p['label']}: {_fmt(p['mean'], pct)}" + ("" if p["complete"] else " (incomplete)")
                              for p in sel["points"])
@@ -214,7 +227,7 @@ def _claims_section(r: dict[str, Any]) -> list[str]:
          "|---|---|---|---|---|---|---|"]
     for c in r["claims"]:
         L.append(f"| {c['paper']} | {c['claim']} | {c['task']} | {c['metric']} | {c['a']} − {c['b']} | "
-                 f"{_diff(c['diff'], _is_percent(c['metric']))} ({c['diff']['n']}) | {c['verdict']} |")
+                 f"{_diff(c['diff'], _pct(c['metric']))} ({c['diff']['n']}) | {c['verdict']} |")
     for name, t in r["tasks"].items():
         fr = t.get("fraction")
         if not fr:
@@ -224,7 +237,7 @@ def _claims_section(r: dict[str, Any]) -> list[str]:
                 d = row["top_minus_full"]
                 L.append(f"| FlatPO | 5 % > 100 %: perturbing the sharpest 5 % beats perturbing all adapter tensors "
                          f"(fraction curve) | {name} | {fr['metric']} | top 5 % − top 100 % | "
-                         f"{_diff(d, _is_percent(fr['metric']))} ({d['n']}) | {d['claim']} |")
+                         f"{_diff(d, _pct(fr['metric']))} ({d['n']}) | {d['claim']} |")
     L += [""]
     if any(c["verdict"] == IDENTICAL for c in r["claims"]):
         L += [f"*{IDENTICAL}*: the two arms gave the same number on every seed (typically a method that cannot act "
@@ -239,11 +252,11 @@ def _anchor_lines(t: dict[str, Any]) -> list[str]:
     L = ["Anchors (test split, the same shots as each seed's runs; mean ± std over seeds):", "",
          "| anchor | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for a, per in t["anchors"].items():
-        L.append(f"| {a} | " + " | ".join(_pm(per.get(m), _is_percent(m)) for m in metrics) + " |")
+        L.append(f"| {a} | " + " | ".join(_pm(per.get(m), _pct(m)) for m in metrics) + " |")
     ck = t.get("anchor_check")
     if ck:
         d = ck["base_minus_probe"]
-        L += ["", f"base − probe on {ck['metric']}: {_diff(d, _is_percent(ck['metric']))} (n={d['n'] if d else 0}): "
+        L += ["", f"base − probe on {ck['metric']}: {_diff(d, _pct(ck['metric']))} (n={d['n'] if d else 0}): "
               + ("base beats its probe anchor." if ck["beats_probe"] else
                  "**base does not beat its probe anchor** (flagged: a linear probe on the frozen features of the same "
                  "shots does as well, so the fine-tuning adds nothing measurable here).")]
@@ -255,7 +268,7 @@ def _selection_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> li
         return []
     L = ["Validation grid (mean over the validation seeds; **bold**: selected):", ""]
     for m, sel in t["selection"].items():
-        pct = _is_percent(sel["metric"])
+        pct = _pct(sel["metric"])
         cells = [(f"**{p['label']}: {_fmt(p['mean'], pct)}**" if p["label"] == sel["selected"] else
                   f"{p['label']}: {_fmt(p['mean'], pct)}") + (f" (n={p['n']})" if not p["complete"] else "")
                  + (f" (diverged: seed {', '.join(map(str, p['failed']))})" if p.get("failed") else "")
@@ -271,7 +284,7 @@ def _table_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[s
     arms = {k: a for k, a in t["arms"].items() if a["phase"] == "test" and a["seeds"]}
     header = ["method", "setting", "n"]
     for m in metrics:
-        header += [f"{m} (%)" if _is_percent(m) else m, f"Δ {m} vs base [95 %]"]
+        header += [f"{m} (%)" if _pct(m) else m, f"Δ {m} vs base [95 %]"]
     header += ["verdict (primary)", "time/step × base"]
     L = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base_time = _summary(arms["base"], "time_per_step") if "base" in arms else None
@@ -279,8 +292,8 @@ def _table_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[s
         sel = t["selection"].get(arm["method"], {}).get("selected") if not arm.get("ablation") else None
         cells = [f"`{label}`", sel or "task's", str(len(arm["seeds"]))]
         for m in metrics:
-            cells.append(_pm(_summary(arm, m), _is_percent(m)))
-            cells.append("reference" if label == "base" else _diff(t["comparisons"][label].get(m), _is_percent(m)))
+            cells.append(_pm(_summary(arm, m), _pct(m)))
+            cells.append("reference" if label == "base" else _diff(t["comparisons"][label].get(m), _pct(m)))
         prim = None if label == "base" else t["comparisons"][label].get(metrics[0])
         cells.append("reference" if label == "base" else (prim["verdict"] if prim else "–"))
         tps = _summary(arm, "time_per_step")
@@ -293,7 +306,7 @@ def _table_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> list[s
     seeds = sorted({int(s) for a in arms.values() for s in a["seeds"]})
     L += ["| method | " + " | ".join(map(str, seeds)) + " |", "|---|" + "---|" * len(seeds)]
     for label, arm in arms.items():
-        L.append(f"| {label} | " + " | ".join(_fmt(arm["seeds"].get(str(s), {}).get(metrics[0]), _is_percent(metrics[0]))
+        L.append(f"| {label} | " + " | ".join(_fmt(arm["seeds"].get(str(s), {}).get(metrics[0]), _pct(metrics[0]))
                                              for s in seeds) + " |")
     return L + ["", "</details>", ""]
 
@@ -302,7 +315,7 @@ def _fraction_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> lis
     fr = t.get("fraction")
     if not fr or not any("topk" in row for row in fr["rows"]):
         return []
-    pct = _is_percent(fr["metric"])
+    pct = _pct(fr["metric"])
     L = [f"### FlatPO's fraction curve ({name})", "",
          f"`{fr['method']}` at its selected setting perturbing the top fraction f of the adapter tensors (by gradient "
          "norm, every step) against a random fraction f; the test seeds of the task's table, paired. "
@@ -326,15 +339,15 @@ def _tradeoff_lines(name: str, t: dict[str, Any], fig: Path, figdir: str) -> lis
     tr = t.get("tradeoff")
     if not tr or not tr["curves"]:
         return []
-    pct = _is_percent(tr["retained"])
+    pct = _pct(tr["retained"])
     L = [f"### Learning vs forgetting ({name})", "",
          f"Each test run records `{tr['downstream']}` (downstream skill) and `{tr['retained']}` (the pre-fine-tuning "
          "skill kept) on validation images along training. At each matched downstream level the retained value is "
          "interpolated on every seed's curve (first crossing) and paired against `base`; a seed whose curve never "
          "reaches the level drops out (its n is smaller).", ""]
     for lv in tr["levels"].values():
-        L += [f"At {tr['downstream']} = {_fmt(lv['level'], _is_percent(tr['downstream']))}"
-              f"{' %' if _is_percent(tr['downstream']) else ''}:", "",
+        L += [f"At {tr['downstream']} = {_fmt(lv['level'], _pct(tr['downstream']))}"
+              f"{' %' if _pct(tr['downstream']) else ''}:", "",
               "| method | retained (mean) | n | Δ retained vs base [95 %] | verdict |", "|---|---|---|---|---|"]
         for label, vals in lv["values"].items():
             v = list(vals.values())
@@ -411,6 +424,9 @@ def _cost_section(r: dict[str, Any]) -> list[str]:
 def render(r: dict[str, Any], fig: Path) -> str:
     """The page (Markdown) of a ``results.json`` mapping; plots go to ``fig`` (``<page stem>/``)."""
     fig.mkdir(parents=True, exist_ok=True)
+    _INFO.clear()
+    for t in r["tasks"].values():
+        _INFO.update(t.get("metric_info") or {})
     L = _header(r)
     if r["tasks"]:
         L += _summary_section(r)
@@ -448,7 +464,7 @@ def _plot_task(t: dict[str, Any], arms: dict[str, dict[str, Any]], path: Path) -
     """Primary metric per arm (seeds as dots, mean as a bar) with the anchors as horizontal lines."""
     plt = _pyplot()
     metric = t["metrics"][0]
-    k = 100.0 if _is_percent(metric) else 1.0
+    k = 100.0 if _pct(metric) else 1.0
     labels = list(arms)
     fig, ax = plt.subplots(figsize=(3 + 1.1 * len(labels), 4))
     for i, label in enumerate(labels):
@@ -471,14 +487,14 @@ def _plot_selection(t: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for m, sel in t["selection"].items():
-        k = 100.0 if _is_percent(sel["metric"]) else 1.0
+        k = 100.0 if _pct(sel["metric"]) else 1.0
         pts = [p for p in sel["points"] if p["mean"] is not None]
         ax.plot(range(len(pts)), [p["mean"] * k for p in pts], "o-", label=m)
         for i, p in enumerate(pts):
             ax.annotate(p["label"].split("=")[-1], (i, p["mean"] * k), fontsize=7, xytext=(2, 3),
                         textcoords="offset points")
     ax.set_xlabel("grid point (in the order listed; value annotated)")
-    ax.set_ylabel("mean validation score" + (" (%)" if _is_percent(t["metrics"][0]) else ""))
+    ax.set_ylabel("mean validation score" + (" (%)" if _pct(t["metrics"][0]) else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
@@ -486,7 +502,7 @@ def _plot_selection(t: dict[str, Any], path: Path) -> None:
 
 def _plot_fraction(fr: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
-    k = 100.0 if _is_percent(fr["metric"]) else 1.0
+    k = 100.0 if _pct(fr["metric"]) else 1.0
     fig, ax = plt.subplots(figsize=(6, 4))
     for pick, color in (("topk", "tab:blue"), ("random", "tab:orange")):
         rows = [r for r in fr["rows"] if pick in r or (pick == "random" and r["fraction"] >= 1 and "topk" in r)]
@@ -506,8 +522,8 @@ def _plot_tradeoff(t: dict[str, Any], path: Path) -> None:
     """Left: mean curve along training steps per method; right: the validation grid's end points per method."""
     plt = _pyplot()
     tr = t["tradeoff"]
-    kd = 100.0 if _is_percent(tr["downstream"]) else 1.0
-    kr = 100.0 if _is_percent(tr["retained"]) else 1.0
+    kd = 100.0 if _pct(tr["downstream"]) else 1.0
+    kr = 100.0 if _pct(tr["retained"]) else 1.0
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, per in tr["curves"].items():
         curves = [np.array(c) for c in per.values()]

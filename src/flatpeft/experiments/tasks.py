@@ -38,7 +38,7 @@ from flatpeft._checks import short_repr
 
 from .config import ExperimentConfig, parse_dataclass
 
-__all__ = ["Task", "NoArgs", "register_task", "get_task", "available_tasks", "TASKS", "LAZY_TASK_MODULES",
+__all__ = ["Task", "Metric", "NoArgs", "register_task", "get_task", "available_tasks", "TASKS", "LAZY_TASK_MODULES",
            "resolve_device", "check_module_names", "TRAIN_DEVICE_TYPES"]
 
 #: name -> Task subclass
@@ -46,6 +46,19 @@ TASKS: dict[str, type["Task"]] = {}
 
 #: Modules imported (once, lazily) when a task name is not registered yet.
 LAZY_TASK_MODULES: list[str] = ["flatpeft.experiments.text_classification", "flatpeft.multimodal"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What a task's metric means, declared by the task (the results page formats and compares by it).
+
+    ``percent``: a fraction shown in % (differences in percentage points); ``before``: the metric of the model
+    before fine-tuning that this one is retained against (the page shows ``value / before``); ``higher_is_better``:
+    the direction of "better" (a perplexity is not)."""
+
+    percent: bool = True
+    before: str | None = None
+    higher_is_better: bool = True
 
 
 @dataclasses.dataclass
@@ -99,6 +112,9 @@ class Task(abc.ABC):
     name: ClassVar[str] = ""
     #: dataclass validating ``cfg.task_args``
     args_cls: ClassVar[type] = NoArgs
+    #: the metrics ``evaluate`` returns and what they mean (validation copies carry a ``val_`` prefix, anchors an
+    #: ``anchor_<name>_`` prefix: both are looked up by the plain name)
+    metrics: ClassVar[dict[str, Metric]] = {"accuracy": Metric()}
 
     model: torch.nn.Module
 

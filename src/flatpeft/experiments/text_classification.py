@@ -38,6 +38,7 @@ from flatpeft._checks import short_repr
 
 from .sampling import carve_validation, epoch_batches, sample_shots
 from .config import ExperimentConfig, parse_dataclass, resolve_data_path, resolve_model_path, resolve_test_ref
+from .tasks import Metric
 from .tasks import Task, check_module_names, register_task
 
 __all__ = ["TextClassificationArgs", "TextClassificationTask", "read_table", "check_missing", "check_label_types",
@@ -357,6 +358,7 @@ class TextClassificationTask(Task):
     """Few-shot text classification: any HF model, CSV/JSONL/Parquet data, LoRA / prompt / full fine-tuning."""
 
     args_cls = TextClassificationArgs
+    metrics = {"accuracy": Metric(), "macro_f1": Metric()}
 
     @classmethod
     def check_config(cls, cfg: ExperimentConfig) -> None:

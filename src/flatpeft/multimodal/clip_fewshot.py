@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from flatpeft.experiments.anchors import linear_probe, majority_class
 from flatpeft.experiments.rundir import write_atomic
-from flatpeft.experiments.tasks import Task, check_module_names, register_task
+from flatpeft.experiments.tasks import Metric, Task, check_module_names, register_task
 
 from flatpeft.experiments.sampling import carve_validation, epoch_batches, eval_subset, sample_shots
 
@@ -136,6 +136,9 @@ class ClipFewShotTask(Task):
     """Few-shot LoRA fine-tuning of the pre-aligned EfficientNet-Lite0 + MiniLM dual encoder."""
 
     args_cls = ClipFewShotArgs
+    metrics = {"accuracy": Metric(), "unseen_prompt_accuracy": Metric(),
+               "seen_classes_accuracy": Metric(before="seen_classes_accuracy_before"),
+               "seen_classes_accuracy_before": Metric(), "zero_shot_accuracy": Metric()}
 
     @staticmethod
     def prealign_settings(cfg, a: ClipFewShotArgs) -> ClipPrealignSettings:

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flatpeft.experiments.rundir import atomic_path, write_atomic
-from flatpeft.experiments.tasks import Task, check_module_names, register_task
+from flatpeft.experiments.tasks import Metric, Task, check_module_names, register_task
 
 from flatpeft.experiments.sampling import epoch_batches, eval_subset, sample_shots
 
@@ -279,6 +279,11 @@ class VLMInstructTask(Task):
     """Instruction fine-tuning of the pre-aligned EfficientNet-Lite0 -> SmolLM2 small VLM."""
 
     args_cls = VLMInstructArgs
+    metrics = {"accuracy": Metric(), "unseen_question_accuracy": Metric(),
+               "seen_classes_accuracy": Metric(before="seen_classes_accuracy_before"),
+               "seen_classes_accuracy_before": Metric(), "zero_shot_accuracy": Metric(),
+               "ppl_after": Metric(percent=False, before="ppl_before", higher_is_better=False),
+               "ppl_before": Metric(percent=False, higher_is_better=False)}
 
     @staticmethod
     def prealign_settings(cfg, a: VLMInstructArgs) -> VLMPrealignSettings:
