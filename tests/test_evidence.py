@@ -190,3 +190,14 @@ def test_tasks_declare_their_metrics_and_retained_ratios_follow():
     assert _add_retained(arms, ["accuracy", "seen_classes_accuracy"], clip) == ["seen_classes_accuracy_retained"]
     assert arms["base"]["seeds"][0]["seen_classes_accuracy_retained"] == pytest.approx(0.625)
     assert "seen_classes_accuracy_retained" not in arms["base"]["seeds"][1]        # no before value: no ratio
+
+
+def test_curve_reads_validation_records_and_the_step_zero_point(tmp_path):
+    from flatpeft.experiments.evidence import _curve
+
+    recs = [{"step": 10, "loss": 1.0}, {"step": 10, "val_accuracy": 0.4, "val_seen": 0.7, "val_zs": 0.1,
+                                        "val_seen_before": 0.9},
+            {"step": 20, "val_accuracy": 0.6, "val_seen": 0.5, "val_zs": 0.1, "val_seen_before": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert _curve(tmp_path, "val_accuracy", "val_seen") == [[10, 0.4, 0.7], [20, 0.6, 0.5]]
+    assert _curve(tmp_path, "val_accuracy", "val_seen", ["val_zs", "val_seen_before"])[0] == [0, 0.1, 0.9]

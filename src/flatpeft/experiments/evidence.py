@@ -177,14 +177,17 @@ def _eval_rows(runs: list[tuple[str, int, Path]]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _curve(run: Path, downstream: str, retained: str) -> list[list[float]]:
-    """``[[step, downstream, retained], ...]`` from the validation records of a run's ``metrics.jsonl``."""
+def _curve(run: Path, downstream: str, retained: str, start: Sequence[str] = ()) -> list[list[float]]:
+    """``[[step, downstream, retained], ...]`` from the validation records of a run's ``metrics.jsonl``; with
+    ``start`` (two metric names of those records: the model before fine-tuning), a step-0 point first."""
     path = run / "metrics.jsonl"
     out = []
     if path.is_file():
         for line in path.read_text().splitlines():
             rec = json.loads(line) if line.strip() else {}
             if downstream in rec and retained in rec:
+                if not out and len(start) == 2 and all(rec.get(k) is not None for k in start):
+                    out.append([0.0, float(rec[start[0]]), float(rec[start[1]])])
                 out.append([float(rec["step"]), float(rec[downstream]), float(rec[retained])])
     return out
 
@@ -309,7 +312,7 @@ def _tradeoff(task: Any, arms: dict[str, dict[str, Any]]) -> dict[str, Any] | No
     tr = task.tradeoff
     if tr is None:
         return None
-    curves = {label: {s: _curve(Path(r["_run"]), tr.downstream, tr.retained) for s, r in arm["seeds"].items()}
+    curves = {label: {s: _curve(Path(r["_run"]), tr.downstream, tr.retained, tr.start) for s, r in arm["seeds"].items()}
               for label, arm in arms.items() if arm["phase"] == "test"}
     curves = {k: {s: c for s, c in v.items() if c} for k, v in curves.items()}
     curves = {k: v for k, v in curves.items() if v}

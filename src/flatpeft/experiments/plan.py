@@ -75,6 +75,7 @@ class Tradeoff:
     downstream: str = "val_accuracy"
     retained: str = "val_seen_classes_accuracy"
     levels: list[float] = field(default_factory=list)
+    start: list[str] = field(default_factory=list)   # [downstream, retained] of the model before fine-tuning (step 0)
 
 
 @dataclass
@@ -223,7 +224,7 @@ def _check_fractions(value: Any, where: str) -> None:
 _SECTION_TYPES: dict[str, dict[str, Callable[[Any, str], None]]] = {
     "select": {"grid": _check_grid, "seeds": _check_seeds, "set": _check_list, "metric": _is_str},
     "fraction": {"fractions": _check_fractions, "method": _is_str, "set": _check_list},
-    "tradeoff": {"downstream": _is_str, "retained": _is_str, "levels": _check_numbers},
+    "tradeoff": {"downstream": _is_str, "retained": _is_str, "levels": _check_numbers, "start": _check_list},
 }
 _CLAIM_KEYS = ("id", "kind", "paper", "claim", "metric", "a", "b")
 
