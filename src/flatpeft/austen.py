@@ -102,7 +102,7 @@ def build_austen_splits(novels: Mapping[str, Sequence[str]], *, min_words: int =
     for name in sorted(novels):
         body = novel_body(novels[name])
         cum = np.cumsum([len(text.split()) for _, text in body])
-        cut = int(np.searchsorted(cum, train_fraction * cum[-1])) if len(body) else 0
+        cut = int(np.searchsorted(cum, train_fraction * cum[-1], side="right")) if len(body) else 0
         train_parts[name] = passages(body[:cut], min_words)
         test_parts[name] = passages(body[cut:], min_words)[1:]  # the first one is the gap
         if len(test_parts[name]) < test_per_novel or not train_parts[name]:
