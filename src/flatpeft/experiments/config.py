@@ -673,10 +673,10 @@ def resolve_data_path(ref: str, field_name: str = "data") -> Path:
 
         spec = ref[len(BUILTIN_PREFIX):]
         dataset, _, split = spec.partition("/")
-        splitters = {"finefoods": "finefoods_splits"}
+        splitters = {"finefoods": "finefoods_splits", "austen": "austen_splits"}
         if dataset not in splitters or not split:
-            raise ValueError(f"{field_name}: unknown built-in data {_short(ref)} (valid: builtin:finefoods/train, "
-                             "builtin:finefoods/test)")
+            valid = ", ".join(f"{BUILTIN_PREFIX}{d}/{s}" for d in splitters for s in ("train", "test"))
+            raise ValueError(f"{field_name}: unknown built-in data {_short(ref)} (valid: {valid})")
         splits = getattr(assets, splitters[dataset])()
         if split not in splits:
             raise ValueError(f"{field_name}: built-in dataset {_short(dataset)} has no split {_short(split)} "
