@@ -165,9 +165,14 @@ def test_suite_page_defaults_inside_output_dir_and_never_replaces_foreign_files(
     code, out, err = run(["suite", plan, "--page-only", "--page", "docs/results.md"], capsys)
     assert code == 2 and "tiny.png" in err
     assert not (tmp_path / "docs" / "results.md").exists() and (tmp_path / "docs/results/tiny.png").read_bytes() == b"my plot"
-    # a page flatpeft wrote is rewritten
+    # a results.json beside the page that flatpeft did not write is refused too; a page flatpeft wrote is rewritten
+    (tmp_path / "docs/results/tiny.png").unlink()
+    (tmp_path / "docs" / "results.json").write_text('{"mine": 1}')
+    code, out, err = run(["suite", plan, "--page-only", "--page", "docs/results.md"], capsys)
+    assert code == 2 and "results.json" in err and not (tmp_path / "docs" / "results.md").exists()
+    assert (tmp_path / "docs" / "results.json").read_text() == '{"mine": 1}'
     code, out, err = run(["suite", plan, "--page-only"], capsys)
-    assert code == 0
+    assert code == 0 and json.loads((tmp_path / "runs" / "results.json").read_text())["version"] == 1
 
 
 # ---- flatpeft analyze ---------------------------------------------------------------------------------------

@@ -61,13 +61,26 @@ def check_page(page: Path, tasks: list[str]) -> None:
                          f"{PAGE_TITLE!r}); flatpeft never overwrites a file it did not write: set another page "
                          "(the plan's page: key or --page), or move the file away")
     if not page.exists():
-        plots = [page.parent / page.stem / f"{t}.png" for t in tasks]
+        plots = [page.parent / page.stem / f"{t}{kind}.png" for t in tasks
+                 for kind in ("", "_selection", "_fraction", "_tradeoff")]
         taken = [str(p) for p in plots if p.exists()]
         if taken:
             raise ValueError(f"page {str(page)!r}: its plots would replace files flatpeft did not write "
                              f"({', '.join(taken[:3])}); set another page (page: / --page), or move them away")
+    data = results_path(page)
+    if data.exists() and not _is_own_results(data):
+        raise ValueError(f"{str(data)!r} exists and is not the results file flatpeft suite writes beside its page "
+                         "(a JSON object with 'version' and 'tasks'); flatpeft never overwrites a file it did not "
+                         "write: set another page (page: / --page), or move the file away")
 
 
+def _is_own_results(path: Path) -> bool:
+    """Whether ``path`` is a ``results.json`` flatpeft wrote."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "version" in data and "tasks" in data
 
 
 # ---- formatting ---------------------------------------------------------------------------------------------------

@@ -14,3 +14,6 @@ from flatpeft.methods import (  # noqa: F401  (imported for registration)
     spider,
     bar,
 )
+from flatpeft.optim.registry import mark_builtin
+
+mark_builtin()  # the methods registered so far are flatpeft's own: they cannot be unregistered

@@ -119,9 +119,18 @@ def register_method(info: MethodInfo) -> MethodInfo:
     return info
 
 
+#: names of flatpeft's own methods (:func:`mark_builtin`, called once the built-in methods are registered)
+_BUILTIN: set[str] = set()
+
+
+def mark_builtin() -> None:
+    """Record every method registered so far as built in (:mod:`flatpeft.methods` calls it after registering)."""
+    _BUILTIN.update(_REGISTRY)
+
+
 def unregister_method(name: str) -> MethodInfo:
     """Remove a method added with :func:`register_method` (built-in methods cannot be removed); returns its info."""
-    if get_method(name).build.__module__.startswith("flatpeft.methods."):  # a built-in method's module
+    if get_method(name).name in _BUILTIN:
         raise ValueError(f"method {name!r} is built in and cannot be unregistered")
     return _REGISTRY.pop(get_method(name).name)
 
