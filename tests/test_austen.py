@@ -118,7 +118,8 @@ def test_prepare_builds_records_and_resolves_builtin_austen(tmp_path, monkeypatc
 
 
 def test_unknown_builtin_data_lists_austen():
-    with pytest.raises(ValueError, match=r"data.train: unknown built-in data .*builtin:austen/train, builtin:austen/test"):
+    with pytest.raises(ValueError, match=r"data.train: unknown built-in data .*builtin:austen/train, "
+                                         r"builtin:austen/test"):
         resolve_data_path("builtin:nosuch/train", "data.train")
 
 
